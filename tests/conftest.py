@@ -1,0 +1,36 @@
+"""Shared test setup.
+
+JAX sees 4 CPU devices in every test process, so the pmap path is exercised on
+this 2-core machine; the flag must be set before JAX initialises its backend,
+which is why it happens here at import time. Reproducibility tests pin the
+device count explicitly.
+"""
+
+import os
+
+import jax
+import pytest
+
+NUM_TEST_DEVICES = 4
+
+jax.config.update("jax_num_cpu_devices", NUM_TEST_DEVICES)
+
+ISBI_DIR_ENV = "FLAXSEG_ISBI_DIR"
+
+
+@pytest.fixture(scope="session")
+def num_devices() -> int:
+    n = jax.local_device_count()
+    assert n == NUM_TEST_DEVICES, f"expected {NUM_TEST_DEVICES} CPU devices, JAX sees {n}"
+    return n
+
+
+@pytest.fixture(scope="session")
+def isbi_dir() -> str:
+    """The ISBI 2012 membrane data; only tests that use it may skip without it."""
+    path = os.environ.get(ISBI_DIR_ENV)
+    if not path:
+        pytest.skip(f"{ISBI_DIR_ENV} is not set (point it at shared/data/isbi2012_membrane)")
+    if not os.path.isdir(path):
+        pytest.fail(f"{ISBI_DIR_ENV}={path!r} is not a directory")
+    return path
