@@ -1,1 +1,44 @@
-"""flaxseg."""
+"""flaxseg: semantic image segmentation in JAX/Flax.
+
+Submodules load on first use, so `import flaxseg` stays cheap:
+
+    import flaxseg
+    model = flaxseg.models.create_model('unet', num_classes=3, features=16)
+    tx = flaxseg.train.create_optimizer(config.optimizer, num_train_steps=1000)
+
+Public submodules: `models`, `losses`, `metrics`, `data`, `train`, `inference`,
+`visualize`, `parallel`, `configs`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_SUBMODULES = (
+    "configs",
+    "data",
+    "inference",
+    "losses",
+    "metrics",
+    "models",
+    "parallel",
+    "train",
+    "visualize",
+)
+
+__all__ = ["__version__", *_SUBMODULES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'flaxseg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
