@@ -1,0 +1,356 @@
+"""Checkpoints of a training run: an orbax `CheckpointManager` over `<workdir>/checkpoints`.
+
+Each checkpoint (one directory per step) holds three items:
+  state   the `TrainState` (params, batch_stats, opt_state, step, rng), unreplicated;
+  loop    JSON: the data iterator's state, the host-side metric accumulator, input shape;
+  config  JSON: the config the run used (so a checkpoint is self-describing).
+
+Kept: the `keep` latest checkpoints and, in addition, the best one by validation mIoU
+(orbax preservation policies; `best_fn` with `max_to_keep` alone could delete the newest).
+Saves are asynchronous; call `wait()` before reading them back and `close()` at the end.
+
+Restoring never depends on the device count: the state is saved from one device and
+restored onto one device (the loop replicates it for pmap afterwards). A checkpoint
+that cannot be read (corrupt, truncated) is moved to `<workdir>/checkpoints_corrupt/`
+with a warning, and the previous good one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+PyTree = Any
+
+STATE, LOOP, CONFIG = "state", "loop", "config"
+BEST_METRIC = "mean_iou"
+
+_log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> Path:
+    """Where a workdir's checkpoints live: `<workdir>/checkpoints` (absolute)."""
+    return Path(workdir).absolute() / "checkpoints"
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _shapes(tree: PyTree, sections: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """`{'params/Conv_0/kernel': shape}` for the leaves under `sections`."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out = {}
+    for path, leaf in leaves:
+        names = [_key_name(k) for k in path]
+        if names and names[0] in sections:
+            out["/".join(names)] = tuple(leaf.shape)
+    return out
+
+
+def _model_summary(config: dict | ml_collections.ConfigDict | None) -> str:
+    if config is None:
+        return "(no config saved)"
+    config = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+    model = config.get("model", {})
+    num_classes = config.get("dataset", {}).get("num_classes")
+    return f"model={model}, num_classes={num_classes}"
+
+
+def single_device_abstract(tree: PyTree) -> PyTree:
+    """`ShapeDtypeStruct`s placed on the first local device: a restore target that is
+    independent of how many devices wrote the checkpoint."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A restored checkpoint: its step, the state (on one device), loop JSON and config."""
+
+    step: int
+    state: PyTree
+    loop: dict
+    config: dict
+
+
+class Checkpointer:
+    """The checkpoints of one workdir.
+
+    Args:
+      workdir: the run's directory; checkpoints go to `<workdir>/checkpoints`.
+      keep: how many of the latest checkpoints to keep (>= 1); the best by `mean_iou`
+        is kept in addition.
+      async_save: write in a background thread (the train loop goes on meanwhile).
+      read_only: open existing checkpoints without creating or deleting anything.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (the latest checkpoint is always kept), "
+                             f"got {keep}.")
+        self.workdir = Path(workdir).absolute()
+        self.directory = checkpoint_dir(workdir)
+        policy = checkpoint_managers.AnyPreservationPolicy([
+            checkpoint_managers.LatestN(n=keep),
+            checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=False, n=1,
+                keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save,
+            preservation_policy=None if read_only else policy,
+            # A save killed half-way leaves a temporary directory; remove it on start.
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                LOOP: ocp.JsonCheckpointHandler(),
+                CONFIG: ocp.JsonCheckpointHandler(),
+            },
+            options=options,
+        )
+
+    # -- queries ------------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        """Steps of the finished checkpoints, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def saved_config(self, step: int) -> dict:
+        """The config saved with checkpoint `step` (as a plain dict)."""
+        return self._manager.restore(step, args=ocp.args.Composite(
+            **{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+    def saved_loop(self, step: int) -> dict:
+        """The loop JSON (data iterator state, accumulator, input shape) of `step`."""
+        return self._manager.restore(step, args=ocp.args.Composite(
+            **{LOOP: ocp.args.JsonRestore()}))[LOOP]
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when the cluster asked this job to stop (multi-host; False otherwise)."""
+        return bool(self._manager.reached_preemption(step))
+
+    # -- save ---------------------------------------------------------------------------
+    def save(self, step: int, state: PyTree, *, loop: dict,
+             config: ml_collections.ConfigDict | dict,
+             metrics: dict[str, float] | None = None) -> None:
+        """Starts an (asynchronous) save of checkpoint `step`.
+
+        `state` must be unreplicated (one copy, e.g. `flaxseg.parallel.unreplicate`);
+        `loop` must be JSON-serialisable; `metrics`, if given, must hold `mean_iou` and
+        ranks the checkpoint for the keep-best policy.
+        """
+        if metrics is not None and BEST_METRIC not in metrics:
+            raise ValueError(f"metrics must contain {BEST_METRIC!r}; got keys {sorted(metrics)}.")
+        config_json = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+        saved = self._manager.save(
+            int(step),
+            args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardSave(state),
+                LOOP: ocp.args.JsonSave(loop),
+                CONFIG: ocp.args.JsonSave(config_json),
+            }),
+            metrics=None if metrics is None else {BEST_METRIC: float(metrics[BEST_METRIC])},
+            force=True,
+        )
+        if not saved:
+            raise RuntimeError(
+                f"orbax did not save step {step} in {self.directory}: a checkpoint of that "
+                "step already exists there.")
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    # -- restore ------------------------------------------------------------------------
+    def check_compatible(self, step: int, abstract_state: PyTree,
+                         config: ml_collections.ConfigDict | dict) -> None:
+        """Raises ValueError if checkpoint `step` holds a model of other parameter shapes.
+
+        Compares every `params` / `batch_stats` leaf's shape in the checkpoint's metadata
+        with `abstract_state`; the message names the saved and the requested model. Reads
+        only metadata and config: nothing is written.
+        """
+        saved_tree = self._manager.item_metadata(step)[STATE]
+        saved_tree = getattr(saved_tree, "tree", saved_tree)
+        sections = ("params", "batch_stats")
+        saved = _shapes(saved_tree, sections)
+        wanted = _shapes(abstract_state, sections)
+        if saved == wanted:
+            return
+        diff = sorted(set(saved) ^ set(wanted))
+        if diff:
+            name = diff[0]
+            detail = (f"parameter {name!r} exists only in the "
+                      f"{'checkpoint' if name in saved else 'new model'}")
+        else:
+            name = next(k for k in sorted(saved) if saved[k] != wanted[k])
+            detail = f"parameter {name!r} has shape {saved[name]} saved vs {wanted[name]} now"
+        try:
+            saved_desc = _model_summary(self.saved_config(step))
+        except Exception:  # the shapes already tell the story
+            saved_desc = "(config unreadable)"
+        raise ValueError(
+            f"The workdir {self.workdir} holds checkpoints of a different model or shape: "
+            f"saved at step {step}: {saved_desc}; this run: {_model_summary(config)}; "
+            f"{detail}. Nothing was written. Use a new --workdir, or delete {self.directory} "
+            "to start over there."
+        )
+
+    def restore(self, abstract_state: PyTree, *, step: int | None = None,
+                config: ml_collections.ConfigDict | dict | None = None,
+                on_corrupt: Callable[[str], None] | None = None) -> Restored | None:
+        """Restores checkpoint `step` (default: the latest readable one) onto one device.
+
+        `abstract_state` is the state's structure (`jax.eval_shape` of its creation); it
+        is placed on the first local device, so the writer's device count does not matter.
+        Returns None when there are no checkpoints. With `step=None`, a checkpoint that
+        cannot be read is reported through `on_corrupt` (default: a logged warning),
+        moved to `<workdir>/checkpoints_corrupt/`, and the previous one is tried; a model
+        of other shapes raises ValueError (see `check_compatible`) and moves nothing.
+        """
+        steps = self.all_steps()
+        if step is not None:
+            if step not in steps:
+                raise ValueError(f"No checkpoint of step {step} in {self.directory}; "
+                                 f"available steps: {steps}.")
+            return self._restore_step(step, abstract_state, config)
+        warn = on_corrupt or _log.warning
+        failures = []
+        for candidate in reversed(steps):
+            try:
+                restored = self._restore_step(candidate, abstract_state, config)
+            except ValueError as e:
+                if "different model or shape" in str(e):
+                    raise
+                failures.append((candidate, e))
+            except Exception as e:  # orbax/tensorstore raise many types
+                failures.append((candidate, e))
+            else:
+                for bad, error in failures:
+                    moved = self._quarantine(bad)
+                    warn(f"Checkpoint step {bad} in {self.directory} is unreadable "
+                         f"({type(error).__name__}: {str(error)[:200]}); moved it to {moved} "
+                         f"and resumed from step {candidate}.")
+                return restored
+        if failures:
+            raise RuntimeError(
+                f"No checkpoint in {self.directory} could be restored (tried steps "
+                f"{[s for s, _ in failures]}; last error: {failures[-1][1]}). Delete the "
+                "directory to start over, or pass a different --workdir.")
+        return None
+
+    def _restore_step(self, step: int, abstract_state: PyTree,
+                      config: ml_collections.ConfigDict | dict | None) -> Restored:
+        if config is not None:
+            self.check_compatible(step, abstract_state, config)
+        out = self._manager.restore(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardRestore(single_device_abstract(abstract_state)),
+            LOOP: ocp.args.JsonRestore(),
+            CONFIG: ocp.args.JsonRestore(),
+        }))
+        return Restored(step=step, state=out[STATE], loop=out[LOOP], config=out[CONFIG])
+
+    def _quarantine(self, step: int) -> Path:
+        target_root = self.workdir / "checkpoints_corrupt"
+        target_root.mkdir(parents=True, exist_ok=True)
+        target = target_root / str(step)
+        suffix = 0
+        while target.exists():
+            suffix += 1
+            target = target_root / f"{step}.{suffix}"
+        shutil.move(str(self.directory / str(step)), str(target))
+        self._manager.reload()
+        return target
+
+
+def load_for_inference(workdir: str | os.PathLike, step: int | None = None
+                       ) -> tuple[Any, dict, ml_collections.ConfigDict]:
+    """Loads a trained model from a workdir: `(model, variables, config)`.
+
+    The model is built from the config saved with the checkpoint (for one device:
+    `axis_name=None`); `variables` is `{'params': ..., 'batch_stats': ...}` (no
+    `batch_stats` when the model has none), ready for
+    `model.apply(variables, images, train=False)` with images float32 `[B, H, W, C]`.
+    `step=None` takes the latest readable checkpoint. Raises FileNotFoundError for a
+    missing workdir or one without checkpoints.
+    """
+    from flaxseg.configs import build_model
+
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"Workdir {workdir} does not exist; pass the --workdir of a "
+                                "training run (python -m flaxseg.train --workdir=...).")
+    if not checkpoint_dir(workdir).is_dir():
+        raise FileNotFoundError(f"Workdir {workdir} has no checkpoints/ directory; train "
+                                "into it first (python -m flaxseg.train --workdir=...).")
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No finished checkpoint in {ckpt.directory}; train "
+                                    "longer or point --workdir at another run.")
+        if step is not None and step not in steps:
+            raise ValueError(f"No checkpoint of step {step} in {ckpt.directory}; "
+                             f"available steps: {steps}.")
+        candidates = [step] if step is not None else list(reversed(steps))
+        errors = []
+        for candidate in candidates:
+            try:
+                config = ml_collections.ConfigDict(ckpt.saved_config(candidate))
+                model = build_model(config, parallel="jit")
+                abstract = abstract_train_state(model, config,
+                                                ckpt.saved_loop(candidate)["input_shape"])
+                restored = ckpt.restore(abstract, step=candidate)
+            except (ValueError, TypeError):
+                raise
+            except Exception as e:  # unreadable checkpoint: try the previous
+                errors.append((candidate, e))
+                _log.warning("Checkpoint step %d in %s is unreadable (%s); trying the "
+                             "previous one.", candidate, ckpt.directory, e)
+                continue
+            variables = {"params": restored.state.params}
+            if restored.state.batch_stats:
+                variables["batch_stats"] = restored.state.batch_stats
+            return model, variables, config
+        raise RuntimeError(f"No checkpoint in {ckpt.directory} could be read: {errors}.")
+    finally:
+        ckpt.close()
+
+
+def abstract_train_state(model: Any, config: ml_collections.ConfigDict,
+                         input_shape: tuple[int, ...] | list[int]) -> PyTree:
+    """The `TrainState` structure (ShapeDtypeStructs) of `model` trained with `config`,
+    for input `input_shape` `[1, H, W, C]`; nothing is computed."""
+    from flaxseg.train import create_optimizer, create_train_state
+
+    tx = create_optimizer(config.optimizer, int(config.num_train_steps))
+    shape = tuple(int(d) for d in input_shape)
+    return jax.eval_shape(
+        lambda: create_train_state(model, tx, jax.random.key(int(config.seed)), shape))
