@@ -1,0 +1,147 @@
+"""What every data source shares: its `SourceInfo` and the value-mapping helper.
+
+A source is any object with `len(source)`, `source[i] -> {'image': uint8 [H, W, C],
+'label': uint8 | int32 [H, W]}` (random access, so grain can shuffle and shard it)
+and `source.info` (a `SourceInfo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+DEFAULT_IGNORE_INDEX = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceInfo:
+    """Static facts about a source's labels and images.
+
+    `palette` is one RGB triple per class (for colour-coded masks and visualisation),
+    or None.
+    """
+
+    num_classes: int
+    class_names: tuple[str, ...]
+    num_channels: int
+    ignore_index: int = DEFAULT_IGNORE_INDEX
+    palette: tuple[tuple[int, int, int], ...] | None = None
+
+    def __post_init__(self):
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}.")
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"Got {len(self.class_names)} class names for {self.num_classes} classes; "
+                "give exactly one name per class."
+            )
+        if 0 <= self.ignore_index < self.num_classes:
+            raise ValueError(
+                f"ignore_index={self.ignore_index} collides with a class index "
+                f"(num_classes={self.num_classes}); use a value >= num_classes, e.g. 255."
+            )
+        if self.palette is not None and len(self.palette) != self.num_classes:
+            raise ValueError(
+                f"Got {len(self.palette)} palette colours for {self.num_classes} classes; "
+                "give one RGB triple per class."
+            )
+
+
+class Source(Protocol):
+    """The random-access interface every flaxseg data source implements."""
+
+    info: SourceInfo
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
+
+
+def default_class_names(num_classes: int) -> tuple[str, ...]:
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def parse_value_map(value_map: Any) -> dict[int, int]:
+    """Normalises a raw-value -> class mapping given as a dict or as (raw, class) pairs.
+
+    Keys may be strings (a config saved as JSON turns int keys into strings).
+    """
+    if value_map is None:
+        return {}
+    items = value_map.items() if isinstance(value_map, Mapping) else value_map
+    out = {}
+    try:
+        for raw, cls in items:
+            out[int(raw)] = int(cls)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"value_map must map integer mask values to class indices, e.g. {{0: 0, 255: 1}}; "
+            f"got {value_map!r} ({e})."
+        ) from None
+    return out
+
+
+class LabelMapper:
+    """Turns raw mask values into class indices with one table lookup.
+
+    Raw values listed in `value_map` map to their class; `void_values` map to
+    `ignore_index`; with no `value_map`, values below `num_classes` (and
+    `ignore_index` itself) map to themselves. Any other value is an error (see `unknown_values`).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int,
+        value_map: Mapping[int, int] | None = None,
+        void_values: Sequence[int] = (),
+    ):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        value_map = dict(value_map or {})
+        for raw, cls in value_map.items():
+            if not (0 <= cls < num_classes or cls == ignore_index):
+                raise ValueError(
+                    f"value_map sends mask value {raw} to {cls}, which is neither a class index "
+                    f"(0..{num_classes - 1}) nor ignore_index ({ignore_index})."
+                )
+        if not value_map:
+            # Class-index masks: values are classes, and ignore_index already means void.
+            value_map = {v: v for v in range(num_classes)}
+            if ignore_index >= 0:
+                value_map[ignore_index] = ignore_index
+        for v in void_values:
+            value_map[int(v)] = ignore_index
+        # -1 marks an unmapped value; a lookup table over 0..max raw value.
+        size = max(max(value_map) + 1, 256)
+        self.table = np.full((size,), -1, np.int32)
+        for raw, cls in value_map.items():
+            if raw < 0:
+                raise ValueError(f"Mask values are non-negative; value_map has key {raw}.")
+            self.table[raw] = cls
+
+    def unknown_values(self, raw: np.ndarray) -> np.ndarray:
+        """The sorted raw values in `raw` that the mapping does not know."""
+        values = np.unique(raw)
+        known = values < self.table.shape[0]
+        known[known] = self.table[values[known]] >= 0
+        return values[~known]
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        """Maps raw mask values `[H, W]` to class indices (uint8 if they fit, else int32).
+
+        Raises ValueError listing the unknown values; callers add the file name.
+        """
+        raw = np.asarray(raw)
+        if raw.size and (raw.min() < 0 or raw.max() >= self.table.shape[0]):
+            bad = self.unknown_values(raw)
+            raise ValueError(f"mask values {bad.tolist()[:10]} are not in the value mapping")
+        mapped = self.table[raw]
+        if mapped.size and mapped.min() < 0:
+            bad = self.unknown_values(raw)
+            raise ValueError(f"mask values {bad.tolist()[:10]} are not in the value mapping")
+        dtype = np.uint8 if max(self.num_classes - 1, self.ignore_index) < 256 else np.int32
+        return mapped.astype(dtype)

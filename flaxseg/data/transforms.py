@@ -1,0 +1,210 @@
+"""Joint image/mask transforms, seeded per example from (seed, epoch, index).
+
+Images enter as uint8 `[H, W, C]` and labels as uint8/int32 `[H, W]`; they leave
+as float32 `[h, w, C]` (normalised) and int32 `[h, w]`, `(h, w) = image_size`.
+Every geometric step is applied to both with the same parameters: the image is
+resampled bilinearly, the mask by nearest neighbour (PIL, pixel-centre aligned,
+so the two stay registered), and padding gives the mask `ignore_index`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from flaxseg.data.config import IMAGENET_MEAN, IMAGENET_STD, normalize_image_size
+
+Example = dict[str, np.ndarray]
+
+_PAD_VALUES = ("zero", "mean")
+_NORMALIZE = ("unit", "imagenet", "custom")
+_EVAL_RESIZE = ("pad", "resize")
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator for one example's random transform: a pure function of its args."""
+    return np.random.default_rng([int(seed), int(epoch), int(index)])
+
+
+def validate_augment(augment: ml_collections.ConfigDict, num_channels: int) -> None:
+    """Raises ValueError naming the bad key of an `augment_config()` and the fix."""
+    lo, hi = augment.scale_range
+    if not 0 < lo <= hi:
+        raise ValueError(f"augment.scale_range must satisfy 0 < min <= max, got {(lo, hi)}.")
+    for key in ("brightness", "contrast", "saturation"):
+        if not 0 <= augment[key] < 1:
+            raise ValueError(f"augment.{key} must be in [0, 1), got {augment[key]}.")
+    if augment.pad_value not in _PAD_VALUES:
+        raise ValueError(
+            f"augment.pad_value must be one of {_PAD_VALUES}, got {augment.pad_value!r}."
+        )
+    if augment.eval_resize not in _EVAL_RESIZE:
+        raise ValueError(
+            f"augment.eval_resize must be one of {_EVAL_RESIZE}, got {augment.eval_resize!r}."
+        )
+    normalization_stats(augment, num_channels)
+
+
+def normalization_stats(
+    augment: ml_collections.ConfigDict | None, num_channels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, std), float32 `[C]` in [0, 1] units, for the configured normalisation."""
+    mode = "unit" if augment is None else augment.normalize
+    if mode == "unit":
+        mean, std = (0.0,), (1.0,)
+    elif mode == "imagenet":
+        if num_channels != 3:
+            raise ValueError(
+                f"normalize='imagenet' needs 3-channel images, got {num_channels}; use "
+                "normalize='custom' with per-dataset mean/std, or 'unit'."
+            )
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif mode == "custom":
+        mean, std = tuple(augment.mean), tuple(augment.std)
+    else:
+        raise ValueError(f"augment.normalize must be one of {_NORMALIZE}, got {mode!r}.")
+    mean_a = np.broadcast_to(np.asarray(mean, np.float32), (num_channels,)).copy()
+    std_a = np.broadcast_to(np.asarray(std, np.float32), (num_channels,)).copy()
+    if len(mean) not in (1, num_channels) or len(std) not in (1, num_channels):
+        raise ValueError(
+            f"augment.mean/std need 1 or {num_channels} values, got {len(mean)} and {len(std)}."
+        )
+    if np.any(std_a <= 0):
+        raise ValueError(f"augment.std must be positive, got {tuple(std)}.")
+    return mean_a, std_a
+
+
+def _resize(
+    array: np.ndarray, size_hw: tuple[int, int], box: tuple[float, ...] | None, nearest: bool
+) -> np.ndarray:
+    """Resamples `array` (`[H, W]` or `[H, W, C]`) region `box` (x0, y0, x1, y1) to `size_hw`."""
+    h, w = size_hw
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    if array.ndim == 2:
+        mode = "L" if array.dtype == np.uint8 else "I"
+        src = array if mode == "L" else array.astype(np.int32)
+        out = Image.fromarray(src, mode=mode).resize((w, h), resample, box=box)
+        return np.asarray(out).astype(array.dtype, copy=False)
+    channels = array.shape[-1]
+    if channels in (3, 4):
+        return np.asarray(Image.fromarray(array).resize((w, h), resample, box=box))
+    planes = [_resize(array[..., c], size_hw, box, nearest) for c in range(channels)]
+    return np.stack(planes, axis=-1)
+
+
+def _crop_axis(rng: np.random.Generator, scaled: int, crop: int) -> tuple[int, int, int]:
+    """Random placement along one axis: (canvas start, scaled-image start, length)."""
+    if scaled >= crop:
+        return 0, int(rng.integers(0, scaled - crop + 1)), crop
+    return int(rng.integers(0, crop - scaled + 1)), 0, scaled
+
+
+def _jitter(image: np.ndarray, rng: np.random.Generator, augment) -> np.ndarray:
+    """Brightness, contrast, saturation jitter on a float image in [0, 1]."""
+    if augment.brightness:
+        image = image * (1.0 + rng.uniform(-augment.brightness, augment.brightness))
+    if augment.contrast:
+        mean = image.mean()
+        image = (image - mean) * (1.0 + rng.uniform(-augment.contrast, augment.contrast)) + mean
+    if augment.saturation and image.shape[-1] == 3:
+        gray = image @ np.array([0.299, 0.587, 0.114], np.float32)
+        factor = 1.0 + rng.uniform(-augment.saturation, augment.saturation)
+        image = (image - gray[..., None]) * factor + gray[..., None]
+    return np.clip(image, 0.0, 1.0)
+
+
+def _check_example(example: Example) -> tuple[np.ndarray, np.ndarray]:
+    image, label = example["image"], example["label"]
+    if image.ndim != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 [H, W, C], got {image.dtype} {image.shape}.")
+    if label.shape != image.shape[:2]:
+        raise ValueError(f"label shape {label.shape} does not match image shape {image.shape[:2]}.")
+    return image, label
+
+
+def train_transform(
+    example: Example,
+    rng: np.random.Generator,
+    *,
+    image_size: tuple[int, int] | int,
+    augment: ml_collections.ConfigDict,
+    ignore_index: int = 255,
+) -> Example:
+    """Random rot90 -> scale -> crop/pad -> flips -> jitter -> normalise, jointly.
+
+    The scale factor is drawn log-uniformly from `augment.scale_range`; the crop
+    window is uniform over all placements, and an image smaller than the crop lands at
+    a random position in a canvas padded with `pad_value` (mask: `ignore_index`).
+    Returns `{'image': float32 [h, w, C], 'label': int32 [h, w]}`.
+    """
+    image, label = _check_example(example)
+    crop_h, crop_w = normalize_image_size(image_size)
+    mean, std = normalization_stats(augment, image.shape[-1])
+    if augment.rot90:
+        k = int(rng.integers(0, 4))
+        image, label = np.rot90(image, k), np.rot90(label, k)
+        image, label = np.ascontiguousarray(image), np.ascontiguousarray(label)
+    h, w = label.shape
+    lo, hi = augment.scale_range
+    scale = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    scaled_h, scaled_w = max(1, round(h * scale)), max(1, round(w * scale))
+    cy, sy, len_y = _crop_axis(rng, scaled_h, crop_h)
+    cx, sx, len_x = _crop_axis(rng, scaled_w, crop_w)
+    # The visible window in source coordinates (the exact per-axis scale factors).
+    fy, fx = scaled_h / h, scaled_w / w
+    box = (sx / fx, sy / fy, (sx + len_x) / fx, (sy + len_y) / fy)
+    patch = _resize(image, (len_y, len_x), box, nearest=False).astype(np.float32) / 255.0
+    patch = _jitter(patch, rng, augment)
+    pad = mean if augment.pad_value == "mean" else np.zeros_like(mean)
+    out_image = np.empty((crop_h, crop_w, image.shape[-1]), np.float32)
+    out_image[...] = pad
+    out_image[cy : cy + len_y, cx : cx + len_x] = patch
+    out_label = np.full((crop_h, crop_w), ignore_index, np.int32)
+    out_label[cy : cy + len_y, cx : cx + len_x] = _resize(label, (len_y, len_x), box, True)
+    if augment.hflip and rng.random() < 0.5:
+        out_image, out_label = out_image[:, ::-1], out_label[:, ::-1]
+    if augment.vflip and rng.random() < 0.5:
+        out_image, out_label = out_image[::-1], out_label[::-1]
+    out_image = (out_image - mean) / std
+    return {"image": np.ascontiguousarray(out_image), "label": np.ascontiguousarray(out_label)}
+
+
+def eval_transform(
+    example: Example,
+    *,
+    image_size: tuple[int, int] | int,
+    augment: ml_collections.ConfigDict | None = None,
+    ignore_index: int = 255,
+) -> Example:
+    """Deterministic: brings an example to `image_size` and normalises it.
+
+    `augment.eval_resize == 'pad'` (default) pads at the bottom/right (image with
+    `pad_value`, mask with `ignore_index`) and centre-crops an axis that is too long;
+    'resize' resamples (bilinear image, nearest mask). Returns float32 / int32 arrays.
+    """
+    image, label = _check_example(example)
+    out_h, out_w = normalize_image_size(image_size)
+    mean, std = normalization_stats(augment, image.shape[-1])
+    mode = "pad" if augment is None else augment.eval_resize
+    h, w = label.shape
+    if mode == "resize":
+        if (h, w) != (out_h, out_w):
+            image = _resize(image, (out_h, out_w), None, nearest=False)
+            label = _resize(label, (out_h, out_w), None, nearest=True)
+        out_image = image.astype(np.float32) / 255.0
+        out_label = label.astype(np.int32)
+    else:
+        top, left = max(0, (h - out_h) // 2), max(0, (w - out_w) // 2)
+        image = image[top : top + out_h, left : left + out_w]
+        label = label[top : top + out_h, left : left + out_w]
+        vh, vw = label.shape
+        pad = mean if augment is not None and augment.pad_value == "mean" else 0.0
+        out_image = np.empty((out_h, out_w, image.shape[-1]), np.float32)
+        out_image[...] = pad
+        out_image[:vh, :vw] = image.astype(np.float32) / 255.0
+        out_label = np.full((out_h, out_w), ignore_index, np.int32)
+        out_label[:vh, :vw] = label
+    return {"image": (out_image - mean) / std, "label": out_label}
