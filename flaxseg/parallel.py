@@ -58,3 +58,36 @@ def unshard(tree: PyTree) -> PyTree:
     import jax
 
     return jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + tuple(x.shape[2:])), tree)
+
+
+def replicate(tree: PyTree, devices: list[Any] | None = None) -> PyTree:
+    """Copies every leaf onto each device: `x` -> `[D, *x.shape]`, sharded one copy per device.
+
+    The layout `jax.pmap` takes for replicated state (the TrainState). Replaces
+    `jax.device_put_replicated`, which JAX 0.10 removed. Works for typed PRNG keys.
+    `devices` defaults to `jax.local_devices()`.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = list(jax.local_devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("replicate needs at least one device.")
+    sharding = NamedSharding(Mesh(np.array(devices), ("replica",)), PartitionSpec("replica"))
+
+    def put(x):
+        x = jnp.asarray(x)
+        return jax.device_put(jnp.broadcast_to(x, (len(devices), *x.shape)), sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def unreplicate(tree: PyTree) -> PyTree:
+    """Inverse of `replicate`: the first replica of every leaf (`[D, ...]` -> `[...]`).
+
+    Use it on pmapped state and on psum-ed step metrics, which are identical per replica.
+    """
+    import jax
+
+    return jax.tree.map(lambda x: x[0], tree)

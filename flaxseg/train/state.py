@@ -1,0 +1,128 @@
+"""TrainState: everything a train step reads and writes, as one pytree.
+
+Fields: `step` (int32 `[]`), `params`, `batch_stats` (`{}` for models without
+BatchNorm), `opt_state`, `rng` (a typed PRNG key from `jax.random.key`; the step derives
+its key as `fold_in(rng, step)`, so `rng` itself never changes). `tx` (the optax
+transformation) is static: it is not a leaf and is not checkpointed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+PyTree = Any
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: optax.OptState
+    rng: jax.Array
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    def apply_gradients(self, grads: PyTree, batch_stats: PyTree) -> TrainState:
+        """One optimiser update; `step` + 1 and the new BatchNorm statistics."""
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        return self.replace(
+            step=self.step + 1,
+            params=optax.apply_updates(self.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+
+
+def _as_typed_key(rng: Any) -> jax.Array:
+    if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        if rng.shape != ():
+            raise ValueError(f"rng must be a single key (shape ()); got shape {rng.shape}.")
+        return rng
+    if isinstance(rng, jax.Array) and rng.dtype == jnp.uint32 and rng.shape == (2,):
+        return jax.random.wrap_key_data(rng)  # a legacy jax.random.PRNGKey
+    raise TypeError(f"rng must be a key from jax.random.key(seed); got {type(rng).__name__}.")
+
+
+def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int, int]:
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(
+            f"input_shape must be NHWC (batch, height, width, channels) with positive sizes; "
+            f"got {tuple(input_shape)}."
+        )
+    return shape  # type: ignore[return-value]
+
+
+def _state_builder(
+    model: nn.Module, tx: optax.GradientTransformation, input_shape: Sequence[int]
+) -> Callable[[jax.Array], TrainState]:
+    """A pure function `rng -> TrainState` (traced once by eval_shape, once by jit)."""
+    _, height, width, channels = _check_input_shape(input_shape)
+
+    def build(rng: jax.Array) -> TrainState:
+        params_key, dropout_key, step_key = jax.random.split(rng, 3)
+        # Batch 1: initialisation only needs the spatial size and channel count.
+        images = jnp.zeros((1, height, width, channels), jnp.float32)
+        variables = model.init(
+            {"params": params_key, "dropout": dropout_key}, images, train=False
+        )
+        extra = sorted(set(variables) - {"params", "batch_stats"})
+        if extra:
+            raise ValueError(
+                f"The model creates variable collections {extra}; TrainState holds only "
+                "'params' and 'batch_stats'."
+            )
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            rng=step_key,
+            tx=tx,
+        )
+
+    return build
+
+
+def abstract_train_state(
+    model: nn.Module, tx: optax.GradientTransformation, input_shape: Sequence[int]
+) -> TrainState:
+    """The state's structure as `jax.ShapeDtypeStruct` leaves, computed without FLOPs.
+
+    The restore target for a checkpoint; `create_train_state` checks it first.
+    """
+    return jax.eval_shape(_state_builder(model, tx, input_shape), jax.random.key(0))
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    input_shape: Sequence[int],
+) -> TrainState:
+    """Initialises params, BatchNorm statistics and the optimiser state in one jitted call.
+
+    Args:
+      model: a Linen module with `__call__(x, train: bool)`.
+      tx: the optax transformation (`create_optimizer`).
+      rng: a typed key (`jax.random.key(seed)`); split into init, dropout-init and the
+        state's own key, so the init keys are never reused by the steps.
+      input_shape: NHWC `(B, H, W, C)` of a training batch.
+
+    Shape-first: `jax.eval_shape` traces the initialisation (raising shape errors early,
+    without building anything), then one compiled call builds the real arrays, so a big
+    model is not built op by op. Params take the model's `param_dtype` (float32 for mixed
+    precision).
+    """
+    rng = _as_typed_key(rng)
+    build = _state_builder(model, tx, input_shape)
+    jax.eval_shape(build, rng)
+    return jax.jit(build)(rng)
