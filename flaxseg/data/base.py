@@ -71,7 +71,7 @@ def parse_value_map(value_map: Any) -> dict[int, int]:
     """
     if value_map is None:
         return {}
-    items = value_map.items() if isinstance(value_map, Mapping) else value_map
+    items = value_map.items() if hasattr(value_map, "items") else value_map
     out = {}
     try:
         for raw, cls in items:
