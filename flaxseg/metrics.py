@@ -114,9 +114,7 @@ def _nanmean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else math.nan
 
 
-def segmentation_scores(
-    confusion: Any, class_names: Sequence[str] | None = None
-) -> dict[str, Any]:
+def segmentation_scores(confusion: Any, class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """FCN-paper scores from a confusion matrix `[C, C]` (rows truth, columns prediction).
 
     With n_ij the pixels of class i predicted as j, t_i = sum_j n_ij (truth) and

@@ -70,9 +70,7 @@ def _state_builder(
         params_key, dropout_key, step_key = jax.random.split(rng, 3)
         # Batch 1: initialisation only needs the spatial size and channel count.
         images = jnp.zeros((1, height, width, channels), jnp.float32)
-        variables = model.init(
-            {"params": params_key, "dropout": dropout_key}, images, train=False
-        )
+        variables = model.init({"params": params_key, "dropout": dropout_key}, images, train=False)
         extra = sorted(set(variables) - {"params", "batch_stats"})
         if extra:
             raise ValueError(

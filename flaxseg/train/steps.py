@@ -135,9 +135,7 @@ def _summed_metrics(
     return lax.psum(metrics, axis_name) if axis_name else metrics
 
 
-def _compile(
-    fn: Callable, parallel: str, donate: bool
-) -> Callable[[TrainState, Batch], Any]:
+def _compile(fn: Callable, parallel: str, donate: bool) -> Callable[[TrainState, Batch], Any]:
     """jit or pmap `fn(state, batch)`, with an early, clear error for a mis-laid batch."""
     donate_argnums = (0,) if donate else ()
     if parallel == "jit":
