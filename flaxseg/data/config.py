@@ -185,6 +185,12 @@ def dataset_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
         raise ValueError(
             f"Unknown key(s) {unknown} for dataset {name!r}; valid keys: {sorted(defaults)}."
         )
+    if name not in _PRESETS:
+        # A dataset prepared by flaxseg carries its classes and channels in its metadata.
+        from flaxseg.data.tfds import read_prepared_info
+
+        prepared = read_prepared_info(name, overrides.get("data_dir", ""))
+        defaults.update(prepared or {})
     defaults.update(overrides)
     defaults["image_size"] = normalize_image_size(defaults["image_size"])
     return ml_collections.ConfigDict(defaults)
