@@ -102,6 +102,7 @@ class LabelMapper:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         value_map = dict(value_map or {})
+        self.identity = not value_map
         for raw, cls in value_map.items():
             if not (0 <= cls < num_classes or cls == ignore_index):
                 raise ValueError(
@@ -130,6 +131,15 @@ class LabelMapper:
         known[known] = self.table[values[known]] >= 0
         return values[~known]
 
+    def _unknown_error(self, raw: np.ndarray) -> ValueError:
+        bad = self.unknown_values(raw).tolist()[:10]
+        if self.identity:
+            return ValueError(
+                f"mask values {bad} are not class indices 0..{self.num_classes - 1} nor "
+                f"ignore_index {self.ignore_index} (a value map may be missing)"
+            )
+        return ValueError(f"mask values {bad} are not in the value mapping")
+
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         """Maps raw mask values `[H, W]` to class indices (uint8 if they fit, else int32).
 
@@ -137,11 +147,9 @@ class LabelMapper:
         """
         raw = np.asarray(raw)
         if raw.size and (raw.min() < 0 or raw.max() >= self.table.shape[0]):
-            bad = self.unknown_values(raw)
-            raise ValueError(f"mask values {bad.tolist()[:10]} are not in the value mapping")
+            raise self._unknown_error(raw)
         mapped = self.table[raw]
         if mapped.size and mapped.min() < 0:
-            bad = self.unknown_values(raw)
-            raise ValueError(f"mask values {bad.tolist()[:10]} are not in the value mapping")
+            raise self._unknown_error(raw)
         dtype = np.uint8 if max(self.num_classes - 1, self.ignore_index) < 256 else np.int32
         return mapped.astype(dtype)

@@ -35,7 +35,7 @@ _IMAGE_MODES = {"1": 1, "L": 1, "LA": 2, "P": 3, "RGB": 3, "RGBA": 4}
 _MAX_LISTED = 20
 
 
-def _listing(paths: Sequence[str]) -> str:
+def listing(paths: Sequence[str]) -> str:
     shown = ", ".join(paths[:_MAX_LISTED])
     more = f" ... and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else ""
     return shown + more
@@ -57,7 +57,7 @@ def _files_by_stem(directory: str) -> tuple[dict[str, str], list[str]]:
             continue
         by_stem.setdefault(stem, []).append(os.path.join(directory, name))
     problems = [
-        f"several files share the stem {stem!r}: {_listing(paths)}; keep one per stem"
+        f"several files share the stem {stem!r}: {listing(paths)}; keep one per stem"
         for stem, paths in by_stem.items()
         if len(paths) > 1
     ]
@@ -79,11 +79,11 @@ def pair_files(images_dir: str, masks_dir: str) -> tuple[list[Pair], list[str]]:
     no_image = sorted(masks[s] for s in set(masks) - set(images))
     if no_mask:
         problems.append(
-            f"{len(no_mask)} image(s) without a mask in {masks_dir}: {_listing(no_mask)}"
+            f"{len(no_mask)} image(s) without a mask in {masks_dir}: {listing(no_mask)}"
         )
     if no_image:
         problems.append(
-            f"{len(no_image)} mask(s) without an image in {images_dir}: {_listing(no_image)}"
+            f"{len(no_image)} mask(s) without an image in {images_dir}: {listing(no_image)}"
         )
     pairs = [Pair(s, images[s], masks[s]) for s in sorted(set(images) & set(masks))]
     return pairs, problems
