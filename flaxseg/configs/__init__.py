@@ -105,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.dtype = "float32"
     cfg.nan_policy = "raise"
     cfg.init_from = ""
-    cfg.eval_split = "validation"
+    cfg.eval_split = "val"
     cfg.num_grid_images = 4
     cfg.model = ml_collections.ConfigDict({"name": "unet"})
     cfg.dataset = ml_collections.ConfigDict({"name": "synthetic"})

@@ -325,8 +325,8 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None
             try:
                 config = ml_collections.ConfigDict(ckpt.saved_config(candidate))
                 model = build_model(config, parallel="jit")
-                abstract = abstract_train_state(model, config,
-                                                ckpt.saved_loop(candidate)["input_shape"])
+                abstract = abstract_state_for(model, config,
+                                              ckpt.saved_loop(candidate)["input_shape"])
                 restored = ckpt.restore(abstract, step=candidate)
             except (ValueError, TypeError):
                 raise
@@ -344,13 +344,11 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None
         ckpt.close()
 
 
-def abstract_train_state(model: Any, config: ml_collections.ConfigDict,
-                         input_shape: tuple[int, ...] | list[int]) -> PyTree:
+def abstract_state_for(model: Any, config: ml_collections.ConfigDict,
+                       input_shape: tuple[int, ...] | list[int]) -> PyTree:
     """The `TrainState` structure (ShapeDtypeStructs) of `model` trained with `config`,
-    for input `input_shape` `[1, H, W, C]`; nothing is computed."""
-    from flaxseg.train import create_optimizer, create_train_state
+    for input `input_shape` `[1, H, W, C]`: a restore target; nothing is computed."""
+    from flaxseg.train import abstract_train_state, create_optimizer
 
     tx = create_optimizer(config.optimizer, int(config.num_train_steps))
-    shape = tuple(int(d) for d in input_shape)
-    return jax.eval_shape(
-        lambda: create_train_state(model, tx, jax.random.key(int(config.seed)), shape))
+    return abstract_train_state(model, tx, tuple(int(d) for d in input_shape))

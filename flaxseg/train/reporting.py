@@ -1,0 +1,230 @@
+"""What a training run shows and writes: console progress, metric tables and log files.
+
+`Reporter` is the loop's only channel to the outside. In the process with
+`jax.process_index() == 0` (the chief) it writes, under the workdir:
+
+  metrics.jsonl   one JSON object per logged step: `{"step", "split", "loss", ...}`
+                  (split 'train' every `log_every_steps`, the eval split at each
+                  evaluation). Only values that are a function of the run's seed go
+                  here, so a resumed run writes the same lines as an uninterrupted one;
+                  timings go to the console and TensorBoard.
+  tensorboard/    TensorBoard event files: the same scalars, img/s, and the grids.
+  predictions/    `step_<N>.png`: image | truth | prediction, one row per example.
+  summary.json    at the end: the final evaluation, steps, wall time, img/s.
+
+The console gets a progress bar (loss, mIoU, img/s, ETA) on an interactive terminal
+and plain periodic lines otherwise (CI, log files); evaluations print the FCN metric
+table. Other processes write nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+TENSORBOARD_DIR = "tensorboard"
+PREDICTIONS_DIR = "predictions"
+
+_BAR_WIDTH = 24
+
+
+def json_safe(value: Any) -> Any:
+    """NaN / inf -> None and NumPy scalars -> Python, recursively (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    """`3725.2` -> `'1:02:05'`."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    """The records of `<workdir>/metrics.jsonl`, in order ([] if there is none)."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Reporter:
+    """Console output and log files of one run (see the module docstring).
+
+    Args:
+      workdir: the run's directory.
+      num_train_steps: the last step, for the bar and the ETA.
+      start_step: the step the run starts from (0, or the restored checkpoint's step);
+        `metrics.jsonl` lines and TensorBoard events after it are dropped, since the
+        resumed run writes them again.
+      is_chief: whether this process writes (default: `jax.process_index() == 0`).
+      stream: where the console output goes (default: stdout).
+      interactive: progress bar (True) or plain lines (False); default: `stream.isatty()`.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, num_train_steps: int, start_step: int = 0,
+                 is_chief: bool | None = None, stream: TextIO | None = None,
+                 interactive: bool | None = None):
+        if is_chief is None:
+            import jax
+
+            is_chief = jax.process_index() == 0
+        self.workdir = Path(workdir)
+        self.num_train_steps = int(num_train_steps)
+        self.start_step = int(start_step)
+        self.is_chief = is_chief
+        self.stream = stream if stream is not None else sys.stdout
+        self.interactive = (self.stream.isatty() if interactive is None else interactive)
+        self._bar_visible = False
+        self._writer = None
+        self._metrics_file = None
+        self._timer_step: int | None = None
+        self._timer_start = 0.0
+        if not is_chief:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._truncate_metrics(self.start_step)
+        from tensorboardX import SummaryWriter
+
+        # purge_step makes TensorBoard drop the events a killed run wrote after the
+        # checkpoint it resumes from.
+        self._writer = SummaryWriter(
+            str(self.workdir / TENSORBOARD_DIR),
+            purge_step=self.start_step + 1 if self.start_step else None,
+        )
+        self._metrics_file = (self.workdir / METRICS_FILE).open("a")
+
+    # -- console ------------------------------------------------------------------------
+    def message(self, text: str) -> None:
+        """A line on the console (chief only), above the progress bar."""
+        if not self.is_chief:
+            return
+        self._clear_bar()
+        print(text, file=self.stream, flush=True)
+
+    def _clear_bar(self) -> None:
+        if self._bar_visible:
+            self.stream.write("\r\033[K")
+            self._bar_visible = False
+
+    def start_timer(self, step: int) -> None:
+        """Marks the step after which throughput and ETA are measured (after compiling)."""
+        self._timer_step = int(step)
+        self._timer_start = time.perf_counter()
+
+    def eta_seconds(self, step: int) -> float | None:
+        """Seconds left at the rate since `start_timer`, or None before it is known."""
+        if self._timer_step is None or step <= self._timer_step:
+            return None
+        rate = (time.perf_counter() - self._timer_start) / (step - self._timer_step)
+        return rate * (self.num_train_steps - step)
+
+    def progress(self, step: int, *, loss: float, mean_iou: float, images_per_sec: float | None,
+                 ) -> None:
+        """The progress bar (interactive) or one plain line (not interactive)."""
+        if not self.is_chief:
+            return
+        eta = self.eta_seconds(step)
+        fields = [f"loss {loss:.4f}", f"mIoU {mean_iou:.3f}"]
+        if images_per_sec is not None:
+            fields.append(f"{images_per_sec:.1f} img/s")
+        if eta is not None:
+            fields.append(f"ETA {format_duration(eta)}")
+        width = len(str(self.num_train_steps))
+        head = f"step {step:>{width}}/{self.num_train_steps}"
+        if self.interactive:
+            done = int(_BAR_WIDTH * step / max(self.num_train_steps, 1))
+            bar = "#" * done + "." * (_BAR_WIDTH - done)
+            self.stream.write(f"\r\033[K{head} [{bar}] " + "  ".join(fields))
+            self.stream.flush()
+            self._bar_visible = True
+        else:
+            print(f"{head}  " + "  ".join(fields), file=self.stream, flush=True)
+
+    # -- logs ---------------------------------------------------------------------------
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.workdir / METRICS_FILE
+        if not path.exists():
+            return
+        kept = [r for r in read_metrics(self.workdir) if r["step"] <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        with tmp.open("w") as f:
+            for record in kept:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+    def write_metrics(self, step: int, split: str, metrics: dict[str, float],
+                      extra_scalars: dict[str, float] | None = None) -> None:
+        """Appends `{"step", "split", **metrics}` to metrics.jsonl and writes the scalars
+        (plus `extra_scalars`, e.g. timings, which stay out of the JSON) to TensorBoard."""
+        if not self.is_chief:
+            return
+        record = json_safe({"step": int(step), "split": split, **metrics})
+        self._metrics_file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._metrics_file.flush()
+        for name, value in {**metrics, **(extra_scalars or {})}.items():
+            if isinstance(value, int | float | np.number) and math.isfinite(value):
+                self._writer.add_scalar(f"{split}/{name}", float(value), int(step))
+
+    def evaluation(self, step: int, split: str, scores: dict[str, Any], table: str,
+                   loss: float) -> None:
+        """Prints the metric table and logs the scores (per-class IoU as `iou/<class>`)."""
+        if not self.is_chief:
+            return
+        self.message(f"\nEvaluation at step {step} on '{split}' "
+                     f"({scores.get('num_pixels', 0):,} pixels):\n{table}\n")
+        flat = {"loss": loss}
+        flat.update({k: scores[k] for k in ("pixel_accuracy", "mean_accuracy", "mean_iou",
+                                            "fw_iou") if k in scores})
+        for name, values in scores.get("per_class", {}).items():
+            flat[f"iou/{name}"] = values["iou"]
+        self.write_metrics(step, split, flat)
+
+    def prediction_grid(self, step: int, grid: np.ndarray) -> Path | None:
+        """Saves the uint8 `[H, W, 3]` grid as `predictions/step_<N>.png` and to TensorBoard."""
+        if not self.is_chief:
+            return None
+        from flaxseg.visualize import save_png
+
+        path = self.workdir / PREDICTIONS_DIR / f"step_{step:07d}.png"
+        save_png(path, grid)
+        self._writer.add_image("predictions", grid, int(step), dataformats="HWC")
+        return path
+
+    def summary(self, summary: dict[str, Any]) -> Path | None:
+        """Writes summary.json (atomically) and returns its path."""
+        if not self.is_chief:
+            return None
+        path = self.workdir / SUMMARY_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(json_safe(summary), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    def close(self) -> None:
+        self._clear_bar()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
