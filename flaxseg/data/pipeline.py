@@ -25,6 +25,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 from flaxseg.data import transforms
 from flaxseg.data.base import Source
@@ -73,15 +74,31 @@ def _train_example(
     )
 
 
-class TrainIterator(Iterator[Batch]):
-    """An iterator of training batches with `get_state()` / `set_state()`."""
+class _ClosingIterator(Iterator[Batch]):
+    """Wraps a grain iterator; `close()` (or `with`) stops its threads and worker processes."""
 
-    def __init__(self, dataset: grain.IterDataset, fingerprint: dict[str, Any]):
+    def __init__(self, dataset: grain.IterDataset):
         self._iterator = iter(dataset)
-        self._fingerprint = fingerprint
 
     def __next__(self) -> Batch:
         return next(self._iterator)
+
+    def close(self) -> None:
+        self._iterator.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class TrainIterator(_ClosingIterator):
+    """An iterator of training batches with `get_state()` / `set_state()`."""
+
+    def __init__(self, dataset: grain.IterDataset, fingerprint: dict[str, Any]):
+        super().__init__(dataset)
+        self._fingerprint = fingerprint
 
     def get_state(self) -> dict[str, Any]:
         """The position as a JSON-serialisable dict (save it with `ocp.args.JsonSave`)."""
@@ -175,6 +192,9 @@ def create_train_iterator(
     )
     iter_dataset = dataset.to_iter_dataset(read_options)
     if worker_count > 0:
+        # grain's workers read absl flags; outside an absl app nothing has parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         iter_dataset = iter_dataset.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=worker_count)
         )
@@ -189,18 +209,15 @@ def create_train_iterator(
     return TrainIterator(iter_dataset, fingerprint)
 
 
-class EvalIterator(Iterator[Batch]):
+class EvalIterator(_ClosingIterator):
     """One pass of padded eval batches; `len()` is the number of batches."""
 
     def __init__(self, dataset: grain.IterDataset, num_batches: int):
-        self._iterator = iter(dataset)
+        super().__init__(dataset)
         self._num_batches = num_batches
 
     def __len__(self) -> int:
         return self._num_batches
-
-    def __next__(self) -> Batch:
-        return next(self._iterator)
 
 
 def _eval_example(
