@@ -66,12 +66,12 @@ def normalization_stats(
         mean, std = tuple(augment.mean), tuple(augment.std)
     else:
         raise ValueError(f"augment.normalize must be one of {_NORMALIZE}, got {mode!r}.")
-    mean_a = np.broadcast_to(np.asarray(mean, np.float32), (num_channels,)).copy()
-    std_a = np.broadcast_to(np.asarray(std, np.float32), (num_channels,)).copy()
     if len(mean) not in (1, num_channels) or len(std) not in (1, num_channels):
         raise ValueError(
             f"augment.mean/std need 1 or {num_channels} values, got {len(mean)} and {len(std)}."
         )
+    mean_a = np.broadcast_to(np.asarray(mean, np.float32), (num_channels,)).copy()
+    std_a = np.broadcast_to(np.asarray(std, np.float32), (num_channels,)).copy()
     if np.any(std_a <= 0):
         raise ValueError(f"augment.std must be positive, got {tuple(std)}.")
     return mean_a, std_a
