@@ -209,6 +209,30 @@ def _model_stride(model: nn.Module) -> int:
     )
 
 
+def default_mode(model: nn.Module) -> str:
+    """The mode that segments any image size in full: `'overlap_tile'` for the VALID
+    U-Net, `'pad'` for nets with a `depth` (U-Net, encoder-decoder), else `'whole'`."""
+    if getattr(model, "padding", None) == "VALID":
+        return "overlap_tile"
+    return "pad" if isinstance(getattr(model, "depth", None), int) else "whole"
+
+
+def normalizer(
+    mean: Sequence[float] | np.ndarray = (0.0,), std: Sequence[float] | np.ndarray = (1.0,)
+) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 `[H, W, C]` -> float32 `(image / 255 - mean) / std`, per channel (`mean` and
+    `std` in [0, 1] units, 1 or C values): the training data's normalisation."""
+    mean32 = np.asarray(mean, np.float32)
+    std32 = np.asarray(std, np.float32)
+    if np.any(std32 <= 0):
+        raise ValueError(f"std must be positive, got {std}")
+
+    def preprocess(image: np.ndarray) -> np.ndarray:
+        return (np.asarray(image, np.float32) / 255.0 - mean32) / std32
+
+    return preprocess
+
+
 def predict_logits(
     model: nn.Module,
     variables: Any,
@@ -330,10 +354,6 @@ def load_image(path: str) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def _default_preprocess(image: np.ndarray) -> np.ndarray:
-    return image.astype(np.float32) / 255.0
-
-
 def predict(
     model: nn.Module,
     variables: Any,
@@ -358,7 +378,7 @@ def predict(
       num_channels: the channel count the model was trained on; a file with another
         count fails with a clear message. None: any count the model takes.
       preprocess: uint8 `[H, W, C]` -> float32 `[H, W, C]`, as in training;
-        default divides by 255.
+        default `normalizer()` (divides by 255).
 
     A file that cannot be read, has the wrong channel count or a size the model
     cannot take gets a `PredictionResult` whose `error` names the file and the
@@ -372,7 +392,7 @@ def predict(
             f"several inputs share the names {duplicates}, so their outputs would collide; "
             "predict them into separate output directories"
         )
-    preprocess = preprocess or _default_preprocess
+    preprocess = preprocess or normalizer()
     masks_dir = os.path.join(os.fspath(output_dir), "masks")
     overlays_dir = os.path.join(os.fspath(output_dir), "overlays")
     results = []

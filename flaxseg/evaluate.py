@@ -1,0 +1,274 @@
+"""`python -m flaxseg.evaluate`: the FCN metric table of a trained run on any split.
+
+    python -m flaxseg.evaluate --workdir=runs/default                      # val split
+    python -m flaxseg.evaluate --workdir=runs/default --split=test --mode=pad --flip
+    python -m flaxseg.evaluate --workdir=runs/isbi --mode=overlap_tile     # native 512 px
+
+The run's model, weights and config come from its latest checkpoint
+(`--step` for another); the split is read from the dataset in that config. With
+`--input_size=config` every example is brought to the config's `image_size` exactly
+as the training loop's evaluation does; `native` keeps each image's own size (for
+`pad`, `sliding` and `overlap_tile`); `auto` (default) picks `config` for `--mode=whole`
+and `native` otherwise.
+
+The library side, `evaluate(model, variables, source, ...)`, and the inference flags
+shared with `python -m flaxseg.predict` live here too.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from flaxseg import inference, metrics
+
+Example = dict[str, np.ndarray]
+
+INPUT_SIZES = ("auto", "config", "native")
+
+
+def _center_crop(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+    top, left = (labels.shape[1] - height) // 2, (labels.shape[2] - width) // 2
+    return labels[:, top : top + height, left : left + width]
+
+
+def _batches(examples: Iterable[Example], batch_size: int) -> Iterable[Example]:
+    """Stacks consecutive examples of one image shape into batches of up to `batch_size`."""
+    pending: list[Example] = []
+    for example in examples:
+        if pending and (
+            len(pending) == batch_size or example["image"].shape != pending[0]["image"].shape
+        ):
+            yield {key: np.stack([e[key] for e in pending]) for key in ("image", "label")}
+            pending = []
+        pending.append(example)
+    if pending:
+        yield {key: np.stack([e[key] for e in pending]) for key in ("image", "label")}
+
+
+def evaluate(
+    model: Any,
+    variables: Any,
+    source: Any,
+    *,
+    preprocess: Callable[[Example], Example] | None = None,
+    mode: str = "whole",
+    batch_size: int = 4,
+    limit: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    **predict_kwargs: Any,
+) -> dict[str, Any]:
+    """FCN-paper scores of `model` on a data source (`flaxseg.data.create_source`).
+
+    Args:
+      source: `len(source)`, `source[i]` -> `{'image': uint8 [H, W, C], 'label': int
+        [H, W]}` and `source.info` (`num_classes`, `class_names`, `ignore_index`).
+      preprocess: example -> `{'image': float32 [h, w, C], 'label': int [h, w]}`
+        (normalise, resize); default: image / 255, label as is.
+      mode, batch_size, predict_kwargs: as `inference.predict_logits` (`flip`,
+        `tile_size`, ...). Consecutive examples of one size are predicted together.
+        Labels are centre-cropped to the logits when they are smaller (VALID U-Net,
+        mode 'whole').
+      limit: evaluate only the first `limit` examples.
+      on_progress: called with (examples done, total) after each batch.
+
+    Returns `metrics.segmentation_scores` of the summed confusion matrix (void
+    pixels left out), plus `num_images`.
+    """
+    info = source.info
+    total = len(source) if limit is None else min(limit, len(source))
+    if total < 1:
+        raise ValueError(
+            f"nothing to evaluate: the source has {len(source)} examples, limit={limit}"
+        )
+    if preprocess is None:
+        unit = inference.normalizer()
+
+        def preprocess(example: Example) -> Example:
+            return {"image": unit(example["image"]), "label": example["label"]}
+
+    confusion_fn = jax.jit(metrics.confusion_matrix, static_argnums=(2, 3))
+    accumulator = metrics.ConfusionAccumulator(info.num_classes)
+    examples = (preprocess(source[i]) for i in range(total))
+    done = 0
+    for batch in _batches(examples, batch_size):
+        logits = inference.predict_logits(
+            model, variables, batch["image"], mode=mode, batch_size=batch_size, **predict_kwargs
+        )
+        if logits.shape[-1] != info.num_classes:
+            raise ValueError(
+                f"the model predicts {logits.shape[-1]} classes but the dataset has "
+                f"{info.num_classes}; evaluate on the dataset the run was trained on"
+            )
+        labels = _center_crop(batch["label"].astype(np.int32), *logits.shape[1:3])
+        preds = np.argmax(logits, axis=-1).astype(np.int32)
+        accumulator.update(confusion_fn(labels, preds, info.num_classes, info.ignore_index))
+        done += len(labels)
+        if on_progress is not None:
+            on_progress(done, total)
+    scores = accumulator.scores(info.class_names)
+    scores["num_images"] = total
+    return scores
+
+
+def eval_preprocess(
+    config: ml_collections.ConfigDict, input_size: str = "config"
+) -> Callable[[Example], Example]:
+    """The example preprocessing of a run's config.
+
+    `'config'`: `flaxseg.data.transforms.eval_transform` to `config.dataset.image_size`,
+    the training loop's evaluation input. `'native'`: the image keeps its size and only
+    gets the config's normalisation.
+    """
+    from flaxseg.data import transforms
+
+    if input_size == "config":
+        image_size = tuple(config.dataset.image_size)
+
+        def preprocess(example: Example) -> Example:
+            return transforms.eval_transform(
+                example,
+                image_size=image_size,
+                augment=config.augment,
+                ignore_index=config.dataset.ignore_index,
+            )
+
+        return preprocess
+    if input_size == "native":
+        normalize = image_normalizer(config)
+
+        def preprocess(example: Example) -> Example:
+            return {"image": normalize(example["image"]), "label": example["label"]}
+
+        return preprocess
+    raise ValueError(f"input_size must be 'config' or 'native', got {input_size!r}")
+
+
+def image_normalizer(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 `[H, W, C]` -> float32, normalised as the run's `config.augment` says."""
+    from flaxseg.data import transforms
+
+    mean, std = transforms.normalization_stats(config.augment, int(config.dataset.num_channels))
+    return inference.normalizer(mean, std)
+
+
+# -- flags shared with `python -m flaxseg.predict` ------------------------------------------
+
+
+def define_inference_flags(default_mode: str) -> None:
+    """Defines the flags that pick the run and the inference mode (absl, global FLAGS)."""
+    flags.DEFINE_string("workdir", None, "A training run's --workdir (holds checkpoints/).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+    flags.DEFINE_enum(
+        "mode",
+        default_mode,
+        ("auto", *inference.MODES),
+        "whole | pad | sliding | overlap_tile; auto: overlap_tile for the VALID U-Net, "
+        "pad for other U-Nets and the encoder-decoder, else whole.",
+    )
+    flags.DEFINE_bool("flip", False, "Average with the horizontally mirrored prediction.")
+    flags.DEFINE_list(
+        "tile_size",
+        None,
+        "sliding / overlap_tile input tile 'H,W' or 'S' (default: the config's image_size).",
+    )
+    flags.DEFINE_list("stride", None, "sliding tile step 'H,W' or 'S' (default: half a tile).")
+    flags.DEFINE_list("multiple", None, "pad: pad to a multiple of this (default: 2**depth).")
+    flags.DEFINE_integer("batch_size", 4, "Images or tiles per forward pass.")
+    flags.mark_flag_as_required("workdir")
+
+
+def _size_flag(value: list[str] | None, name: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        sizes = [int(v) for v in value]
+    except ValueError:
+        raise ValueError(f"--{name} takes 'H,W' or 'S' (integers), got {','.join(value)}") from None
+    if len(sizes) not in (1, 2):
+        raise ValueError(f"--{name} takes 'H,W' or 'S', got {','.join(value)}")
+    return (sizes[0], sizes[-1])
+
+
+def inference_options(model: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`predict_logits` keyword arguments from the shared flags (after parsing)."""
+    values = flags.FLAGS
+    mode = inference.default_mode(model) if values.mode == "auto" else values.mode
+    options: dict[str, Any] = {"mode": mode, "flip": values.flip, "batch_size": values.batch_size}
+    if mode in ("sliding", "overlap_tile"):
+        tile = _size_flag(values.tile_size, "tile_size")
+        options["tile_size"] = tile or tuple(int(s) for s in config.dataset.image_size)
+    if mode == "sliding" and values.stride is not None:
+        options["stride"] = _size_flag(values.stride, "stride")
+    if mode == "pad" and values.multiple is not None:
+        options["multiple"] = _size_flag(values.multiple, "multiple")
+    return options
+
+
+def _progress(done: int, total: int) -> None:
+    if done == total or done * 10 // total != (done - 1) * 10 // total:
+        print(f"  evaluated {done}/{total} images", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --flag=value).")
+    from flaxseg.data import create_source
+    from flaxseg.train.checkpoint import load_for_inference
+    from flaxseg.train.reporting import json_safe
+
+    values = flags.FLAGS
+    try:
+        model, variables, config = load_for_inference(values.workdir, values.step)
+        options = inference_options(model, config)
+        input_size = values.input_size
+        if input_size == "auto":
+            input_size = "config" if options["mode"] == "whole" else "native"
+        source = create_source(config.dataset, values.split)
+        print(
+            f"Evaluating {values.workdir} on {config.dataset.name}/{values.split} "
+            f"({len(source)} images, mode={options['mode']}, flip={options['flip']}, "
+            f"input size: {input_size})",
+            flush=True,
+        )
+        scores = evaluate(
+            model,
+            variables,
+            source,
+            preprocess=eval_preprocess(config, input_size),
+            limit=values.limit,
+            on_progress=_progress,
+            **options,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
+    print(metrics.format_scores_table(scores))
+    if values.output_json:
+        record = {"split": values.split, "input_size": input_size, **options, **scores}
+        with open(values.output_json, "w") as f:
+            json.dump(json_safe(record), f, indent=2)
+        print(f"Wrote {values.output_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    define_inference_flags(default_mode="whole")
+    flags.DEFINE_string("split", "val", "Dataset split: train | val | test.")
+    flags.DEFINE_enum(
+        "input_size",
+        "auto",
+        INPUT_SIZES,
+        "config: resize/pad like the training evaluation; native: each image's own size; "
+        "auto: config for --mode=whole, native otherwise.",
+    )
+    flags.DEFINE_integer("limit", None, "Evaluate only the first N examples.")
+    flags.DEFINE_string("output_json", None, "Also write the scores to this JSON file.")
+    app.run(main)

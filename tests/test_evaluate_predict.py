@@ -1,0 +1,122 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxseg import evaluate, inference
+from flaxseg.data.base import SourceInfo
+
+
+class ConvNet(nn.Module):
+    num_classes: int = 3
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Conv(self.num_classes, (3, 3))(nn.relu(nn.Conv(4, (3, 3))(x)))
+
+
+class CentreNet(nn.Module):
+    """Predicts the centre of its input (two VALID 3x3 convolutions), like the VALID U-Net."""
+
+    num_classes: int = 3
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(4, (3, 3), padding="VALID")(x))
+        return nn.Conv(self.num_classes, (3, 3), padding="VALID")(x)
+
+
+class ListSource:
+    """A data source over in-memory examples, with the `flaxseg.data` interface."""
+
+    def __init__(self, examples, num_classes=3):
+        self.examples = examples
+        self.info = SourceInfo(
+            num_classes=num_classes,
+            class_names=tuple(f"c{i}" for i in range(num_classes)),
+            num_channels=examples[0]["image"].shape[-1],
+        )
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        return self.examples[index]
+
+
+def _examples(sizes, seed=0, num_classes=3):
+    rng = np.random.default_rng(seed)
+    out = []
+    for height, width in sizes:
+        label = rng.integers(0, num_classes, (height, width)).astype(np.uint8)
+        label[0, :3] = 255  # some void pixels
+        image = rng.integers(0, 256, (height, width, 1), dtype=np.uint8)
+        out.append({"image": image, "label": label})
+    return out
+
+
+def _oracle_scores(model, variables, examples, crop=0):
+    """Pixel accuracy and mean IoU from NumPy, one image at a time."""
+    truth, predicted = [], []
+    for example in examples:
+        image = example["image"][None].astype(np.float32) / 255.0
+        pred = np.asarray(model.apply(variables, jnp.asarray(image))).argmax(-1)[0]
+        label = example["label"].astype(np.int64)
+        if crop:
+            label = label[crop:-crop, crop:-crop]
+        keep = label != 255
+        truth.append(label[keep])
+        predicted.append(pred[keep])
+    truth, predicted = np.concatenate(truth), np.concatenate(predicted)
+    ious = []
+    for c in range(3):
+        union = np.sum((truth == c) | (predicted == c))
+        if union:
+            ious.append(np.sum((truth == c) & (predicted == c)) / union)
+    return np.mean(truth == predicted), np.mean(ious), truth.size
+
+
+@pytest.mark.parametrize("model, crop", [(ConvNet(), 0), (CentreNet(), 2)])
+def test_evaluate_matches_a_numpy_oracle_over_mixed_sizes(model, crop):
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    examples = _examples([(8, 8), (8, 8), (8, 8), (10, 6), (8, 8)])
+    progress = []
+    scores = evaluate.evaluate(
+        model,
+        variables,
+        ListSource(examples),
+        batch_size=2,
+        on_progress=lambda done, total: progress.append((done, total)),
+    )
+    pixel_accuracy, mean_iou, num_pixels = _oracle_scores(model, variables, examples, crop)
+    assert scores["num_images"] == 5 and scores["num_pixels"] == num_pixels
+    assert scores["pixel_accuracy"] == pytest.approx(pixel_accuracy, abs=1e-12)
+    assert scores["mean_iou"] == pytest.approx(mean_iou, abs=1e-12)
+    # Batches: two 8x8, one 8x8 (a new size follows), the 10x6, the last 8x8.
+    assert progress == [(2, 5), (3, 5), (4, 5), (5, 5)]
+    limited = evaluate.evaluate(model, variables, ListSource(examples), limit=2)
+    assert limited["num_images"] == 2
+
+
+def test_evaluate_rejects_a_model_of_another_class_count():
+    model = ConvNet(num_classes=2)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    with pytest.raises(ValueError, match="predicts 2 classes but the dataset has 3"):
+        evaluate.evaluate(model, variables, ListSource(_examples([(8, 8)])))
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate.evaluate(model, variables, ListSource(_examples([(8, 8)])), limit=0)
+
+
+def test_default_mode_follows_the_architecture():
+    class Same(nn.Module):
+        depth: int = 3
+        padding: str = "SAME"
+
+    class Valid(nn.Module):
+        depth: int = 3
+        padding: str = "VALID"
+
+    assert inference.default_mode(Same()) == "pad"
+    assert inference.default_mode(Valid()) == "overlap_tile"
+    assert inference.default_mode(ConvNet()) == "whole"
