@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -59,12 +59,9 @@ def _apply(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
     return model.apply(variables, images, train=False).astype(jnp.float32)
 
 
-def output_size(
+def _output_shape(
     model: nn.Module, variables: Any, height: int, width: int, channels: int
-) -> tuple[int, int]:
-    """The logits' `(h, w)` for an input `[1, height, width, channels]`, found by
-    abstract evaluation (nothing is computed). Raises ValueError when the model
-    cannot take that input (wrong channel count, a size a VALID net rejects)."""
+) -> tuple[int, int, int]:
     spec = jax.ShapeDtypeStruct((1, height, width, channels), jnp.float32)
     try:
         out = jax.eval_shape(functools.partial(_apply, model), variables, spec)
@@ -73,28 +70,59 @@ def output_size(
             f"the model cannot take an input of {height}x{width} with {channels} channel(s): "
             f"{error}"
         ) from error
-    return int(out.shape[1]), int(out.shape[2])
+    return int(out.shape[1]), int(out.shape[2]), int(out.shape[3])
+
+
+def output_size(
+    model: nn.Module, variables: Any, height: int, width: int, channels: int
+) -> tuple[int, int]:
+    """The logits' `(h, w)` for an input `[1, height, width, channels]`, found by
+    abstract evaluation (nothing is computed). Raises ValueError when the model
+    cannot take that input (wrong channel count, a size a VALID net rejects)."""
+    return _output_shape(model, variables, height, width, channels)[:2]
 
 
 def _forward(
-    model: nn.Module, variables: Any, tiles: np.ndarray, batch_size: int, flip: bool
+    model: nn.Module, variables: Any, images: np.ndarray, batch_size: int, flip: bool
 ) -> np.ndarray:
-    """Logits of `tiles` `[N, h, w, C]` in batches of `batch_size` (the last batch is
+    """Logits of `images` `[N, h, w, C]` in batches of `batch_size` (the last batch is
     padded, so one compiled shape serves all); with `flip`, averaged with the
-    mirrored-back logits of the mirrored tiles."""
-    size = min(batch_size, len(tiles))
+    mirrored-back logits of the mirrored images."""
     outputs = []
-    for start in range(0, len(tiles), size):
-        batch = tiles[start : start + size]
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
         count = len(batch)
-        if count < size:
-            batch = np.concatenate([batch, np.zeros((size - count, *batch.shape[1:]), batch.dtype)])
+        if count < batch_size:
+            filler = np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, filler])
         logits = _apply(model, variables, jnp.asarray(batch))
         if flip:
             mirrored = _apply(model, variables, jnp.asarray(batch[:, :, ::-1]))
             logits = 0.5 * (logits + mirrored[:, :, ::-1])
         outputs.append(np.asarray(logits[:count]))
     return np.concatenate(outputs)
+
+
+def _tiles(
+    model: nn.Module,
+    variables: Any,
+    padded: np.ndarray,
+    corners: list[tuple[int, int]],
+    tile: tuple[int, int],
+    batch_size: int,
+    flip: bool,
+) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """`(image index, y, x, logits)` of every tile `padded[i, y:y+th, x:x+tw]`, cut
+    and predicted `batch_size` at a time, so host memory holds one batch of tiles."""
+    (th, tw), jobs = tile, [(i, y, x) for i in range(len(padded)) for y, x in corners]
+    size = min(batch_size, len(jobs))
+    for start in range(0, len(jobs), size):
+        chunk = jobs[start : start + size]
+        cut = np.stack([padded[i, y : y + th, x : x + tw] for i, y, x in chunk])
+        for (i, y, x), logits in zip(
+            chunk, _forward(model, variables, cut, size, flip), strict=True
+        ):
+            yield i, y, x, logits
 
 
 def _mirror_pad(images: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
@@ -115,7 +143,7 @@ def _predict_pad(model, variables, images, multiple, batch_size, flip):
             "mode='pad' needs a net whose output has its input's size; for the VALID "
             "U-Net use mode='overlap_tile'"
         )
-    logits = _forward(model, variables, padded, batch_size, flip)
+    logits = _forward(model, variables, padded, min(batch_size, len(padded)), flip)
     return logits[:, top : top + height, left : left + width]
 
 
@@ -135,7 +163,8 @@ def _predict_sliding(model, variables, images, tile_size, stride, batch_size, fl
         raise ValueError(
             f"stride {(sh, sw)} must not exceed tile_size {(th, tw)}: pixels would be skipped"
         )
-    if output_size(model, variables, th, tw, channels) != (th, tw):
+    oh, ow, num_classes = _output_shape(model, variables, th, tw, channels)
+    if (oh, ow) != (th, tw):
         raise ValueError(
             "mode='sliding' needs a net whose output has its input's size; for the VALID "
             "U-Net use mode='overlap_tile'"
@@ -146,13 +175,11 @@ def _predict_sliding(model, variables, images, tile_size, stride, batch_size, fl
     padded = _mirror_pad(images, top, pad_h - top, left, pad_w - left)
     ph, pw = padded.shape[1:3]
     corners = [(y, x) for y in _tile_starts(ph, th, sh) for x in _tile_starts(pw, tw, sw)]
-    tiles = np.stack([padded[:, y : y + th, x : x + tw] for y, x in corners], axis=1)
-    logits = _forward(model, variables, tiles.reshape(-1, th, tw, channels), batch_size, flip)
-    logits = logits.reshape(count, len(corners), th, tw, -1)
-    total = np.zeros((count, ph, pw, logits.shape[-1]), np.float32)
+    total = np.zeros((count, ph, pw, num_classes), np.float32)
+    for i, y, x, logits in _tiles(model, variables, padded, corners, (th, tw), batch_size, flip):
+        total[i, y : y + th, x : x + tw] += logits
     hits = np.zeros((ph, pw, 1), np.float32)
-    for index, (y, x) in enumerate(corners):
-        total[:, y : y + th, x : x + tw] += logits[:, index]
+    for y, x in corners:
         hits[y : y + th, x : x + tw] += 1.0
     return (total / hits)[:, top : top + height, left : left + width]
 
@@ -160,7 +187,7 @@ def _predict_sliding(model, variables, images, tile_size, stride, batch_size, fl
 def _predict_overlap_tile(model, variables, images, tile_size, align, batch_size, flip):
     count, height, width, channels = images.shape
     th, tw = _pair(tile_size, "tile_size")
-    oh, ow = output_size(model, variables, th, tw, channels)
+    oh, ow, num_classes = _output_shape(model, variables, th, tw, channels)
     if (th - oh) % 2 or (tw - ow) % 2:
         raise ValueError(
             f"mode='overlap_tile' needs an output centred in its input; tile {th}x{tw} gives "
@@ -189,12 +216,9 @@ def _predict_overlap_tile(model, variables, images, tile_size, align, batch_size
         margin_w + covered_w - width,
     )
     corners = [(y, x) for y in rows for x in cols]
-    tiles = np.stack([padded[:, y : y + th, x : x + tw] for y, x in corners], axis=1)
-    logits = _forward(model, variables, tiles.reshape(-1, th, tw, channels), batch_size, flip)
-    logits = logits.reshape(count, len(corners), oh, ow, -1)
-    canvas = np.zeros((count, covered_h, covered_w, logits.shape[-1]), np.float32)
-    for index, (y, x) in enumerate(corners):
-        canvas[:, y : y + oh, x : x + ow] = logits[:, index]
+    canvas = np.zeros((count, covered_h, covered_w, num_classes), np.float32)
+    for i, y, x, logits in _tiles(model, variables, padded, corners, (th, tw), batch_size, flip):
+        canvas[i, y : y + oh, x : x + ow] = logits
     return canvas[:, :height, :width]
 
 
@@ -283,7 +307,7 @@ def predict_logits(
         )
     if mode == "whole":
         output_size(model, variables, *images.shape[1:])  # a clear error for a bad size
-        logits = _forward(model, variables, images, batch_size, flip)
+        logits = _forward(model, variables, images, min(batch_size, len(images)), flip)
     elif mode == "pad":
         multiple = _model_stride(model) if multiple is None else multiple
         logits = _predict_pad(model, variables, images, multiple, batch_size, flip)
