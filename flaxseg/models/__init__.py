@@ -15,6 +15,8 @@ import functools
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from flaxseg.models.encoder_decoder import EncoderDecoder
 from flaxseg.models.fcn import FCN
@@ -49,12 +51,40 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return _REGISTRY[name](**kwargs)
 
 
+def _abstract_variables(model: nn.Module, input_shape: tuple[int, ...]):
+    x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), x), x
+
+
+def param_count(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Number of trainable parameters of `model` on inputs `[B, H, W, C]`.
+
+    Computed with `jax.eval_shape`: no parameter is materialised.
+    """
+    variables, _ = _abstract_variables(model, input_shape)
+    return sum(int(leaf.size) for leaf in jax.tree.leaves(variables["params"]))
+
+
+def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """FLOPs of one inference forward pass on `[B, H, W, C]`, from XLA's cost analysis.
+
+    A multiply-add counts as 2 FLOPs; XLA leaves out the products that fall on zero
+    padding. The model is lowered and compiled from abstract shapes only.
+    """
+    variables, x = _abstract_variables(model, input_shape)
+    apply = jax.jit(functools.partial(model.apply, train=False))
+    cost = apply.lower(variables, x).compile().cost_analysis()
+    return float(cost["flops"])
+
+
 __all__ = [
     "FCN",
     "EncoderDecoder",
     "UNet",
     "available_models",
     "create_model",
+    "forward_flops",
+    "param_count",
     "unet_output_size",
     "unet_valid_input_sizes",
 ]
