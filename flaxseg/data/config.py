@@ -54,7 +54,7 @@ def _synthetic() -> dict[str, Any]:
         num_test=256,
         min_shapes=2,
         max_shapes=5,
-        noise_std=0.04,  # Gaussian pixel noise, in [0, 1] units
+        noise_std=0.04,  # pixel noise standard deviation, in [0, 1] units
     )
 
 

@@ -102,18 +102,35 @@ def _crop_axis(rng: np.random.Generator, scaled: int, crop: int) -> tuple[int, i
     return int(rng.integers(0, crop - scaled + 1)), 0, scaled
 
 
-def _jitter(image: np.ndarray, rng: np.random.Generator, augment) -> np.ndarray:
-    """Brightness, contrast, saturation jitter on a float image in [0, 1]."""
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def _jitter_coefficients(
+    rng: np.random.Generator, augment, channels: int, mean_value: float
+) -> tuple[float, float, float]:
+    """Brightness, contrast and saturation jitter as `a * x + g * grey(x) + o` on [0, 1] pixels.
+
+    Brightness scales, contrast scales about the (brightened) image mean `mean_value`,
+    saturation blends each pixel with its grey value (3 channels only). All three are
+    linear, so they fold into one pass; returns (a, g, o).
+    """
+    brightness = contrast = saturation = 1.0
     if augment.brightness:
-        image = image * (1.0 + rng.uniform(-augment.brightness, augment.brightness))
+        brightness += rng.uniform(-augment.brightness, augment.brightness)
     if augment.contrast:
-        mean = image.mean()
-        image = (image - mean) * (1.0 + rng.uniform(-augment.contrast, augment.contrast)) + mean
-    if augment.saturation and image.shape[-1] == 3:
-        gray = image @ np.array([0.299, 0.587, 0.114], np.float32)
-        factor = 1.0 + rng.uniform(-augment.saturation, augment.saturation)
-        image = (image - gray[..., None]) * factor + gray[..., None]
-    return np.clip(image, 0.0, 1.0)
+        contrast += rng.uniform(-augment.contrast, augment.contrast)
+    if augment.saturation and channels == 3:
+        saturation += rng.uniform(-augment.saturation, augment.saturation)
+    gain = brightness * contrast
+    # Blending with grey keeps a constant image constant, so the contrast pivot passes through.
+    return gain * saturation, gain * (1.0 - saturation), (1.0 - contrast) * brightness * mean_value
+
+
+def _grey(pixels: np.ndarray) -> np.ndarray:
+    """Luma of `[..., 3]` pixels (per-channel slices: much faster than a BLAS matvec here)."""
+    r, g, b = _GRAY_WEIGHTS
+    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    return red * np.float32(r) + green * np.float32(g) + blue * np.float32(b)
 
 
 def _check_example(example: Example) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +150,7 @@ def train_transform(
     augment: ml_collections.ConfigDict,
     ignore_index: int = 255,
 ) -> Example:
-    """Random rot90 -> scale -> crop/pad -> flips -> jitter -> normalise, jointly.
+    """Random rot90 -> scale -> crop/pad -> jitter -> normalise -> flips, image and mask jointly.
 
     The scale factor is drawn log-uniformly from `augment.scale_range`; the crop
     window is uniform over all placements, and an image smaller than the crop lands at
@@ -142,7 +159,8 @@ def train_transform(
     """
     image, label = _check_example(example)
     crop_h, crop_w = normalize_image_size(image_size)
-    mean, std = normalization_stats(augment, image.shape[-1])
+    channels = image.shape[-1]
+    mean, std = normalization_stats(augment, channels)
     if augment.rot90:
         k = int(rng.integers(0, 4))
         image, label = np.rot90(image, k), np.rot90(label, k)
@@ -156,20 +174,35 @@ def train_transform(
     # The visible window in source coordinates (the exact per-axis scale factors).
     fy, fx = scaled_h / h, scaled_w / w
     box = (sx / fx, sy / fy, (sx + len_x) / fx, (sy + len_y) / fy)
-    patch = _resize(image, (len_y, len_x), box, nearest=False).astype(np.float32) / 255.0
-    patch = _jitter(patch, rng, augment)
-    pad = mean if augment.pad_value == "mean" else np.zeros_like(mean)
-    out_image = np.empty((crop_h, crop_w, image.shape[-1]), np.float32)
-    out_image[...] = pad
-    out_image[cy : cy + len_y, cx : cx + len_x] = patch
-    out_label = np.full((crop_h, crop_w), ignore_index, np.int32)
-    out_label[cy : cy + len_y, cx : cx + len_x] = _resize(label, (len_y, len_x), box, True)
+    patch = _resize(image, (len_y, len_x), box, nearest=False)
+    label_patch = _resize(label, (len_y, len_x), box, nearest=True)
+    pixels = patch.astype(np.float32)
+    if augment.brightness or augment.contrast or augment.saturation:
+        mean_value = float(patch.mean()) / 255.0 if augment.contrast else 0.0
+        a, g, o = _jitter_coefficients(rng, augment, channels, mean_value)
+        jittered = pixels * np.float32(a / 255.0)
+        jittered += np.float32(o)
+        if g:
+            jittered += _grey(pixels)[..., None] * np.float32(g / 255.0)
+        pixels = np.clip(jittered, 0.0, 1.0, out=jittered)
+    else:
+        pixels *= np.float32(1.0 / 255.0)
+    # Normalise the patch alone: padding gets its normalised value directly below.
+    pixels -= mean
+    pixels *= np.float32(1.0) / std
+    # Flipping the whole canvas = flipping the patch and mirroring where it lands.
     if augment.hflip and rng.random() < 0.5:
-        out_image, out_label = out_image[:, ::-1], out_label[:, ::-1]
+        pixels, label_patch, cx = pixels[:, ::-1], label_patch[:, ::-1], crop_w - cx - len_x
     if augment.vflip and rng.random() < 0.5:
-        out_image, out_label = out_image[::-1], out_label[::-1]
-    out_image = (out_image - mean) / std
-    return {"image": np.ascontiguousarray(out_image), "label": np.ascontiguousarray(out_label)}
+        pixels, label_patch, cy = pixels[::-1], label_patch[::-1], crop_h - cy - len_y
+    # Padding in normalised units: the mean maps to 0, black to -mean / std.
+    pad = np.zeros_like(mean) if augment.pad_value == "mean" else -mean / std
+    out_image = np.empty((crop_h, crop_w, channels), np.float32)
+    out_image[...] = pad
+    out_image[cy : cy + len_y, cx : cx + len_x] = pixels
+    out_label = np.full((crop_h, crop_w), ignore_index, np.int32)
+    out_label[cy : cy + len_y, cx : cx + len_x] = label_patch
+    return {"image": out_image, "label": out_label}
 
 
 def eval_transform(
