@@ -2,6 +2,7 @@
 
 import json
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -279,6 +280,47 @@ def test_unprepared_tfds_dataset_fails_with_instructions(tmp_path, name, message
     config = dataset_config(name, data_dir=str(tmp_path))
     with pytest.raises(ValueError, match=message):
         create_source(config, "train")
+
+
+@pytest.mark.parametrize(
+    "name, image_key, label_key, raw, expected",
+    [
+        # Pets' trimap: 1 pet, 2 background, 3 border.
+        ("oxford_iiit_pet", "image", "segmentation_mask", [1, 2, 3, 2], [0, 1, 2, 1]),
+        # Cityscapes labelIds -> trainIds: road, car, unlabeled (void), bicycle.
+        ("cityscapes", "image_left", "segmentation_label", [7, 26, 0, 33], [0, 13, 255, 18]),
+    ],
+)
+def test_registered_tfds_dataset_maps_its_labels(
+    tmp_path, name, image_key, label_key, raw, expected
+):
+    """Registered datasets are read through `as_data_source` (mocked: no data offline)."""
+    import tensorflow_datasets as tfds
+
+    records = [
+        {
+            image_key: np.full((3, 4, 3), i, np.uint8),
+            label_key: np.tile(np.asarray(raw, np.uint8), (3, 1))[..., None],
+        }
+        for i in range(3)
+    ]
+    splits = []
+
+    def as_data_source(self, split, **kwargs):
+        splits.append(split)
+        return records
+
+    with (
+        tfds.testing.mock_data(as_data_source_fn=as_data_source),
+        mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True),
+    ):
+        source = create_source(dataset_config(name, data_dir=str(tmp_path)), "val")
+    assert splits == [{"oxford_iiit_pet": "test", "cityscapes": "validation"}[name]]
+    assert len(source) == 3 and source.info.ignore_index == 255
+    np.testing.assert_array_equal(source[2]["image"], records[2][image_key])
+    np.testing.assert_array_equal(source[0]["label"], np.tile(expected, (3, 1)))
+    batch = next(create_eval_iterator(source, batch_size=2, image_size=(4, 4)))
+    assert batch["image"].shape == (2, 4, 4, 3) and batch["label"].dtype == np.int32
 
 
 # ---------------------------------------------------------------------------------------------
