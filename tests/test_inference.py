@@ -69,6 +69,23 @@ def _init(model, channels=1, size=16):
     return model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)))
 
 
+def _fast_variables(model, input_shape, seed=0):
+    """Random variables of `model`'s structure without running its initialisers (He
+    initialisation draws truncated normals op by op, which is slow on a busy CPU)."""
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(input_shape))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "batch_stats" in name:
+            return jnp.full(leaf.shape, 1.0 if "var" in name else 0.0, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 100
+        scale = np.sqrt(2.0 / fan_in)  # He scale: activations stay O(1) through the net
+        return jnp.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
 def _images(shape, seed=0):
     return np.random.default_rng(seed).random(shape).astype(np.float32)
 
@@ -324,3 +341,46 @@ def _empty(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     return empty
+
+
+def test_overlap_tile_on_the_valid_unet_equals_one_pass_over_the_padded_image():
+    from flaxseg.models import create_model, unet_output_size
+
+    # Depth 3: outputs are 4 (mod 8), so output tiles of 12 step by 8 to stay on the
+    # pooling grid; stepping by 12 (align=1) would leave seams.
+    model = create_model("unet_valid", num_classes=2, features=4, depth=3, dropout_rate=0.0)
+    tile = 100
+    out = unet_output_size(tile, 3)
+    assert out == 12
+    variables = _fast_variables(model, (1, tile, tile, 1))
+    images = _images((1, 37, 29, 1), seed=3)
+    logits = inference.predict_logits(
+        model, variables, images, mode="overlap_tile", tile_size=tile, batch_size=8
+    )
+    padded = _overlap_tile_padding(images, tile, out, align=8)
+    expected = _apply(model, variables, padded)[:, :37, :29]
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    naive = inference.predict_logits(
+        model, variables, images, mode="overlap_tile", tile_size=tile, align=1, batch_size=8
+    )
+    assert np.abs(naive - expected).max() > 1e-4
+    with pytest.raises(ValueError, match="Nearest valid sizes"):
+        inference.predict_logits(model, variables, images, mode="overlap_tile", tile_size=99)
+
+
+def test_same_unet_sliding_with_one_tile_and_pad_mode():
+    from flaxseg.models import create_model
+
+    model = create_model("unet", num_classes=3, features=4, depth=2, norm="batch")
+    variables = _fast_variables(model, (1, 16, 16, 3))
+    assert "batch_stats" in variables
+    images = _images((2, 20, 12, 3))
+    whole = inference.predict_logits(model, variables, images)
+    sliding = inference.predict_logits(model, variables, images, mode="sliding", tile_size=(20, 12))
+    np.testing.assert_allclose(sliding, whole, rtol=1e-5, atol=1e-5)
+    # 'pad' mirrors to a multiple of 2**depth = 4 (here 20x12 already is one).
+    padded = inference.predict_logits(model, variables, images[:, :19, :11], mode="pad")
+    mirrored = np.pad(images[:, :19, :11], ((0, 0), (0, 1), (0, 1), (0, 0)), mode="reflect")
+    np.testing.assert_allclose(
+        padded, _apply(model, variables, mirrored)[:, :19, :11], rtol=1e-5, atol=1e-5
+    )
