@@ -32,8 +32,10 @@ from flaxseg.models.layers import (
 VARIANTS = ("32s", "16s", "8s")
 MIN_SIZE = 32
 
-# VGG-16's convolution stages: (stage, number of 3x3 convs, channels).
-VGG16_STAGES = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
+# VGG-16: number of 3x3 convs and channels of each of the five stages; fc6/fc7 width.
+VGG16_CONVS = (2, 2, 3, 3, 3)
+VGG16_WIDTHS = (64, 128, 256, 512, 512)
+VGG16_FC = 4096
 
 # Crop offsets of the reference nets (Caffe coord_map with conv1_1 pad 100).
 INPUT_PAD = 100
@@ -55,11 +57,15 @@ class FCN(nn.Module):
     `variant` '32s', '16s' or '8s' picks the skip architecture. Dropout (after fc6
     and fc7) is active only with `train=True` and reads the `'dropout'` rng stream.
     The model has no BatchNorm; `axis_name` is accepted for a uniform interface.
+    `widths` (the five stages' channels) and `fc_features` default to VGG-16's;
+    smaller values give a cheap variant of the same architecture for tests.
     """
 
     num_classes: int
     variant: str = "8s"
     dropout_rate: float = 0.5
+    widths: tuple[int, ...] = VGG16_WIDTHS
+    fc_features: int = VGG16_FC
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
@@ -72,6 +78,13 @@ class FCN(nn.Module):
             raise ValueError(f"FCN.num_classes must be a positive integer; got {n!r}.")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"FCN.dropout_rate must be in [0, 1); got {self.dropout_rate!r}.")
+        widths = tuple(self.widths)
+        if len(widths) != len(VGG16_CONVS) or min(widths + (self.fc_features,)) < 1:
+            raise ValueError(
+                f"FCN.widths must be {len(VGG16_CONVS)} positive channel counts and "
+                f"fc_features positive; got widths={self.widths!r}, "
+                f"fc_features={self.fc_features!r}."
+            )
 
     def _conv(self, features: int, kernel: int, name: str, padding=0, zero: bool = False):
         return nn.Conv(
@@ -112,14 +125,15 @@ class FCN(nn.Module):
             )
         x = x.astype(self.dtype)
         pools = {}
-        for stage, convs, features in VGG16_STAGES:
+        stages = zip(VGG16_CONVS, self.widths, strict=True)
+        for stage, (convs, features) in enumerate(stages, start=1):
             for j in range(1, convs + 1):
                 pad = INPUT_PAD if (stage, j) == (1, 1) else 1
                 x = nn.relu(self._conv(features, 3, f"conv{stage}_{j}", pad)(x))
             x = max_pool_2x2(x, ceil_mode=True)
             pools[stage] = x
         for name, kernel in (("fc6", 7), ("fc7", 1)):
-            x = nn.relu(self._conv(4096, kernel, name)(x))
+            x = nn.relu(self._conv(self.fc_features, kernel, name)(x))
             if self.dropout_rate > 0.0:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Conv(
