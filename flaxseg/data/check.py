@@ -19,6 +19,7 @@ import numpy as np
 from PIL import UnidentifiedImageError
 
 from flaxseg.data import folder
+from flaxseg.data.tfds import DatasetNotPreparedError, MissingSplitError
 
 Loader = Callable[[], dict[str, np.ndarray]]
 
@@ -179,6 +180,12 @@ def _check_source(config: ml_collections.ConfigDict, max_examples: int | None) -
     for split in splits:
         try:
             sources[split] = create_source(config, split)
+        except MissingSplitError as e:
+            if split == "train":
+                problems.append(str(e))
+        except DatasetNotPreparedError as e:
+            problems.append(str(e))
+            break  # the same for every split
         except ValueError as e:
             problems.append(f"split {split!r}: {e}")
     info = next(iter(sources.values())).info if sources else None

@@ -141,11 +141,19 @@ def prepare_folder_dataset(
             raise NotImplementedError
 
     FolderSegmentation.name = name
-    builder = FolderSegmentation(data_dir=data_dir, file_format=FILE_FORMAT)
+    builder = FolderSegmentation(data_dir=os.path.expanduser(data_dir), file_format=FILE_FORMAT)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )
     return str(builder.data_dir)
+
+
+class DatasetNotPreparedError(ValueError):
+    """The tfds dataset is not in `data_dir`; the message says how to prepare it."""
+
+
+class MissingSplitError(ValueError):
+    """The prepared tfds dataset has no such split; the message lists the ones it has."""
 
 
 def _first_line(error: Exception) -> str:
@@ -160,7 +168,9 @@ def read_prepared_info(tfds_name: str, data_dir: str) -> dict[str, Any] | None:
     """
     tfds = _tfds()
     try:
-        builder = tfds.builder(tfds_name, data_dir=data_dir or default_data_dir())
+        builder = tfds.builder(
+            tfds_name, data_dir=os.path.expanduser(data_dir or default_data_dir())
+        )
         if not builder.is_prepared():
             return None
     except Exception:  # not found / unreadable: TfdsSource reports it with instructions
@@ -188,19 +198,38 @@ class TfdsSource:
 
     def __init__(self, config: ml_collections.ConfigDict, split: str):
         tfds = _tfds()
-        data_dir = config.data_dir or default_data_dir()
+        data_dir = os.path.expanduser(config.data_dir or default_data_dir())
         splits = config.get("splits") or {}
         tfds_split = splits.get(split, split)
         try:
             builder = tfds.builder(config.tfds_name, data_dir=data_dir)
-            if not builder.is_prepared():
-                raise FileNotFoundError(f"no prepared files under {data_dir}")
-            self._data = builder.as_data_source(split=tfds_split)
-        except Exception as e:  # tfds raises many types here (not found, bad split, format)
-            raise ValueError(
-                f"tfds dataset {config.tfds_name!r} (split {tfds_split!r}) cannot be read from "
-                f"{data_dir}: {type(e).__name__}: {_first_line(e)}\n"
+            prepared = builder.is_prepared()
+        except Exception as e:  # tfds raises many types here (not found, bad metadata)
+            raise DatasetNotPreparedError(
+                f"tfds dataset {config.tfds_name!r} cannot be read from {data_dir}: "
+                f"{type(e).__name__}: {_first_line(e)}\n"
                 f"{preparation_hint(config.tfds_name, data_dir)}"
+            ) from None
+        if not prepared:
+            raise DatasetNotPreparedError(
+                f"tfds dataset {config.tfds_name!r} is not prepared in {data_dir}.\n"
+                f"{preparation_hint(config.tfds_name, data_dir)}"
+            )
+        available = sorted(builder.info.splits.keys())
+        base_split = re.split(r"[\[+]", str(tfds_split))[0]
+        if available and base_split not in available:
+            raise MissingSplitError(
+                f"tfds dataset {config.tfds_name!r} has no split {base_split!r} (for flaxseg "
+                f"split {split!r}); it has {available}. Map it in dataset.splits, e.g. "
+                f"{{'{split}': '{available[0]}[:10%]'}}."
+            )
+        try:
+            self._data = builder.as_data_source(split=tfds_split)
+        except Exception as e:  # e.g. a tfrecord build, which needs TensorFlow to read
+            raise ValueError(
+                f"tfds dataset {config.tfds_name!r} (split {tfds_split!r}) in {data_dir} cannot "
+                f"be read: {type(e).__name__}: {_first_line(e)}. flaxseg reads array_record "
+                f"builds; rebuild with --file_format={FILE_FORMAT}."
             ) from None
         features = builder.info.features
         for key in (config.image_key, config.label_key):
