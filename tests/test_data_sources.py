@@ -256,6 +256,9 @@ def test_tfds_round_trip_matches_the_folder(tmp_path):
             ]
             assert len(matches) == 1
             np.testing.assert_array_equal(folder_examples[matches[0]]["label"], example["label"])
+    with pytest.raises(ValueError, match=r"has no split 'test'.*\['train', 'val'\]"):
+        create_source(tfds_config, "test")
+    assert not check_dataset(tfds_config).problems  # an absent test split is no problem
     batch = next(
         create_train_iterator(
             create_source(tfds_config, "train"),
