@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from flaxseg.data.base import LabelMapper, SourceInfo, default_class_names, parse_value_map
-from flaxseg.data.folder import SPLITS, FolderSource
+from flaxseg.data.folder import SPLITS, FolderSource, split_pairs
 
 FILE_FORMAT = "array_record"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -81,15 +81,14 @@ def prepare_folder_dataset(
     tfds = _tfds()
     if not _NAME_RE.match(name):
         raise ValueError(f"tfds name {name!r} must be snake_case (a-z, 0-9, _), e.g. 'my_cells'.")
-    sources = {}
-    for split in SPLITS:
-        try:
-            sources[split] = FolderSource(folder_config, split)
-        except ValueError as e:
-            if "is empty" not in str(e) and "no " + split + "/ folder" not in str(e):
-                raise
-    if "train" not in sources:
-        raise ValueError(f"{folder_config.path} has no train split to prepare.")
+    if not os.path.isdir(folder_config.path):
+        raise ValueError(f"Dataset folder {folder_config.path!r} does not exist.")
+    # Splits without files (no val/ folder, a zero test_fraction) are left out.
+    sources = {
+        split: FolderSource(folder_config, split)
+        for split in SPLITS
+        if split == "train" or split_pairs(folder_config, split)[0]
+    }
     info = sources["train"].info
     if max(info.num_classes - 1, info.ignore_index) > 255:
         raise ValueError(
