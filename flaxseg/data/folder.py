@@ -36,6 +36,7 @@ _MAX_LISTED = 20
 
 
 def listing(paths: Sequence[str]) -> str:
+    """The first paths, comma-separated, and how many more there are."""
     shown = ", ".join(paths[:_MAX_LISTED])
     more = f" ... and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else ""
     return shown + more
@@ -43,6 +44,8 @@ def listing(paths: Sequence[str]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
+    """An image file and its mask file, sharing `stem`."""
+
     stem: str
     image: str
     mask: str
@@ -143,8 +146,10 @@ def read_metadata(root: str) -> dict[str, Any]:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"Cannot read {path}: {e}. Fix the JSON or remove the file.") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object with keys from {_METADATA_KEYS}.")
     unknown = sorted(set(meta) - set(_METADATA_KEYS))
-    if not isinstance(meta, dict) or unknown:
+    if unknown:
         raise ValueError(f"{path} may only hold the keys {_METADATA_KEYS}; got extra {unknown}.")
     return meta
 
