@@ -159,7 +159,7 @@ def test_folder_subfolder_splits_palette_masks_and_metadata(tmp_path):
 
 def test_palette_mode_masks_are_class_indices(tmp_path):
     mask = np.array([[0, 1], [2, 255]], np.uint8)
-    pil = Image.fromarray(mask, mode="L").convert("P")
+    pil = Image.fromarray(mask).convert("P")
     os.makedirs(tmp_path / "masks")
     pil.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [9] * (253 * 3))
     pil.save(tmp_path / "masks" / "a.png")

@@ -96,20 +96,6 @@ def prepare_folder_dataset(
             "and ignore_index <= 255."
         )
 
-    def generate(source: FolderSource):
-        for i, pair in enumerate(source.pairs):
-            example = source[i]
-            image = example["image"]
-            pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-            yield (
-                pair.stem,
-                {
-                    "image": pil,
-                    "label": Image.fromarray(example["label"].astype(np.uint8), mode="L"),
-                    "file_name": os.path.basename(pair.image),
-                },
-            )
-
     class FolderSegmentation(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version(version)
         RELEASE_NOTES = {version: "Prepared by flaxseg from " + folder_config.path}
@@ -134,10 +120,21 @@ def prepare_folder_dataset(
             )
 
         def _split_generators(self, dl_manager):
-            return {split: generate(source) for split, source in sources.items()}
+            return {split: self._generate_examples(source) for split, source in sources.items()}
 
-        def _generate_examples(self):  # abstract in tfds; the splits above do the work
-            raise NotImplementedError
+        def _generate_examples(self, source: FolderSource):
+            for i, pair in enumerate(source.pairs):
+                example = source[i]
+                image = example["image"]
+                yield (
+                    pair.stem,
+                    {
+                        # PIL images: an ndarray would need TensorFlow to encode.
+                        "image": Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image),
+                        "label": Image.fromarray(example["label"].astype(np.uint8)),
+                        "file_name": os.path.basename(pair.image),
+                    },
+                )
 
     FolderSegmentation.name = name
     builder = FolderSegmentation(data_dir=os.path.expanduser(data_dir), file_format=FILE_FORMAT)

@@ -84,9 +84,9 @@ def _resize(
     h, w = size_hw
     resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
     if array.ndim == 2:
-        mode = "L" if array.dtype == np.uint8 else "I"
-        src = array if mode == "L" else array.astype(np.int32)
-        out = Image.fromarray(src, mode=mode).resize((w, h), resample, box=box)
+        # uint8 -> PIL mode L, int32 -> mode I.
+        src = array if array.dtype == np.uint8 else array.astype(np.int32)
+        out = Image.fromarray(src).resize((w, h), resample, box=box)
         return np.asarray(out).astype(array.dtype, copy=False)
     channels = array.shape[-1]
     if channels in (3, 4):
