@@ -1,8 +1,14 @@
+import json
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from flaxseg import evaluate, inference
 from flaxseg.data.base import SourceInfo
@@ -120,3 +126,69 @@ def test_default_mode_follows_the_architecture():
     assert inference.default_mode(Same()) == "pad"
     assert inference.default_mode(Valid()) == "overlap_tile"
     assert inference.default_mode(ConvNet()) == "whole"
+
+
+# -- the command lines, end to end on a tiny trained run -----------------------------------
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from flaxseg.configs import get_config
+    from flaxseg.train.loop import train_and_evaluate
+
+    config = get_config("test")  # 32 px synthetic scenes, U-Net of width 4, depth 2
+    config.parallel = "jit"
+    config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+    workdir = tmp_path_factory.mktemp("run")
+    summary = train_and_evaluate(config, str(workdir))
+    return str(workdir), summary
+
+
+def _cli(module, *args):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_evaluate_cli_reproduces_the_loops_final_evaluation(trained_run, tmp_path):
+    workdir, summary = trained_run
+    scores_path = tmp_path / "scores.json"
+    result = _cli("flaxseg.evaluate", f"--workdir={workdir}", f"--output_json={scores_path}")
+    assert result.returncode == 0, result.stderr
+    assert "pixel acc  mean acc  mean IU  f.w. IU" in result.stdout
+    scores = json.loads(scores_path.read_text())
+    assert scores["mode"] == "whole" and scores["input_size"] == "config"
+    # The same checkpoint, split and eval transform as the loop's last evaluation.
+    for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
+        assert scores[key] == pytest.approx(summary[key], abs=1e-9), key
+
+    result = _cli("flaxseg.evaluate", f"--workdir={workdir}", "--mode=tiles")
+    assert result.returncode != 0 and "tiles" in result.stderr
+    result = _cli("flaxseg.evaluate", f"--workdir={tmp_path / 'none'}")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_predict_cli_writes_masks_and_names_the_files_it_cannot_take(trained_run, tmp_path):
+    workdir, _ = trained_run
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(inputs / "a.png")
+    Image.fromarray(rng.integers(0, 256, (45, 37, 3), dtype=np.uint8)).save(inputs / "b.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(inputs / "grey.png")
+    out = tmp_path / "out"
+    result = _cli("flaxseg.predict", f"--workdir={workdir}", f"--input={inputs}", f"--output={out}")
+    assert result.returncode == 1, result.stderr
+    assert "Segmented 2 of 3 images (mode=pad" in result.stdout
+    assert "grey.png: it has 1 channel(s) but the model takes 3" in result.stderr
+    for name, shape in (("a.png", (32, 32)), ("b.png", (45, 37))):
+        mask = np.asarray(Image.open(out / "masks" / name))
+        assert mask.shape == shape and mask.dtype == np.uint8 and mask.max() < 4
+        assert np.asarray(Image.open(out / "overlays" / name)).shape == (*shape, 3)
+    assert not (out / "masks" / "grey.png").exists()
