@@ -8,6 +8,7 @@ transformation) is static: it is not a leaf and is not checkpointed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,30 +61,39 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_variables(
+    model: nn.Module, input_shape: tuple[int, int, int, int], rng: jax.Array
+) -> tuple[PyTree, PyTree, jax.Array]:
+    """(params, batch_stats, the state's own key) from one key; compiled once per model."""
+    _, height, width, channels = input_shape
+    params_key, dropout_key, state_key = jax.random.split(rng, 3)
+    # Batch 1: initialisation only needs the spatial size and channel count.
+    images = jnp.zeros((1, height, width, channels), jnp.float32)
+    variables = model.init({"params": params_key, "dropout": dropout_key}, images, train=False)
+    extra = sorted(set(variables) - {"params", "batch_stats"})
+    if extra:
+        raise ValueError(
+            f"The model creates variable collections {extra}; TrainState holds only "
+            "'params' and 'batch_stats'."
+        )
+    return variables["params"], variables.get("batch_stats", {}), state_key
+
+
 def _state_builder(
     model: nn.Module, tx: optax.GradientTransformation, input_shape: Sequence[int]
 ) -> Callable[[jax.Array], TrainState]:
-    """A pure function `rng -> TrainState` (traced once by eval_shape, once by jit)."""
-    _, height, width, channels = _check_input_shape(input_shape)
+    """A pure function `rng -> TrainState`."""
+    shape = _check_input_shape(input_shape)
 
     def build(rng: jax.Array) -> TrainState:
-        params_key, dropout_key, step_key = jax.random.split(rng, 3)
-        # Batch 1: initialisation only needs the spatial size and channel count.
-        images = jnp.zeros((1, height, width, channels), jnp.float32)
-        variables = model.init({"params": params_key, "dropout": dropout_key}, images, train=False)
-        extra = sorted(set(variables) - {"params", "batch_stats"})
-        if extra:
-            raise ValueError(
-                f"The model creates variable collections {extra}; TrainState holds only "
-                "'params' and 'batch_stats'."
-            )
-        params = variables["params"]
+        params, batch_stats, state_key = _init_variables(model, shape, rng)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
-            rng=step_key,
+            batch_stats=batch_stats,
+            opt_state=jax.jit(tx.init)(params),
+            rng=state_key,
             tx=tx,
         )
 
@@ -116,11 +126,12 @@ def create_train_state(
       input_shape: NHWC `(B, H, W, C)` of a training batch.
 
     Shape-first: `jax.eval_shape` traces the initialisation (raising shape errors early,
-    without building anything), then one compiled call builds the real arrays, so a big
-    model is not built op by op. Params take the model's `param_dtype` (float32 for mixed
-    precision).
+    without building anything), then compiled code builds the real arrays, so a big model
+    is not built op by op. The model's initialiser is compiled once per (model, input
+    shape) and reused, e.g. for a second seed. Params take the model's `param_dtype`
+    (float32 for mixed precision).
     """
     rng = _as_typed_key(rng)
     build = _state_builder(model, tx, input_shape)
     jax.eval_shape(build, rng)
-    return jax.jit(build)(rng)
+    return build(rng)

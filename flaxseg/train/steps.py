@@ -44,6 +44,7 @@ from jax import lax
 
 from flaxseg.losses import LossFn
 from flaxseg.metrics import confusion_matrix
+from flaxseg.models.layers import center_crop
 from flaxseg.train.state import TrainState
 
 AXIS_NAME = "batch"
@@ -101,8 +102,6 @@ def _crop_labels(labels: jax.Array, logits: jax.Array, num_classes: int) -> jax.
         )
     if labels.shape[1:3] == logits.shape[1:3]:
         return labels
-    from flaxseg.models.layers import center_crop
-
     return center_crop(labels, tuple(logits.shape[1:3]))
 
 

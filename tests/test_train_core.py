@@ -1,0 +1,302 @@
+"""The train step on a tiny U-Net: README script, determinism, jit == pmap, HLO, NaN guard.
+
+conftest.py gives this process 4 CPU devices. Compiling dominates the run time, so steps
+are built once per module, and `donate=False` wherever a test reuses a state.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxseg import losses, parallel
+from flaxseg.models import UNet, unet_output_size
+from flaxseg.train import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    TrainState,
+    abstract_train_state,
+    create_optimizer,
+    create_train_state,
+    make_eval_step,
+    make_train_step,
+)
+
+NUM_CLASSES = 3
+SIZE = 32
+DEVICES = 4
+SHAPE = (8, SIZE, SIZE, 1)
+# The README's model: create_train_state compiles its initialiser once for all tests here.
+MODEL = UNet(num_classes=NUM_CLASSES, features=4, depth=2, norm="batch", dropout_rate=0.1)
+NO_DROPOUT = MODEL.clone(dropout_rate=0.0)
+ADAM = create_optimizer({"name": "adam", "learning_rate": 1e-2}, 10)
+SGD = create_optimizer({"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}, 10)
+
+
+def _batch(seed: int, batch_size: int = 8, size: int = SIZE) -> dict[str, np.ndarray]:
+    """Discs of class 1 or 2 (brightness says which) on class 0, a void (255) rim."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images = np.zeros((batch_size, size, size, 1), np.float32)
+    labels = np.zeros((batch_size, size, size), np.int32)
+    for b in range(batch_size):
+        cy, cx = rng.uniform(size * 0.3, size * 0.7, 2)
+        dist = np.hypot(yy - cy, xx - cx)
+        cls = 1 + b % 2
+        labels[b][dist < size / 4] = cls
+        labels[b][np.abs(dist - size / 4) < 0.7] = 255
+        images[b, ..., 0] = (dist < size / 4) * 0.5 * cls + rng.normal(0, 0.05, (size, size))
+    return {"image": images, "label": labels}
+
+
+def _max_rel(a, b) -> float:
+    """max |a - b| / max |b| over a whole pytree."""
+    diff = max(
+        float(jnp.abs(x - y).max())
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+    return diff / max(float(jnp.abs(y).max()) for y in jax.tree.leaves(b))
+
+
+def _assert_bitwise_equal(a: TrainState, b: TrainState) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def loss_fn():
+    return losses.get_loss_fn("cross_entropy")
+
+
+@pytest.fixture(scope="module")
+def sgd_state():
+    """The README model's initial state, with SGD (its update is linear in the gradient)."""
+    return create_train_state(MODEL, SGD, jax.random.key(1), SHAPE)  # dropout adds no params
+
+
+@pytest.fixture(scope="module")
+def jit_step(loss_fn):
+    """No dropout, not donating (tests reuse their states)."""
+    return make_train_step(NO_DROPOUT, loss_fn, NUM_CLASSES, donate=False)
+
+
+def test_readme_script(capsys):
+    # --- README quick start (keep in sync with README.md) ---
+    import jax
+    import numpy as np
+
+    from flaxseg import losses, parallel
+    from flaxseg.models import UNet
+    from flaxseg.train import create_optimizer, create_train_state, make_train_step
+
+    model = UNet(num_classes=3, features=4, depth=2, norm="batch", dropout_rate=0.1)
+    tx = create_optimizer({"name": "adam", "learning_rate": 1e-2}, num_train_steps=10)
+    state = create_train_state(model, tx, jax.random.key(0), input_shape=(8, 32, 32, 1))
+    loss_fn = losses.get_loss_fn("cross_entropy")  # -> (loss_sum, weight_sum)
+    images = np.random.default_rng(0).random((8, 32, 32, 1), dtype=np.float32)
+    batch = {"image": images, "label": (images[..., 0] > 0.5).astype(np.int32)}
+
+    history = []
+    jit_step = make_train_step(model, loss_fn, num_classes=3, parallel="jit")
+    for _ in range(5):
+        state, metrics = jit_step(state, batch)
+        history.append(float(metrics["loss_sum"] / metrics["weight_sum"]))
+
+    pmap_step = make_train_step(model, loss_fn, num_classes=3, parallel="pmap")
+    n = jax.local_device_count()  # 4 CPU devices: jax.config.update('jax_num_cpu_devices', 4)
+    state = parallel.replicate(state)
+    for _ in range(5):
+        state, metrics = pmap_step(state, parallel.shard_batch(batch, n))
+        history.append(float(metrics["loss_sum"][0] / metrics["weight_sum"][0]))
+    state = parallel.unreplicate(state)
+    print(" ".join(f"{loss:.3f}" for loss in history))
+    # --- end of the README script ---
+
+    assert int(state.step) == 10
+    assert len(capsys.readouterr().out.split()) == 10
+    assert history[-1] < 0.7 * history[0], history
+    assert history[-1] < history[4] < history[0], history
+
+
+def test_state_is_shape_first_with_typed_key_and_float32_params(sgd_state):
+    state = sgd_state
+    assert isinstance(state, TrainState) and int(state.step) == 0
+    assert jnp.issubdtype(state.rng.dtype, jax.dtypes.prng_key)
+    assert jax.tree.leaves(state.batch_stats), "BatchNorm statistics missing"
+    abstract = abstract_train_state(NO_DROPOUT, SGD, SHAPE)
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), abstract)
+    assert shapes == jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    with pytest.raises(ValueError, match="NHWC"):
+        create_train_state(MODEL, SGD, jax.random.key(0), (SIZE, SIZE, 1))
+    with pytest.raises(TypeError, match="jax.random.key"):
+        create_train_state(MODEL, SGD, 0, SHAPE)
+
+
+def test_same_seed_same_device_count_is_bitwise_identical(loss_fn):
+    """5 steps of the U-Net with dropout and BatchNorm, twice from the same seed."""
+    step = make_train_step(MODEL, loss_fn, NUM_CLASSES)
+
+    def run(seed):
+        state = create_train_state(MODEL, ADAM, jax.random.key(seed), SHAPE)
+        for i in range(5):
+            state, _ = step(state, _batch(i))
+        return state
+
+    a, b, c = run(0), run(0), run(1)
+    _assert_bitwise_equal(a, b)
+    assert int(a.step) == 5
+    assert _max_rel(a.params, c.params) > 1e-3  # the seed matters
+
+
+class _DropoutProbe(nn.Module):
+    """Keeps its last dropout mask in 'batch_stats', so a test sees each replica's key."""
+
+    num_classes: int = NUM_CLASSES
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        mask = nn.Dropout(0.5, deterministic=not train)(jnp.ones((64,)))
+        seen = self.variable("batch_stats", "mask", jnp.zeros, (64,))
+        if train:
+            seen.value = mask
+        return nn.Conv(self.num_classes, (1, 1))(x)
+
+
+def test_no_dropout_key_is_used_twice(loss_fn):
+    probe = _DropoutProbe()
+    state = create_train_state(probe, ADAM, jax.random.key(0), SHAPE)
+    step = make_train_step(probe, loss_fn, NUM_CLASSES, parallel="pmap")
+    same = {k: np.concatenate([v[:2]] * DEVICES) for k, v in _batch(0).items()}
+    state = parallel.replicate(state)
+    masks = []
+    for _ in range(2):  # the same examples on every device, twice
+        state, _ = step(state, parallel.shard_batch(same, DEVICES))
+        masks.extend(np.asarray(state.batch_stats["mask"]))  # one mask per replica
+    assert len({m.tobytes() for m in masks}) == 2 * DEVICES
+
+
+def test_pmap_step_equals_jit_step_and_syncs_batchnorm(sgd_state, jit_step, loss_fn):
+    """One step on 4 devices (global batch 8) == one jit step on the same 8 examples."""
+    state = sgd_state
+    batch = _batch(3)
+    batch["label"][:2] = 255  # uneven ignore counts per device: the exact sums still agree
+    jit_state, jit_metrics = jit_step(state, batch)
+    pmap_step = make_train_step(NO_DROPOUT, loss_fn, NUM_CLASSES, parallel="pmap", donate=False)
+    pmap_state, pmap_metrics = pmap_step(
+        parallel.replicate(state), parallel.shard_batch(batch, DEVICES)
+    )
+    pmap_state = parallel.unreplicate(pmap_state)
+
+    assert _max_rel(pmap_state.params, jit_state.params) < 1e-5
+    update = jax.tree.map(jnp.subtract, jit_state.params, state.params)
+    pmap_update = jax.tree.map(jnp.subtract, pmap_state.params, state.params)
+    assert _max_rel(pmap_update, update) < 1e-4
+    # BatchNorm synchronised over 'batch': the running statistics are the full batch's.
+    assert _max_rel(pmap_state.batch_stats, jit_state.batch_stats) < 1e-5
+    np.testing.assert_array_equal(pmap_metrics["confusion"][0], jit_metrics["confusion"])
+    np.testing.assert_allclose(pmap_metrics["loss_sum"][0], jit_metrics["loss_sum"], rtol=1e-5)
+    assert float(jit_metrics["weight_sum"]) == float((batch["label"] != 255).sum())
+
+
+def test_pool_gradient_does_not_lower_to_select_and_scatter(sgd_state, jit_step):
+    """select_and_scatter has no deterministic GPU kernel (--xla_gpu_deterministic_ops)."""
+    hlo = jit_step.lower(sgd_state, _batch(0)).as_text()
+    assert "select_and_scatter" not in hlo
+
+    def pooled(x):  # control: the check does see nn.max_pool's gradient
+        return nn.max_pool(x, (2, 2), (2, 2)).sum()
+
+    assert "select_and_scatter" in jax.jit(jax.grad(pooled)).lower(jnp.ones((1, 4, 4, 1))).as_text()
+
+
+def test_nan_guard_keeps_the_state_and_raises_naming_the_step(sgd_state, jit_step):
+    guard = NonFiniteGuard("raise")
+    state, metrics = jit_step(sgd_state, _batch(0))
+    assert guard(1, metrics) and guard.last_finite_loss > 0
+    bad = _batch(1)
+    bad["image"][0, 3, 3, 0] = np.nan
+    new_state, metrics = jit_step(state, bad)
+    assert int(metrics["nonfinite"]) == 1
+    _assert_bitwise_equal(new_state, state)  # params, statistics, optimiser, step: all kept
+    with pytest.raises(NonFiniteLossError, match=r"step 2 \(last finite loss [0-9.]+ at step 1\)"):
+        guard(2, metrics)
+
+
+def test_nan_skip_policy_advances_the_step_and_counts(loss_fn):
+    probe = _DropoutProbe()
+    state = create_train_state(probe, ADAM, jax.random.key(0), SHAPE)
+    step = make_train_step(probe, loss_fn, NUM_CLASSES, nan_policy="skip", donate=False)
+    bad = _batch(1)
+    bad["image"][:] = np.inf
+    new_state, metrics = step(state, bad)
+    guard = NonFiniteGuard("skip")
+    assert guard(1, metrics) is False and guard.skipped == 1
+    assert int(new_state.step) == 1
+    _assert_bitwise_equal(new_state.replace(step=state.step), state)
+
+
+def test_eval_step_jit_equals_pmap_and_padding_adds_nothing(sgd_state, loss_fn):
+    padded = _batch(5)
+    padded["label"][6:] = 255  # the eval loader pads the last batch with ignore labels
+    jit_metrics = make_eval_step(NO_DROPOUT, loss_fn, NUM_CLASSES)(sgd_state, padded)
+    pmap_eval = make_eval_step(NO_DROPOUT, loss_fn, NUM_CLASSES, parallel="pmap")
+    pmap_metrics = pmap_eval(parallel.replicate(sgd_state), parallel.shard_batch(padded, DEVICES))
+    assert set(jit_metrics) == {"loss_sum", "weight_sum", "confusion"}
+    np.testing.assert_array_equal(pmap_metrics["confusion"][0], jit_metrics["confusion"])
+    np.testing.assert_allclose(pmap_metrics["loss_sum"][0], jit_metrics["loss_sum"], rtol=1e-5)
+    counted = int((padded["label"][:6] != 255).sum())
+    assert int(jit_metrics["confusion"].sum()) == counted == float(jit_metrics["weight_sum"])
+
+
+def test_valid_unet_labels_are_centre_cropped(sgd_state, loss_fn):
+    model = NO_DROPOUT.clone(padding="VALID")  # same parameter shapes as SAME
+    size = 44
+    out = unet_output_size(size, depth=2)
+    assert out < size
+    batch = _batch(0, batch_size=2, size=size)
+    metrics = make_eval_step(model, loss_fn, NUM_CLASSES)(sgd_state, batch)
+    top = (size - out) // 2
+    centre = batch["label"][:, top : top + out, top : top + out]
+    assert int(metrics["confusion"].sum()) == int((centre != 255).sum())
+
+
+def test_bfloat16_compute_keeps_float32_params_and_metrics(sgd_state, loss_fn):
+    model = NO_DROPOUT.clone(dtype=jnp.bfloat16)
+    new_state, metrics = make_train_step(model, loss_fn, NUM_CLASSES, donate=False)(
+        sgd_state, _batch(0)
+    )
+    assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
+    assert metrics["loss_sum"].dtype == jnp.float32 and np.isfinite(float(metrics["loss_sum"]))
+    assert int(metrics["nonfinite"]) == 0 and _max_rel(new_state.params, sgd_state.params) > 0
+
+
+def test_bad_inputs_raise_clear_errors(sgd_state, jit_step, loss_fn):
+    batch = _batch(0)
+    with pytest.raises(ValueError, match="parallel"):
+        make_train_step(MODEL, loss_fn, NUM_CLASSES, parallel="pjit")
+    with pytest.raises(ValueError, match="nan_policy"):
+        make_train_step(MODEL, loss_fn, NUM_CLASSES, nan_policy="ignore")
+    with pytest.raises(ValueError, match="nan_policy"):
+        NonFiniteGuard("warn")
+    with pytest.raises(ValueError, match="num_classes=5"):
+        make_eval_step(MODEL, loss_fn, 5)(sgd_state, batch)
+    with pytest.raises(TypeError, match="floating point"):
+        jit_step(sgd_state, {"image": batch["image"].astype(np.uint8), "label": batch["label"]})
+    with pytest.raises(ValueError, match="'image' and 'label'"):
+        jit_step(sgd_state, {"images": batch["image"]})
+    pmap_eval = make_eval_step(MODEL, loss_fn, NUM_CLASSES, parallel="pmap")
+    with pytest.raises(ValueError, match="shard_batch"):
+        pmap_eval(parallel.replicate(sgd_state), batch)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        parallel.shard_batch(_batch(0, batch_size=6), DEVICES)
+
+
+def test_replicate_round_trip_keeps_typed_keys(sgd_state):
+    replicated = parallel.replicate(sgd_state)
+    for x, y in zip(jax.tree.leaves(replicated), jax.tree.leaves(sgd_state), strict=True):
+        assert x.shape == (DEVICES, *y.shape)
+    _assert_bitwise_equal(parallel.unreplicate(replicated), sgd_state)
