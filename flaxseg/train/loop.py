@@ -162,13 +162,32 @@ class _Devices:
     def __init__(self, mode: str):
         self.mode = mode
         self.count = jax.local_device_count() if mode == "pmap" else 1
+        # `parallel.replicate` / `unreplicate` work leaf by leaf (a small compile per leaf
+        # shape); one jitted function per direction does the whole tree in one compile,
+        # with the same layout (one copy per local device, as pmap takes it).
+        devices = jax.local_devices()
+        mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
+        replicas = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
+        self._everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self._replicate = jax.jit(
+            lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices), *x.shape)),
+                                      tree),
+            out_shardings=replicas)
+        self._first_replica = jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree))
+        self._first_device = jax.sharding.SingleDeviceSharding(devices[0])
 
     def put_state(self, state: PyTree) -> PyTree:
-        return parallel.replicate(state) if self.mode == "pmap" else state
+        if self.mode != "pmap":
+            return state
+        # A copy on every device first (a transfer, no compile): jit needs its input on
+        # the devices of its output.
+        return self._replicate(jax.device_put(state, self._everywhere))
 
     def get_state(self, state: PyTree) -> PyTree:
-        """One copy of the state (for checkpoints and pictures)."""
-        return parallel.unreplicate(state) if self.mode == "pmap" else state
+        """One copy of the state on the first device (for checkpoints and pictures)."""
+        if self.mode != "pmap":
+            return state
+        return jax.device_put(self._first_replica(state), self._first_device)
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         return parallel.shard_batch(batch, self.count) if self.mode == "pmap" else batch
@@ -327,15 +346,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     last_eval: dict[str, Any] | None = None
 
-    def evaluate(step: int) -> dict[str, Any]:
-        batches = data.pipeline.create_eval_iterator(
-            eval_source, batch_size=process_batch, image_size=(height, width),
-            augment=config.augment)
-        eval_sums, first = _evaluate(eval_step, state, batches, devices, num_classes)
+    def evaluate(step: int, log: bool = True) -> dict[str, Any]:
+        with data.pipeline.create_eval_iterator(
+                eval_source, batch_size=process_batch, image_size=(height, width),
+                augment=config.augment) as batches:
+            eval_sums, first = _evaluate(eval_step, state, batches, devices, num_classes)
         loss = eval_sums.loss
         scores = segmentation_scores(eval_sums.confusion, class_names)
-        reporter.evaluation(step, config.eval_split, scores, format_scores_table(scores), loss)
-        if first is not None and is_chief:
+        reporter.evaluation(step, config.eval_split, scores, format_scores_table(scores), loss,
+                            log=log)
+        if log and first is not None and is_chief:
             grid = _grid(predict, devices.get_state(state), first,
                          int(config.num_grid_images), ignore_index, num_classes)
             reporter.prediction_grid(step, grid)
@@ -428,8 +448,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         f"{ckpt.directory}. Run the same command to resume.")
                     break
         if last_eval is None and stopped_by is None:
-            # Resumed at the last step (a run killed before summary.json): evaluate it.
-            last_eval = evaluate(final_step)
+            # Resumed at the last step (a run killed before summary.json): evaluate it
+            # again for the summary; its metrics.jsonl record and grid are already written.
+            last_eval = evaluate(final_step, log=False)
         ckpt.wait()
         wall_time = time.perf_counter() - wall_start
         summary: dict[str, Any] = {
@@ -459,5 +480,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     f"{summary['pixel_accuracy']:.4f}. Wrote {Path(workdir) / SUMMARY_FILE}.")
         return summary
     finally:
+        train_iter.close()
         ckpt.close()
         reporter.close()

@@ -186,8 +186,9 @@ class Reporter:
                 self._writer.add_scalar(f"{split}/{name}", float(value), int(step))
 
     def evaluation(self, step: int, split: str, scores: dict[str, Any], table: str,
-                   loss: float) -> None:
-        """Prints the metric table and logs the scores (per-class IoU as `iou/<class>`)."""
+                   loss: float, log: bool = True) -> None:
+        """Prints the metric table and (if `log`) logs the scores (per-class IoU as
+        `iou/<class>`)."""
         if not self.is_chief:
             return
         self.message(f"\nEvaluation at step {step} on '{split}' "
@@ -197,7 +198,8 @@ class Reporter:
                                             "fw_iou") if k in scores})
         for name, values in scores.get("per_class", {}).items():
             flat[f"iou/{name}"] = values["iou"]
-        self.write_metrics(step, split, flat)
+        if log:
+            self.write_metrics(step, split, flat)
 
     def prediction_grid(self, step: int, grid: np.ndarray) -> Path | None:
         """Saves the uint8 `[H, W, 3]` grid as `predictions/step_<N>.png` and to TensorBoard."""

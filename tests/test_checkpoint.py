@@ -1,0 +1,130 @@
+"""Checkpointer: keep-latest + keep-best, corrupt checkpoints, model mismatch, load errors."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxseg.train.checkpoint import Checkpointer, load_for_inference
+
+
+def _state(value: float, shape=(3, 4)) -> dict:
+    return {
+        "params": {"conv": {"kernel": jnp.full(shape, value, jnp.float32)}},
+        "batch_stats": {},
+        "step": jnp.array(int(value), jnp.int32),
+        "rng": jax.random.key(7),
+    }
+
+
+def _abstract(shape=(3, 4)) -> dict:
+    return jax.eval_shape(lambda: _state(0.0, shape))
+
+
+def _save_all(workdir, steps_metrics, keep=2):
+    ckpt = Checkpointer(workdir, keep=keep)
+    for step, miou in steps_metrics:
+        ckpt.save(step, _state(step), loop={"data_iterator": {"pos": step}},
+                  config={"model": {"name": "unet"}, "dataset": {"num_classes": 2}},
+                  metrics=None if miou is None else {"mean_iou": miou})
+    ckpt.wait()
+    return ckpt
+
+
+def _listing(root) -> dict:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            out[path] = os.stat(path).st_mtime_ns
+    return out
+
+
+def test_keeps_the_latest_and_the_best_never_deleting_the_newest(tmp_path):
+    # The orbax pitfall: best_fn + max_to_keep would keep 2 and 3 and delete 5.
+    ckpt = _save_all(tmp_path, [(1, 0.3), (2, 0.9), (3, 0.5), (4, 0.2), (5, None)], keep=2)
+    assert ckpt.all_steps() == [2, 4, 5]
+    restored = ckpt.restore(_abstract())
+    ckpt.close()
+    assert restored.step == 5
+    np.testing.assert_array_equal(restored.state["params"]["conv"]["kernel"], np.full((3, 4), 5.0))
+    assert restored.loop == {"data_iterator": {"pos": 5}}
+    assert restored.config["model"] == {"name": "unet"}
+    # The typed key survives the round trip.
+    assert jax.random.key_data(restored.state["rng"]).tolist() == jax.random.key_data(
+        jax.random.key(7)).tolist()
+
+
+def test_restore_target_is_on_one_device_whatever_wrote_it(tmp_path):
+    ckpt = _save_all(tmp_path, [(1, None)])
+    restored = ckpt.restore(_abstract())
+    ckpt.close()
+    leaf = restored.state["params"]["conv"]["kernel"]
+    assert leaf.sharding.device_set == {jax.local_devices()[0]}
+
+
+def test_corrupt_latest_checkpoint_warns_and_uses_the_previous(tmp_path):
+    _save_all(tmp_path, [(1, None), (2, None)], keep=3).close()
+    data_dir = tmp_path / "checkpoints" / "2" / "state"
+    chunks = [p for p in data_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert chunks, "expected orbax data files to corrupt"
+    for chunk in chunks:
+        chunk.write_bytes(b"garbage")
+    warnings = []
+    ckpt = Checkpointer(tmp_path, keep=3)
+    restored = ckpt.restore(_abstract(), on_corrupt=warnings.append)
+    assert restored.step == 1
+    assert len(warnings) == 1 and "step 2" in warnings[0] and "checkpoints_corrupt" in warnings[0]
+    # Moved aside, so a resumed run can save step 2 again.
+    assert ckpt.all_steps() == [1]
+    assert (tmp_path / "checkpoints_corrupt" / "2").is_dir()
+    ckpt.save(2, _state(2.0), loop={}, config={})
+    ckpt.close()
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    _save_all(tmp_path, [(1, None)]).close()
+    # What a save killed mid-way leaves: a temporary directory that never got renamed.
+    partial = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-123"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "junk").write_bytes(b"x")
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.all_steps() == [1]
+    assert ckpt.restore(_abstract()).step == 1
+    ckpt.close()
+
+
+def test_other_model_raises_naming_both_and_writes_nothing(tmp_path):
+    _save_all(tmp_path, [(1, None)]).close()
+    before = _listing(tmp_path)
+    ckpt = Checkpointer(tmp_path)
+    with pytest.raises(ValueError, match=r"different model or shape.*name.: .unet.*fcn8s.*"
+                                         r"params/conv/kernel.*\(3, 4\).*\(3, 5\)"):
+        ckpt.restore(_abstract((3, 5)), config={"model": {"name": "fcn8s"},
+                                                 "dataset": {"num_classes": 21}})
+    ckpt.close()
+    assert _listing(tmp_path) == before
+
+
+def test_save_rejects_metrics_without_mean_iou(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    with pytest.raises(ValueError, match="mean_iou"):
+        ckpt.save(1, _state(1.0), loop={}, config={}, metrics={"loss": 0.1})
+    ckpt.close()
+
+
+def test_keep_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        Checkpointer(tmp_path, keep=0)
+
+
+def test_load_for_inference_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_for_inference(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no checkpoints/ directory"):
+        load_for_inference(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError, match="No finished checkpoint"):
+        load_for_inference(tmp_path)

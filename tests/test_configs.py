@@ -1,0 +1,140 @@
+"""Configs as code: every shipped config is complete and valid; every mistake is caught early."""
+
+import jax.numpy as jnp
+import pytest
+
+from flaxseg import configs
+from flaxseg.configs import fcn32s_voc
+from flaxseg.train.__main__ import default_workdir
+
+SCHEMA_KEYS = {
+    "seed", "batch_size", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
+    "log_every_steps", "keep_checkpoints", "parallel", "dtype", "nan_policy", "init_from",
+    "eval_split", "num_grid_images", "model", "dataset", "augment", "loss", "optimizer",
+}  # fmt: skip
+OPTIMIZER_KEYS = {
+    "name", "learning_rate", "momentum", "nesterov", "weight_decay", "schedule",
+    "warmup_steps", "end_learning_rate", "poly_power", "grad_clip_norm",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", configs.available_configs())
+def test_shipped_config_has_the_schema_and_validates(name):
+    config = configs.get_config(name)
+    assert set(config.keys()) == SCHEMA_KEYS
+    assert set(config.optimizer.keys()) == OPTIMIZER_KEYS
+    assert {"name", "num_classes", "ignore_index", "image_size"} <= set(config.dataset.keys())
+    # The shipped batch sizes split over one device; the FCN/ISBI ones need not split by 4.
+    configs.validate_config(config, num_devices=1)
+
+
+def test_fcn_configs_follow_the_paper():
+    for name, model in (("fcn32s_voc", "fcn32s"), ("fcn16s_voc", "fcn16s"),
+                        ("fcn8s_voc", "fcn8s")):
+        config = configs.get_config(name)
+        opt = config.optimizer
+        assert config.model.name == model
+        assert (opt.name, opt.learning_rate, opt.momentum, opt.weight_decay, opt.schedule) == (
+            "sgd", 1e-4, 0.9, 5e-4, "constant")
+        assert config.batch_size == 20
+        assert config.dataset.num_classes == 21 == len(fcn32s_voc.VOC_CLASS_NAMES)
+        assert config.dataset.ignore_index == 255
+    assert configs.get_config("fcn16s_voc").init_from == "runs/fcn32s"
+    assert configs.get_config("fcn8s_voc").init_from == "runs/fcn16s"
+
+
+def test_default_config_is_small_synthetic_unet():
+    config = configs.get_config("default")
+    assert (config.model.name, config.dataset.name, config.parallel) == (
+        "unet", "synthetic", "pmap")
+    configs.validate_config(config, num_devices=4)
+
+
+def _check_raises(config, match, num_devices=1):
+    with pytest.raises(ValueError, match=match):
+        configs.validate_config(config, num_devices=num_devices)
+
+
+def test_unknown_and_missing_keys_are_errors():
+    config = configs.get_config("test")
+    config.num_train_step = 5  # typo
+    _check_raises(config, r"Unknown config key.*config\.num_train_step")
+
+    config = configs.get_config("test")
+    del config["eval_split"]
+    _check_raises(config, r"missing key.*config\.eval_split")
+
+    config = configs.get_config("test")
+    config.optimizer.lr = 0.1
+    _check_raises(config, r"config\.optimizer\.lr")
+
+    config = configs.get_config("test")
+    config.dataset.imagesize = 32
+    _check_raises(config, r"imagesize")
+
+    config = configs.get_config("test")
+    config.augment.flip = True
+    _check_raises(config, r"flip")
+
+
+def test_unknown_names_are_errors():
+    config = configs.get_config("test")
+    config.model.name = "unet3d"
+    _check_raises(config, r"Unknown model 'unet3d'.*unet")
+
+    config = configs.get_config("test")
+    config.model.widht = 4
+    _check_raises(config, r"config\.model.*widht")
+
+    config = configs.get_config("test")
+    config.model.num_classes = 3
+    _check_raises(config, r"config\.model\.num_classes is set by the training program")
+
+    config = configs.get_config("test")
+    config.loss.name = "hinge"
+    _check_raises(config, r"hinge")
+
+    config = configs.get_config("test")
+    config.optimizer.name = "lamb"
+    _check_raises(config, r"lamb")
+
+    config = configs.get_config("test")
+    config.dataset.name = "synthetik"  # unknown names are taken as tfds datasets
+    _check_raises(config, r"synthetik")
+
+
+@pytest.mark.parametrize("key, value", [("parallel", "pjit"), ("dtype", "float16"),
+                                        ("nan_policy", "ignore"), ("num_train_steps", 0),
+                                        ("log_every_steps", -1), ("keep_checkpoints", 0)])
+def test_bad_values_are_errors(key, value):
+    config = configs.get_config("test")
+    config[key] = value
+    _check_raises(config, f"config.{key}")
+
+
+def test_batch_size_the_devices_cannot_split():
+    config = configs.get_config("test")
+    config.batch_size = 6
+    _check_raises(config, r"Batch size 6 cannot be split evenly over 4 devices.*4 or 8",
+                  num_devices=4)
+    configs.validate_config(config, num_devices=2)
+
+
+def test_get_config_unknown_name():
+    with pytest.raises(ValueError, match="Unknown config 'defualt'.*default"):
+        configs.get_config("defualt")
+
+
+def test_build_model_takes_classes_dtype_and_axis_from_the_config():
+    config = configs.get_config("test")
+    config.dtype = "bfloat16"
+    model = configs.build_model(config)
+    assert model.num_classes == config.dataset.num_classes
+    assert jnp.dtype(model.dtype) == jnp.bfloat16
+    assert model.axis_name == "batch"
+    assert configs.build_model(config, parallel="jit").axis_name is None
+
+
+def test_default_workdir_is_named_after_the_config_file():
+    assert default_workdir("flaxseg/configs/default.py") == "runs/default"
+    assert default_workdir("/x/unet_isbi.py:extra") == "runs/unet_isbi"

@@ -1,0 +1,195 @@
+"""train_and_evaluate end to end on the tiny `test` config (4 CPU devices, pmap).
+
+One run is trained once per module; the other tests resume from copies of its workdir,
+so the whole file compiles the model only a few times.
+"""
+
+import io
+import json
+import math
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from flaxseg import configs
+from flaxseg.train import loop
+from flaxseg.train.checkpoint import Checkpointer, load_for_inference
+from flaxseg.train.reporting import Reporter, format_duration, json_safe, read_metrics
+
+STEPS = 6
+
+
+def _config(**overrides):
+    config = configs.get_config("test")
+    config.num_train_steps = STEPS
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def _files(root) -> dict:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            out[path] = os.stat(path).st_mtime_ns
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 6-step pmap run: (workdir, returned summary, console output)."""
+    workdir = tmp_path_factory.mktemp("run")
+    summary = loop.train_and_evaluate(_config(), str(workdir))
+    return workdir, summary
+
+
+def test_a_run_writes_summary_metrics_tensorboard_grids_and_checkpoints(trained):
+    workdir, summary = trained
+    on_disk = json.loads((workdir / "summary.json").read_text())
+    assert on_disk == json_safe(summary)
+    for key in ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert set(summary["per_class_iou"]) == {"background", "disc", "rectangle", "triangle"}
+    assert summary["steps"] == STEPS and summary["stopped_by"] is None
+    assert summary["images_per_sec"] > 0 and summary["wall_time_s"] > 0
+
+    records = read_metrics(workdir)
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))  # log_every_steps = 1
+    assert all(math.isfinite(r["loss"]) and r["learning_rate"] > 0 for r in train)
+    assert [r["step"] for r in evals] == [3, 6]  # eval_every_steps = 3
+    assert evals[-1]["mean_iou"] == pytest.approx(summary["mean_iou"])
+    assert any(f.startswith("events.out.tfevents")
+               for f in os.listdir(workdir / "tensorboard"))
+    grids = sorted(os.listdir(workdir / "predictions"))
+    assert grids == ["step_0000003.png", "step_0000006.png"]
+    ckpt = Checkpointer(workdir, read_only=True)
+    assert ckpt.all_steps() == [3, 6]
+    ckpt.close()
+
+
+def test_load_for_inference_rebuilds_the_trained_model(trained):
+    workdir, _ = trained
+    model, variables, config = load_for_inference(workdir)
+    assert config.model.features == 4 and model.num_classes == 4
+    assert set(variables) == {"params", "batch_stats"}
+    images = np.zeros((1, 32, 32, 3), np.float32)
+    logits = model.apply(variables, images, train=False)
+    assert logits.shape == (1, 32, 32, 4)
+
+
+def test_second_run_in_the_same_workdir_finishes_at_once(trained, capsys):
+    workdir, summary = trained
+    before = _files(workdir)
+    again = loop.train_and_evaluate(_config(), str(workdir))
+    assert again == json.loads((workdir / "summary.json").read_text())
+    assert "already trained to step 6" in capsys.readouterr().out
+    assert _files(workdir) == before
+
+
+def test_workdir_of_another_model_is_an_error_and_nothing_is_written(trained):
+    workdir, _ = trained
+    before = _files(workdir)
+    with pytest.raises(ValueError, match=r"different model or shape.*features.: 4.*"
+                                         r"features.: 8"):
+        loop.train_and_evaluate(_config(**{"model.features": 8}), str(workdir))
+    assert _files(workdir) == before
+
+
+def test_resume_onto_one_device_and_back(trained, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    # pmap on 4 devices (steps 1-6) -> jit on 1 device (7-8) -> pmap on 4 (9-10).
+    jit_summary = loop.train_and_evaluate(
+        _config(parallel="jit", num_train_steps=8), str(workdir))
+    assert "Resuming from the checkpoint of step 6" in capsys.readouterr().out
+    assert jit_summary["steps"] == 8
+    pmap_summary = loop.train_and_evaluate(_config(num_train_steps=10), str(workdir))
+    assert "Resuming from the checkpoint of step 8" in capsys.readouterr().out
+    assert pmap_summary["steps"] == 10
+    train_steps = [r["step"] for r in read_metrics(workdir) if r["split"] == "train"]
+    assert train_steps == list(range(1, 11))
+
+
+def test_bad_config_fails_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="cannot be split evenly over 4 devices"):
+        loop.train_and_evaluate(_config(batch_size=6), str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_metric_sums_round_trip_through_json():
+    sums = loop.MetricSums(3)
+    sums.add({"loss_sum": np.float32(1.25), "weight_sum": np.float32(10.0),
+              "confusion": np.arange(9, dtype=np.int32).reshape(3, 3)})
+    sums.add({"loss_sum": np.float32(0.1), "weight_sum": np.float32(3.0),
+              "confusion": np.ones((3, 3), np.int32)})
+    back = loop.MetricSums.from_json(3, json.loads(json.dumps(sums.to_json())))
+    assert (back.loss_sum, back.weight_sum, back.steps) == (sums.loss_sum, sums.weight_sum, 2)
+    np.testing.assert_array_equal(back.confusion, sums.confusion)
+    assert back.loss == pytest.approx((1.25 + float(np.float32(0.1))) / 13.0)
+
+
+def test_stop_request_turns_signals_into_a_flag():
+    with loop.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C is the impatient way out
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_copy_matching_takes_shared_parameters_only():
+    target = {name: np.zeros(n, np.float32) for name, n in (("a", 2), ("b", 3), ("c", 1))}
+    source = {"a": np.ones(2, np.float32), "b": np.ones(4, np.float32)}
+    merged, copied, fresh = loop._copy_matching(target, source)
+    assert copied == 1
+    np.testing.assert_array_equal(merged["a"], np.ones(2))
+    np.testing.assert_array_equal(merged["b"], np.zeros(3))
+    assert fresh == ["['b']", "['c']"]
+
+
+def test_reporter_progress_bar_on_a_terminal_and_lines_elsewhere(tmp_path):
+    for interactive in (True, False):
+        stream = io.StringIO()
+        reporter = Reporter(tmp_path / str(interactive), num_train_steps=10, is_chief=True,
+                            stream=stream, interactive=interactive)
+        reporter.progress(5, loss=0.5, mean_iou=0.25, images_per_sec=12.0)
+        reporter.message("table")
+        reporter.close()
+        text = stream.getvalue()
+        assert "step  5/10" in text and "loss 0.5000" in text and "12.0 img/s" in text
+        assert ("\r" in text and "#" in text) == interactive
+
+
+def test_reporter_drops_lines_after_the_resumed_step(tmp_path):
+    reporter = Reporter(tmp_path, num_train_steps=10, is_chief=True, stream=io.StringIO())
+    for step in (1, 2, 3):
+        reporter.write_metrics(step, "train", {"loss": float(step)})
+    reporter.close()
+    Reporter(tmp_path, num_train_steps=10, start_step=2, is_chief=True,
+             stream=io.StringIO()).close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_non_chief_process_writes_nothing(tmp_path):
+    reporter = Reporter(tmp_path / "w", num_train_steps=3, is_chief=False, stream=io.StringIO())
+    reporter.write_metrics(1, "train", {"loss": 1.0})
+    assert reporter.summary({"mean_iou": 0.5}) is None
+    reporter.close()
+    assert not (tmp_path / "w").exists()
+
+
+def test_json_safe_and_durations():
+    assert json_safe({"a": float("nan"), "b": [np.float32(1.5), float("inf")], 3: 1}) == {
+        "a": None, "b": [1.5, None], "3": 1}
+    assert format_duration(3725.2) == "1:02:05" and format_duration(59.6) == "1:00"
+
+
+def test_num_devices_follow_the_parallel_mode():
+    assert loop._Devices("pmap").count == jax.local_device_count() == 4
+    assert loop._Devices("jit").count == 1
