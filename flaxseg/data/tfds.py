@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from flaxseg.data.base import LabelMapper, SourceInfo, default_class_names, parse_value_map
+from flaxseg.data.config import available_datasets
 from flaxseg.data.folder import SPLITS, FolderSource, split_pairs
 
 FILE_FORMAT = "array_record"
@@ -59,8 +60,9 @@ def preparation_hint(tfds_name: str, data_dir: str) -> str:
         )
     return (
         "Prepare it from a folder of images and masks with `python -m flaxseg.data prepare "
-        f"FOLDER --name {tfds_name} --data_dir {data_dir}`, or for a registered tfds dataset "
-        f"run `{build}` {needs_tf}."
+        f"FOLDER --name {tfds_name} --data-dir {data_dir}`, or for a registered tfds dataset "
+        f"run `{build}` {needs_tf}. (flaxseg's built-in dataset names: "
+        f"{', '.join(available_datasets())}.)"
     )
 
 
