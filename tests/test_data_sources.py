@@ -126,6 +126,16 @@ def test_folder_value_map_and_seeded_split(tmp_path):
     np.testing.assert_array_equal(example["label"], (raw == 255).astype(np.uint8))
 
 
+def test_folder_cache_keeps_decoded_examples_read_only(tmp_path):
+    make_folder(tmp_path)
+    cached = create_source(folder_config(tmp_path, cache=True), "train")
+    plain = create_source(folder_config(tmp_path), "train")
+    first = cached[1]
+    assert cached[1] is first and not first["image"].flags.writeable
+    for key in ("image", "label"):
+        np.testing.assert_array_equal(first[key], plain[1][key])
+
+
 def test_folder_subfolder_splits_palette_masks_and_metadata(tmp_path):
     """RGB colour-coded masks decoded by a palette from dataset.json, with a void colour."""
     palette = [[0, 0, 0], [255, 0, 0], [0, 255, 0]]

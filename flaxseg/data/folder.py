@@ -289,6 +289,7 @@ class FolderSource:
     Creating it lists the files and reads every header, so unpaired files, size or
     channel mismatches and unreadable headers fail here, naming the files. Mask
     values outside the mapping fail when the example is read (and in `check`).
+    With `config.cache`, decoded examples stay in memory (read-only arrays).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, split: str):
@@ -324,12 +325,23 @@ class FolderSource:
             problems.extend(header_problems(pair, config.num_channels))
         _raise_problems(f"Problems in the {split!r} split of {root}", problems)
         self.split = split
+        self._cache: dict[int, dict[str, np.ndarray]] | None = {} if config.cache else None
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        pair = self.pairs[int(index)]
+        index = int(index)
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        example = self._load(self.pairs[index])
+        if self._cache is not None:
+            for array in example.values():
+                array.setflags(write=False)  # shared by every later read
+            self._cache[index] = example
+        return example
+
+    def _load(self, pair: Pair) -> dict[str, np.ndarray]:
         image = load_image(pair.image)
         try:
             label = self.decode_mask(load_mask(pair.mask))
