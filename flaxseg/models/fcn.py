@@ -8,11 +8,13 @@ starts out computing the coarser one's output); upscore2 / upscore_pool4 (4x4/2)
 upscore32 / upscore16 / upscore8 (kernel 2f, stride f), transposed convs without bias
 initialised to bilinear interpolation. Skips are fused by addition.
 
-Alignment follows the reference exactly: conv1_1 pads the input by 100, and the
-crops take fixed offsets (score_pool4 at 5, score_pool3 at 9, the final score at
-19 / 27 / 31 for 32s / 16s / 8s), the offsets Caffe's `coord_map` derives. They do
-not depend on the input size, so an input shifted by a multiple of 32 pixels gives
-an equally shifted output; any input of at least 32x32 gives logits of its own H, W.
+Alignment follows the reference exactly: conv1_1 pads the input by 100, pooling
+rounds up (Caffe's ceil mode), and the crops take fixed offsets (score_pool4 at 5,
+score_pool3 at 9, the final score at 19 / 27 / 31 for 32s / 16s / 8s), the offsets
+Caffe's `coord_map` derives. Output pixel (i, j) is aligned with input pixel (i, j):
+the crops are centred, and an input shifted by a multiple of 32 pixels gives logits
+shifted by as much (away from the image borders, which the ~400 px receptive field
+sees). Any input of at least 32x32 gives logits of its own H, W.
 """
 
 from __future__ import annotations

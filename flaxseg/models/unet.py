@@ -18,6 +18,7 @@ conv gives `num_classes` logits.
 
 from __future__ import annotations
 
+import itertools
 from typing import ClassVar
 
 import flax.linen as nn
@@ -69,8 +70,8 @@ def unet_valid_input_sizes(min_size: int, max_size: int, depth: int = 4) -> list
 
 def _nearest_valid(size: int, depth: int) -> tuple[int | None, int]:
     below = next((s for s in range(size - 1, 0, -1) if _valid_output_size(s, depth)), None)
-    above = next(s for s in range(size + 1, size + 2 ** (depth + 3) + 1)
-                 if _valid_output_size(s, depth))
+    # Valid sizes repeat every 2**depth above the smallest one, so this search ends.
+    above = next(s for s in itertools.count(size + 1) if _valid_output_size(s, depth))
     return below, above
 
 
