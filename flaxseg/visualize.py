@@ -19,9 +19,10 @@ from PIL import Image
 #: Colour of void (`ignore_index`) pixels in colourised masks. The PASCAL VOC
 #: palette never produces pure white for fewer than 2**24 classes.
 VOID_COLOR = np.array([255, 255, 255], np.uint8)
-#: Colour of the lines between the cells of `prediction_grid`; not in the VOC
+#: Colour of the frames around the cells of `prediction_grid`: light grey, visible on
+#: black (class 0) and on white (void), and not in the VOC
 #: palette for the first 256 classes.
-SEPARATOR_COLOR = np.array([32, 32, 32], np.uint8)
+SEPARATOR_COLOR = np.array([160, 160, 160], np.uint8)
 
 
 def default_palette(num_classes: int) -> np.ndarray:

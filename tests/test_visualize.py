@@ -23,6 +23,7 @@ def test_default_palette_matches_pascal_voc():
         assert tuple(palette[index]) == colour
     assert len({tuple(c) for c in palette}) == 256
     assert not (palette == visualize.VOID_COLOR).all(axis=1).any()
+    assert not (palette == visualize.SEPARATOR_COLOR).all(axis=1).any()
     np.testing.assert_array_equal(visualize.default_palette(21), palette[:21])
 
 
