@@ -6,6 +6,7 @@ neither.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -60,34 +61,57 @@ def unshard(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + tuple(x.shape[2:])), tree)
 
 
-def replicate(tree: PyTree, devices: list[Any] | None = None) -> PyTree:
-    """Copies every leaf onto each device: `x` -> `[D, *x.shape]`, sharded one copy per device.
-
-    The layout `jax.pmap` takes for replicated state (the TrainState). Replaces
-    `jax.device_put_replicated`, which JAX 0.10 removed. Works for typed PRNG keys.
-    `devices` defaults to `jax.local_devices()`.
-    """
+@functools.cache
+def _replicator(devices: tuple[Any, ...]) -> tuple[Any, Any]:
+    """(sharding with one whole copy per device, jitted tree -> [D, ...] broadcast)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    devices = list(jax.local_devices() if devices is None else devices)
+    mesh = Mesh(np.array(devices), ("replica",))
+    everywhere = NamedSharding(mesh, PartitionSpec())
+    stacked = NamedSharding(mesh, PartitionSpec("replica"))
+    broadcast = jax.jit(
+        lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices), *x.shape)), tree),
+        out_shardings=stacked,
+    )
+    return everywhere, broadcast
+
+
+def replicate(tree: PyTree, devices: list[Any] | None = None) -> PyTree:
+    """Copies every leaf onto each device: `x` -> `[D, *x.shape]`, one copy per device.
+
+    The layout `jax.pmap` takes for replicated state (the TrainState); it replaces
+    `jax.device_put_replicated`, which JAX 0.10 removed. Works for typed PRNG keys. One
+    transfer plus one compiled broadcast for the whole tree (compiled once per tree
+    structure). `devices` defaults to `jax.local_devices()`.
+    """
+    import jax
+
+    devices = tuple(jax.local_devices() if devices is None else devices)
     if not devices:
         raise ValueError("replicate needs at least one device.")
-    sharding = NamedSharding(Mesh(np.array(devices), ("replica",)), PartitionSpec("replica"))
-
-    def put(x):
-        x = jnp.asarray(x)
-        return jax.device_put(jnp.broadcast_to(x, (len(devices), *x.shape)), sharding)
-
-    return jax.tree.map(put, tree)
+    everywhere, broadcast = _replicator(devices)
+    return broadcast(jax.device_put(tree, everywhere))
 
 
 def unreplicate(tree: PyTree) -> PyTree:
     """Inverse of `replicate`: the first replica of every leaf (`[D, ...]` -> `[...]`).
 
     Use it on pmapped state and on psum-ed step metrics, which are identical per replica.
+    NumPy leaves are indexed on the host; device arrays are sliced by one compiled call
+    and the result is put on the first local device, ready for a jitted step.
     """
     import jax
 
-    return jax.tree.map(lambda x: x[0], tree)
+    leaves = jax.tree.leaves(tree)
+    if all(isinstance(x, np.ndarray) for x in leaves):
+        return jax.tree.map(lambda x: x[0], tree)
+    return jax.device_put(_first_replica()(tree), jax.local_devices()[0])
+
+
+@functools.cache
+def _first_replica() -> Any:
+    import jax
+
+    return jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree))
