@@ -1,0 +1,543 @@
+"""Throughput, compile time, compiler FLOPs, MFU and device scaling of flaxseg's models.
+
+    python -m benchmarks.throughput --quick
+    python -m benchmarks.throughput --models=unet,fcn8s --image_sizes=256 \
+        --batch_sizes=1,2,4,8 --dtype=bfloat16 --modes=train,infer
+    python -m benchmarks.throughput --models=unet --scaling --num_devices=8
+
+Per configuration (model x image size x per-device batch x dtype x mode) it compiles the
+real step once (`lower().compile()`, timed apart), runs `--warmup` steps, then times
+`--steps` steps one by one with `block_until_ready` on every output. 'train' is
+`flaxseg.train.make_train_step` (forward, cross-entropy, backward, Adam, metrics, the
+non-finite guard; state donated); 'infer' is `model.apply(..., train=False)` -> logits.
+
+Results go to `--out_dir` as `results.jsonl` (one object per configuration, with the
+device kind, library versions and flags), `results.md` (the table, also printed) and
+`images_per_s.png` (images/s against batch size, one line per model/size/mode/dtype).
+
+`--num_devices=N` on CPU forces N host devices (`jax_num_cpu_devices`, set before JAX's
+backend starts); on GPU/TPU it uses the first N devices. `--scaling` runs pmap on
+1, 2, 4, ... N devices at a fixed per-device batch and reports the weak-scaling
+efficiency img/s(n) / (n x img/s(1)). The input pipeline's images/s (synthetic source
+plus the default augmentation, on this host) is measured beside every configuration,
+so the slower of the two is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from benchmarks import peaks
+from benchmarks.peaks import Peak
+
+MODELS = ("unet", "unet_valid", "fcn8s", "fcn16s", "fcn32s", "encoder_decoder")
+MODES = ("train", "infer")
+PARALLEL = ("jit", "pmap")
+DTYPES = ("float32", "bfloat16")
+
+# --quick: a CPU smoke run of every code path: jit train and infer at two batch sizes,
+# then pmap training on 1 and 2 forced host devices (scaling), and the input pipeline.
+QUICK = dict(
+    models=["unet"],
+    image_sizes=[32],
+    batch_sizes=[1, 2],
+    modes=["train", "infer"],
+    features=4,
+    depth=2,
+    steps=5,
+    warmup=1,
+    num_devices=2,
+    pipeline_batches=4,
+)
+
+JSON_FIELDS = (
+    "model", "image_size", "per_device_batch", "global_batch", "num_devices", "dtype", "mode",
+    "parallel", "model_kwargs", "num_params", "compile_s", "step_ms_median", "step_ms_p10",
+    "step_ms_p90", "images_per_s", "images_per_s_per_device", "flops_per_image",
+    "flops_per_step_per_device", "tflops_per_s_per_device", "peak_tflops_per_device",
+    "peak_source", "mfu", "peak_memory_bytes", "compiled_memory_bytes",
+    "pipeline_images_per_s", "weak_scaling_efficiency", "timed_steps", "warmup_steps",
+    "load_average", "device_kind", "platform", "jax_version", "jaxlib_version", "flax_version",
+    "xla_flags", "jax_flags", "timestamp",
+)  # fmt: skip
+
+
+def _csv(kind: type, choices: Sequence[str] | None = None):
+    def parse(text: str) -> list:
+        items = [kind(item) for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        if choices is not None:
+            bad = [item for item in items if item not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"{bad} not in {list(choices)}")
+        return items
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.throughput",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--models", type=_csv(str, MODELS), default=["unet"], help=f"from {MODELS}")
+    add("--image_sizes", type=_csv(int), default=[128], help="square input sizes")
+    add("--batch_sizes", type=_csv(int), default=[1, 2, 4, 8], help="per-device batch sizes")
+    add("--dtype", type=_csv(str, DTYPES), default=["float32"], help="compute dtype(s)")
+    add("--modes", type=_csv(str, MODES), default=["train"], help="train and/or infer")
+    add("--parallel", choices=PARALLEL, default="jit", help="jit: one device; pmap: all")
+    add("--num_devices", type=int, default=None,
+        help="devices to use; on CPU, the number of forced host devices")
+    add("--scaling", action="store_true", help="pmap over 1, 2, 4, ... num_devices")
+    add("--features", type=int, default=None, help="base width for unet / encoder_decoder")
+    add("--depth", type=int, default=None, help="down-sampling stages for unet / encoder_decoder")
+    add("--num_classes", type=int, default=3)
+    add("--in_channels", type=int, default=3)
+    add("--steps", type=int, default=20, help="timed steps per configuration")
+    add("--warmup", type=int, default=2, help="untimed steps after compiling")
+    add("--pipeline_batches", type=int, default=10,
+        help="batches timed from the input pipeline (0: skip)")
+    add("--out_dir", default=os.path.join("benchmarks", "results"))
+    add("--quick", action="store_true",
+        help="CPU smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parses and checks the flags; `--quick` fills in every flag left at its default."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+    for name in ("image_sizes", "batch_sizes"):
+        if min(getattr(args, name)) < 1:
+            parser.error(f"--{name} must be positive.")
+    if args.steps < 3 or args.warmup < 0 or args.pipeline_batches < 0:
+        parser.error("--steps must be >= 3 (for p10/p90), --warmup and --pipeline_batches >= 0.")
+    if args.num_devices is not None and args.num_devices < 1:
+        parser.error("--num_devices must be >= 1.")
+    for name in ("features", "depth"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1.")
+    return args
+
+
+def configure_devices(num_devices: int | None) -> None:
+    """Forces `num_devices` CPU devices; must run before JAX's backend initialises."""
+    if num_devices is None:
+        return
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", num_devices)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"Cannot force {num_devices} CPU devices: JAX's backend has already started "
+            "in this process. Run the benchmark in a fresh process (python -m "
+            "benchmarks.throughput) or set XLA_FLAGS=--xla_force_host_platform_device_count."
+        ) from error
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark configuration; batch is per device."""
+
+    model: str
+    image_size: int
+    per_device_batch: int
+    dtype: str
+    mode: str
+    parallel: str
+    num_devices: int
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100] (NumPy's default method)."""
+    if not values:
+        raise ValueError("percentile of an empty sequence")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def step_statistics(step_seconds: Sequence[float], global_batch: int, num_devices: int
+                    ) -> dict[str, float]:
+    """Median / p10 / p90 step time in ms and the images/s the median gives."""
+    median = statistics.median(step_seconds)
+    images_per_s = global_batch / median
+    return {
+        "step_ms_median": 1e3 * median,
+        "step_ms_p10": 1e3 * percentile(step_seconds, 10),
+        "step_ms_p90": 1e3 * percentile(step_seconds, 90),
+        "images_per_s": images_per_s,
+        "images_per_s_per_device": images_per_s / num_devices,
+    }
+
+
+def environment() -> dict[str, Any]:
+    """What a result needs to be compared across machines."""
+    import flax
+    import jax
+    import jaxlib
+
+    device = jax.devices()[0]
+    flags = ("jax_num_cpu_devices", "jax_default_matmul_precision", "jax_enable_x64",
+             "jax_threefry_partitionable")
+    return {
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "jax_version": jax.__version__,
+        "jaxlib_version": jaxlib.__version__,
+        "flax_version": flax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_flags": {name: getattr(jax.config, name, None) for name in flags},
+        "host_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def _model_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    kwargs = {k: getattr(args, k) for k in ("features", "depth") if getattr(args, k) is not None}
+    if kwargs and name.startswith("fcn"):
+        raise ValueError(f"--features / --depth do not apply to {name} (VGG-16 is fixed).")
+    return kwargs
+
+
+def _random_batch(key, batch: int, size: int, in_channels: int, num_classes: int):
+    import jax
+    import jax.numpy as jnp
+
+    image_key, label_key = jax.random.split(key)
+    return {
+        "image": jax.random.uniform(image_key, (batch, size, size, in_channels), jnp.float32),
+        "label": jax.random.randint(label_key, (batch, size, size), 0, num_classes, jnp.int32),
+    }
+
+
+def _compiled_costs(compiled) -> tuple[float, int | None]:
+    """(FLOPs per device per call, compiled memory bytes or None) from XLA's analyses."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older JAX returned one dict per device program
+        cost = cost[0]
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    memory = None
+    try:
+        stats = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):
+        stats = None
+    if stats is not None:
+        memory = int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+                     + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+    return flops, memory
+
+
+def _peak_memory(devices) -> int | None:
+    peaks = []
+    for device in devices:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+@functools.cache
+def _initial_state(model_name: str, dtype: str, args_key: tuple, in_channels: int):
+    """(model, TrainState with Adam) for one model config, built once and copied per case.
+
+    The params do not depend on the batch shape, so one small init serves every case
+    (`create_train_state` compiles the whole initialisation, which is not cheap).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from flaxseg.models import create_model
+    from flaxseg.train import create_optimizer, create_train_state
+
+    num_classes, kwargs = args_key[0], dict(args_key[1])
+    model = create_model(model_name, num_classes=num_classes, dtype=jnp.dtype(dtype), **kwargs)
+    tx = create_optimizer({"name": "adam", "learning_rate": 1e-3}, num_train_steps=1)
+    # The smallest input each model accepts cheaply: the VALID U-Net needs a valid size.
+    size = _init_size(model_name, kwargs)
+    state = create_train_state(model, tx, jax.random.key(0), (1, size, size, in_channels))
+    return model, state
+
+
+def _init_size(model_name: str, kwargs: dict[str, Any]) -> int:
+    if model_name == "unet_valid":
+        from flaxseg.models import unet_valid_input_sizes
+
+        return unet_valid_input_sizes(1, 1024, kwargs.get("depth", 4))[0]
+    return 32
+
+
+def _prepare(case: Case, args: argparse.Namespace):
+    """Builds (function with `.lower`, its operands, num_params, model kwargs) for one case."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flaxseg import parallel
+    from flaxseg.losses import get_loss_fn
+    from flaxseg.train import make_train_step
+
+    kwargs = _model_kwargs(case.model, args)
+    model, initial = _initial_state(case.model, case.dtype,
+                                    (args.num_classes, tuple(sorted(kwargs.items()))),
+                                    args.in_channels)
+    state = jax.tree.map(jnp.copy, initial)  # the train step donates (consumes) its state
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    devices = jax.local_devices()[: case.num_devices]
+    global_batch = case.per_device_batch * case.num_devices
+    batch = _random_batch(jax.random.key(1), global_batch, case.image_size, args.in_channels,
+                          args.num_classes)
+    if case.mode == "train":
+        fn = make_train_step(model, get_loss_fn("cross_entropy"), args.num_classes,
+                             parallel=case.parallel)
+        operands = [state, batch]
+    else:
+        variables = {"params": state.params}
+        if jax.tree.leaves(state.batch_stats):
+            variables["batch_stats"] = state.batch_stats
+
+        def infer(variables, images):
+            return model.apply(variables, images, train=False)
+
+        fn = jax.jit(infer) if case.parallel == "jit" else jax.pmap(infer, devices=devices)
+        operands = [variables, batch["image"]]
+    if case.parallel == "pmap":
+        operands[0] = parallel.replicate(operands[0], devices)
+        # One slice of the batch per device, placed before timing (no host transfer per step).
+        mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+        operands[1] = jax.device_put(parallel.shard_batch(operands[1], case.num_devices),
+                                     sharding)
+    else:
+        operands[1] = jax.device_put(operands[1], devices[0])
+    return fn, operands, int(num_params), kwargs
+
+
+def run_case(case: Case, args: argparse.Namespace, env: dict[str, Any],
+             peak: Peak | None, pipeline_images_per_s: float | None) -> dict[str, Any]:
+    """Compiles, warms up and times one configuration; returns its JSON record."""
+    import jax
+
+    fn, operands, num_params, kwargs = _prepare(case, args)
+    start = time.perf_counter()
+    compiled = fn.lower(*operands).compile()
+    compile_s = time.perf_counter() - start
+    flops_per_step, compiled_memory = _compiled_costs(compiled)
+
+    def call(operands):
+        out = compiled(*operands)
+        jax.block_until_ready(out)
+        # A train step returns (state, metrics) and donates the old state: carry it on.
+        return [out[0], operands[1]] if case.mode == "train" else operands
+
+    for _ in range(args.warmup):
+        operands = call(operands)
+    times = []
+    for _ in range(args.steps):
+        begin = time.perf_counter()
+        operands = call(operands)
+        times.append(time.perf_counter() - begin)
+
+    global_batch = case.per_device_batch * case.num_devices
+    record: dict[str, Any] = {**asdict(case), "global_batch": global_batch,
+                              "model_kwargs": kwargs, "num_params": num_params,
+                              "compile_s": compile_s}
+    record.update(step_statistics(times, global_batch, case.num_devices))
+    step_s = record["step_ms_median"] / 1e3
+    record.update(
+        flops_per_step_per_device=flops_per_step,
+        flops_per_image=flops_per_step / case.per_device_batch,
+        tflops_per_s_per_device=peaks.achieved_tflops(flops_per_step, step_s),
+        peak_tflops_per_device=peak.tflops if peak else None,
+        peak_source=peak.source if peak else "unknown device: add it to benchmarks/peaks.py",
+        mfu=peaks.mfu(flops_per_step, step_s, peak.tflops) if peak else None,
+        peak_memory_bytes=_peak_memory(jax.local_devices()[: case.num_devices]),
+        compiled_memory_bytes=compiled_memory,
+        pipeline_images_per_s=pipeline_images_per_s,
+        weak_scaling_efficiency=None,
+        timed_steps=args.steps,
+        warmup_steps=args.warmup,
+        load_average=os.getloadavg()[0],
+        timestamp=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **{k: env[k] for k in ("device_kind", "platform", "jax_version", "jaxlib_version",
+                               "flax_version", "xla_flags", "jax_flags")},
+    )
+    return record
+
+
+def pipeline_throughput(image_size: int, batch_size: int, in_channels: int,
+                        num_batches: int) -> float:
+    """Images/s of flaxseg's training loader: synthetic scenes + default augmentation.
+
+    Timed from the loader's creation to its `num_batches`-th batch, start-up included,
+    so the prefetch buffer cannot make it look faster than it sustains.
+    """
+    from flaxseg.data import augment_config, create_source, dataset_config
+    from flaxseg.data.pipeline import create_train_iterator
+
+    config = dataset_config("synthetic", image_size=(image_size, image_size),
+                            num_channels=in_channels,
+                            num_train=max(256, 2 * batch_size))
+    source = create_source(config, "train")
+    start = time.perf_counter()
+    with create_train_iterator(source, batch_size=batch_size, seed=0,
+                               augment=augment_config(), image_size=image_size) as iterator:
+        for _ in range(num_batches):
+            next(iterator)
+        return num_batches * batch_size / (time.perf_counter() - start)
+
+
+def scaling_counts(max_devices: int) -> list[int]:
+    """1, 2, 4, ... up to `max_devices`, and `max_devices` itself."""
+    return sorted({n for n in (2**k for k in range(max_devices.bit_length())) if n <= max_devices}
+                  | {max_devices})
+
+
+def cases(args: argparse.Namespace, max_devices: int) -> list[Case]:
+    """Every configuration the flags ask for, in run order.
+
+    `--scaling` runs each configuration under pmap on `scaling_counts` devices. `--quick`
+    runs jit inference at every batch and jit training at the largest, then pmap
+    training at the largest batch on 1..N devices.
+    """
+    grid = [
+        (model, size, batch, dtype, mode)
+        for model in args.models
+        for size in args.image_sizes
+        for dtype in args.dtype
+        for mode in args.modes
+        for batch in args.batch_sizes
+    ]
+    if args.quick:  # every code path, with few (slow-to-compile) training cases
+        largest = max(args.batch_sizes)
+        todo = [Case(*g, "jit", 1) for g in grid if g[4] == "infer" or g[2] == largest]
+        scaled = [g for g in grid if g[4] == "train" and g[2] == largest]
+        return todo + [Case(*g, "pmap", n) for g in scaled for n in scaling_counts(max_devices)]
+    if args.scaling:
+        return [Case(*g, "pmap", n) for g in grid for n in scaling_counts(max_devices)]
+    return [Case(*g, args.parallel, max_devices if args.parallel == "pmap" else 1)
+            for g in grid]
+
+
+def add_scaling_efficiency(records: list[dict[str, Any]]) -> None:
+    """Sets `weak_scaling_efficiency` = img/s(n) / (n * img/s(1)) on pmap records that have
+    a 1-device pmap run of the same configuration."""
+    key = ("model", "image_size", "per_device_batch", "dtype", "mode", "parallel")
+    single = {tuple(r[k] for k in key): r["images_per_s"] for r in records
+              if r["num_devices"] == 1 and r["parallel"] == "pmap"}
+    for record in records:
+        base = single.get(tuple(record[k] for k in key))
+        if base:
+            record["weak_scaling_efficiency"] = record["images_per_s"] / (
+                record["num_devices"] * base)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    """The results as a GitHub markdown table (device kind in the first column)."""
+    header = ("| device | model | size | batch/dev | devices | dtype | mode | compile s | "
+              "step ms (p10-p90) | img/s | img/s/dev | GFLOP/img | TFLOP/s/dev | MFU | "
+              "scaling eff. | peak mem MiB | pipeline img/s |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in records:
+        memory = r["peak_memory_bytes"] or r["compiled_memory_bytes"]
+        lines.append(
+            f"| {r['device_kind']} | {r['model']} | {r['image_size']} | {r['per_device_batch']} "
+            f"| {r['num_devices']} | {r['dtype']} | {r['mode']} | {r['compile_s']:.1f} "
+            f"| {r['step_ms_median']:.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f}) "
+            f"| {r['images_per_s']:.1f} | {r['images_per_s_per_device']:.1f} "
+            f"| {r['flops_per_image'] / 1e9:.2f} | {r['tflops_per_s_per_device']:.3f} "
+            f"| {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% "
+            f"| {_fmt(r['weak_scaling_efficiency'], '.2f')} "
+            f"| {_fmt(memory and memory / 2**20, '.0f')} "
+            f"| {_fmt(r['pipeline_images_per_s'], '.0f')} |"
+        )
+    notes = {r["peak_source"] for r in records}
+    lines.append("")
+    lines.extend(f"Peak: {note}." for note in sorted(notes))
+    if any(r["peak_memory_bytes"] is None for r in records):
+        lines.append("peak mem: compiled program size (arguments + outputs + temporaries) "
+                     "where the device reports no memory statistics.")
+    return "\n".join(lines)
+
+
+def plot_records(records: list[dict[str, Any]], path: str) -> None:
+    """images/s against per-device batch size, one line per model/size/mode/dtype/parallel."""
+    from benchmarks.plot import line_plot
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        name = (f"{r['model']} {r['image_size']}px {r['mode']} {r['dtype']}"
+                f" {r['parallel']} x{r['num_devices']}")
+        series.setdefault(name, []).append((r["per_device_batch"], r["images_per_s"]))
+    device = records[0]["device_kind"]
+    line_plot(series, path, title=f"flaxseg throughput on {device} (global images/s)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_devices(args.num_devices)
+    import jax
+
+    available = jax.local_device_count()
+    num_devices = args.num_devices or available
+    if num_devices > available:
+        raise SystemExit(f"--num_devices={num_devices} but only {available} devices exist.")
+    env = environment()
+    os.makedirs(args.out_dir, exist_ok=True)
+    # One peak per dtype: the data sheet, or on CPU a matmul probe run before any model.
+    device_peaks = {dtype: peaks.device_peak(env["device_kind"], env["platform"], dtype)
+                    for dtype in args.dtype}
+    pipeline: dict[tuple[int, int], float | None] = {}
+    records = []
+    todo = cases(args, num_devices)
+    for i, case in enumerate(todo):
+        global_batch = case.per_device_batch * case.num_devices
+        pipe_key = (case.image_size, global_batch)
+        if pipe_key not in pipeline:
+            pipeline[pipe_key] = (pipeline_throughput(case.image_size, global_batch,
+                                                      args.in_channels, args.pipeline_batches)
+                                  if args.pipeline_batches else None)
+        print(f"[{i + 1}/{len(todo)}] {case}", file=sys.stderr, flush=True)
+        records.append(run_case(case, args, env, device_peaks[case.dtype], pipeline[pipe_key]))
+    add_scaling_efficiency(records)
+    jsonl = os.path.join(args.out_dir, "results.jsonl")
+    with open(jsonl, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    table = markdown_table(records)
+    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    plot_path = os.path.join(args.out_dir, "images_per_s.png")
+    plot_records(records, plot_path)
+    print(table)
+    print(f"\nwrote {jsonl}, {os.path.join(args.out_dir, 'results.md')}, {plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

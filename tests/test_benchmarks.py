@@ -1,0 +1,165 @@
+"""benchmarks/: the --quick suite's JSON, MFU arithmetic, peak table, torch equality check."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import peaks, throughput
+from benchmarks.plot import line_plot
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`python -m benchmarks.throughput --quick` in a fresh process (it forces 2 devices)."""
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--quick", f"--out_dir={out}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "results.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return out, records, result.stdout
+
+
+def test_quick_writes_every_field(quick_run):
+    out, records, stdout = quick_run
+    # jit: infer at batch 1 and 2, train at 2; pmap train at batch 2 on 1 and 2 devices.
+    kinds = sorted((r["parallel"], r["mode"], r["per_device_batch"], r["num_devices"])
+                   for r in records)
+    assert kinds == [("jit", "infer", 1, 1), ("jit", "infer", 2, 1), ("jit", "train", 2, 1),
+                     ("pmap", "train", 2, 1), ("pmap", "train", 2, 2)]
+    for r in records:
+        assert set(throughput.JSON_FIELDS) <= set(r), set(throughput.JSON_FIELDS) - set(r)
+        assert r["platform"] == "cpu" and r["jax_version"] == jax.__version__
+        assert r["compile_s"] > 0 and r["timed_steps"] == 5
+        assert 0 < r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"]
+        assert r["global_batch"] == r["per_device_batch"] * r["num_devices"]
+        assert math.isclose(r["images_per_s"], r["global_batch"] / (r["step_ms_median"] / 1e3),
+                            rel_tol=1e-9)
+        assert math.isclose(r["images_per_s_per_device"] * r["num_devices"], r["images_per_s"],
+                            rel_tol=1e-9)
+        assert r["flops_per_image"] > 0 and r["num_params"] > 0
+        assert math.isclose(r["flops_per_image"] * r["per_device_batch"],
+                            r["flops_per_step_per_device"], rel_tol=1e-9)
+        assert math.isclose(r["tflops_per_s_per_device"],
+                            r["flops_per_step_per_device"] / (r["step_ms_median"] / 1e3) / 1e12,
+                            rel_tol=1e-9)
+        assert r["peak_source"].startswith("matmul probe") and r["peak_tflops_per_device"] > 0
+        assert math.isclose(r["mfu"], r["tflops_per_s_per_device"] / r["peak_tflops_per_device"],
+                            rel_tol=1e-9)
+        assert r["pipeline_images_per_s"] > 0 and r["compiled_memory_bytes"] > 0
+    train = {(r["parallel"], r["num_devices"]): r for r in records if r["mode"] == "train"}
+    # A training step costs more than a forward pass: backward + optimiser.
+    infer2 = next(r for r in records if r["mode"] == "infer" and r["per_device_batch"] == 2)
+    assert train["jit", 1]["flops_per_image"] > 2 * infer2["flops_per_image"]
+    # Under pmap the cost analysis is per device: the same per-image FLOPs on 1 and 2 devices.
+    assert math.isclose(train["pmap", 1]["flops_per_image"], train["pmap", 2]["flops_per_image"],
+                        rel_tol=0.05)
+    assert train["pmap", 1]["weak_scaling_efficiency"] == pytest.approx(1.0)
+    assert train["pmap", 2]["weak_scaling_efficiency"] == pytest.approx(
+        train["pmap", 2]["images_per_s"] / (2 * train["pmap", 1]["images_per_s"]))
+    assert train["jit", 1]["weak_scaling_efficiency"] is None
+    assert (out / "images_per_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert table.count("\n| cpu | unet | 32 |") == len(records) and table.strip() in stdout
+
+
+def test_mfu_arithmetic():
+    # 2e12 FLOPs in 0.5 s = 4 TFLOP/s; against a 10 TFLOP/s peak that is 40 %.
+    assert peaks.achieved_tflops(2e12, 0.5) == pytest.approx(4.0)
+    assert peaks.mfu(2e12, 0.5, 10.0) == pytest.approx(0.4)
+    # H100 bf16: 989.4 TFLOP/s; a step of 98.94 TFLOP in 0.2 s is 50 %.
+    peak = peaks.lookup_peak("NVIDIA H100 80GB HBM3", "bfloat16")
+    assert peaks.mfu(98.94e12, 0.2, peak.tflops) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="step_seconds"):
+        peaks.mfu(1e9, 0.0, 1.0)
+    with pytest.raises(ValueError, match="peak_tflops"):
+        peaks.mfu(1e9, 1.0, 0.0)
+    with pytest.raises(ValueError, match="flops_per_step"):
+        peaks.achieved_tflops(-1.0, 1.0)
+
+
+@pytest.mark.parametrize("kind, dtype, row, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", "H100 SXM", 989.4),
+    ("NVIDIA H100 PCIe", "float32", "H100 PCIe", 378.0),
+    ("NVIDIA H200", "bfloat16", "H200", 989.4),
+    ("NVIDIA A100-SXM4-40GB", "float32", "A100", 156.0),
+    ("Tesla V100-SXM2-16GB", "float32", "V100", 15.7),
+    ("TPU v4", "bfloat16", "TPU v4", 275.0),
+    ("TPU v5 lite", "bfloat16", "TPU v5e", 197.0),
+    ("TPU v5p", "float32", "TPU v5p", 459.0),
+    ("TPU v5", "bfloat16", "TPU v5p", 459.0),
+    ("TPU v6 lite", "bfloat16", "TPU v6e", 918.0),
+])  # fmt: skip
+def test_peak_table_lookup(kind, dtype, row, tflops):
+    assert peaks.table_entry(kind) == row
+    peak = peaks.lookup_peak(kind, dtype)
+    assert peak.tflops == tflops and row in peak.source
+
+
+def test_peak_lookup_unknown_and_bad_dtype():
+    assert peaks.lookup_peak("cpu", "float32") is None
+    assert peaks.lookup_peak("Some New Accelerator", "bfloat16") is None
+    with pytest.raises(ValueError, match="dtype"):
+        peaks.lookup_peak("TPU v4", "float16")
+    probe = peaks.matmul_probe("float32", size=128, repeats=2)
+    assert probe.tflops > 0 and probe.source.startswith("matmul probe")
+
+
+def test_step_statistics_match_numpy():
+    times = [0.3, 0.1, 0.2, 0.5, 0.4, 0.25]
+    stats = throughput.step_statistics(times, global_batch=8, num_devices=2)
+    assert stats["step_ms_median"] == pytest.approx(1e3 * np.median(times))
+    assert stats["step_ms_p10"] == pytest.approx(1e3 * np.percentile(times, 10))
+    assert stats["step_ms_p90"] == pytest.approx(1e3 * np.percentile(times, 90))
+    assert stats["images_per_s"] == pytest.approx(8 / np.median(times))
+    assert stats["images_per_s_per_device"] == pytest.approx(4 / np.median(times))
+
+
+def test_scaling_counts_and_bad_flags():
+    assert throughput.scaling_counts(1) == [1]
+    assert throughput.scaling_counts(6) == [1, 2, 4, 6]
+    assert throughput.scaling_counts(8) == [1, 2, 4, 8]
+    for argv in (["--batch_sizes=0"], ["--models=resnet"], ["--steps=2"], ["--num_devices=0"]):
+        with pytest.raises(SystemExit):
+            throughput.parse_args(argv)
+    with pytest.raises(ValueError, match="fcn8s"):
+        throughput._model_kwargs("fcn8s", throughput.parse_args(["--features=8"]))
+    jax.devices()  # the backend is up: forcing a device count now must fail clearly
+    with pytest.raises(RuntimeError, match="fresh process"):
+        throughput.configure_devices(3)
+
+
+def test_line_plot_rejects_empty(tmp_path):
+    with pytest.raises(ValueError, match="series"):
+        line_plot({}, str(tmp_path / "x.png"), title="t")
+
+
+def test_torch_twin_equals_flaxseg():
+    pytest.importorskip("torch")
+    from benchmarks import compare_torch
+
+    pair = compare_torch.Pair(features=4, in_channels=3, num_classes=3, image_size=32, batch=2)
+    batch = compare_torch.make_batch(0, 2, 32, 3, 3)
+    gaps = compare_torch.check_equal(pair, batch)
+    for layout in compare_torch.LAYOUTS:
+        assert gaps[f"{layout}_logits_max_abs"] <= 1e-4
+        assert gaps[f"{layout}_grad_max_rel"] <= 1e-3
+    assert gaps["nchw_loss_abs"] <= 1e-5 * max(1.0, gaps["loss"])
+    # The check must catch a real difference: nudge one transposed-conv weight.
+    import torch
+
+    with torch.no_grad():
+        pair.torch_model.upconvs[0].weight[0, 0, 0, 1] += 0.5
+    with pytest.raises(AssertionError, match="differ"):
+        compare_torch.check_equal(pair, batch)
