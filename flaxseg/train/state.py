@@ -61,11 +61,10 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _init_variables(
     model: nn.Module, input_shape: tuple[int, int, int, int], rng: jax.Array
 ) -> tuple[PyTree, PyTree, jax.Array]:
-    """(params, batch_stats, the state's own key) from one key; compiled once per model."""
+    """(params, batch_stats, the state's own key) from one key."""
     _, height, width, channels = input_shape
     params_key, dropout_key, state_key = jax.random.split(rng, 3)
     # Batch 1: initialisation only needs the spatial size and channel count.
@@ -80,14 +79,23 @@ def _init_variables(
     return variables["params"], variables.get("batch_stats", {}), state_key
 
 
+# Compiled once per (model, input shape): a second seed or a restore target reuses it.
+_cached_init_variables = jax.jit(_init_variables, static_argnums=(0, 1))
+
+
 def _state_builder(
     model: nn.Module, tx: optax.GradientTransformation, input_shape: Sequence[int]
 ) -> Callable[[jax.Array], TrainState]:
     """A pure function `rng -> TrainState`."""
     shape = _check_input_shape(input_shape)
+    try:
+        hash(model)
+        init = functools.partial(_cached_init_variables, model, shape)
+    except TypeError:  # a model with an unhashable field: compile for this call only
+        init = jax.jit(functools.partial(_init_variables, model, shape))
 
     def build(rng: jax.Array) -> TrainState:
-        params, batch_stats, state_key = _init_variables(model, shape, rng)
+        params, batch_stats, state_key = init(rng)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,

@@ -33,6 +33,7 @@ from the logits.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -55,13 +56,15 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def _check_options(parallel: str, num_classes: int, nan_policy: str = "raise") -> None:
+def _check_options(parallel: str, num_classes: int, nan_policy: str = "raise") -> int:
+    """Validates the factory's options; returns num_classes as a Python int."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be 'jit' or 'pmap'; got {parallel!r}.")
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be 'raise' or 'skip'; got {nan_policy!r}.")
-    if not isinstance(num_classes, int) or num_classes < 1:
+    if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
+    return int(num_classes)
 
 
 def _model_for(model: nn.Module, parallel: str) -> nn.Module:
@@ -185,7 +188,7 @@ def make_train_step(
     `batch = {'image': float [B, H, W, C], 'label': int [B, H, W]}` (under pmap with a leading
     device axis). Labels larger than the logits are centre-cropped to them.
     """
-    _check_options(parallel, num_classes, nan_policy)
+    num_classes = _check_options(parallel, num_classes, nan_policy)
     model = _model_for(model, parallel)
     axis_name = AXIS_NAME if parallel == "pmap" else None
 
@@ -251,7 +254,7 @@ def make_eval_step(
     Same batch layout and metric sums as `make_train_step` (no `nonfinite`); padded eval
     batches whose labels are all `ignore_index` add nothing.
     """
-    _check_options(parallel, num_classes)
+    num_classes = _check_options(parallel, num_classes)
     model = _model_for(model, parallel)
     axis_name = AXIS_NAME if parallel == "pmap" else None
 
