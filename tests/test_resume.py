@@ -76,7 +76,9 @@ def compile_cache(tmp_path_factory) -> Path:
 
 def _start(workdir: Path, cache: Path, overrides: dict | None = None,
            **hooks) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    # The parent's XLA flags (conftest's cheap compile passes) plus 2 host devices.
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    env = {**os.environ, "XLA_FLAGS": xla_flags.strip(),
            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
            "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}

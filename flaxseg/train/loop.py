@@ -22,6 +22,7 @@ lines as an uninterrupted one (on the same number of devices).
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -216,10 +217,32 @@ def _evaluate(eval_step, state: PyTree, batches: Iterator[dict[str, np.ndarray]]
     return sums, first
 
 
-def _make_predict(model):
-    """A jitted `(variables, images [B,H,W,C]) -> class ids [B,H',W']` on one device."""
-    single = model.clone(axis_name=None) if hasattr(model, "axis_name") else model
-    return jax.jit(lambda v, x: jnp.argmax(single.apply(v, x, train=False), axis=-1))
+# Compiled functions of recent runs in this process, so that calling train_and_evaluate
+# again (a resumed run, a notebook, the tests) with the same model does not recompile.
+_COMPILED: dict[tuple, tuple] = {}
+_MAX_COMPILED = 4
+
+
+def _compiled_functions(model, config: ml_collections.ConfigDict) -> tuple:
+    """(train_step, eval_step, predict) for this model, loss and parallel mode."""
+    loss_cfg = config.loss.to_dict()
+    ignore_index = int(config.dataset.ignore_index)
+    num_classes = int(config.dataset.num_classes)
+    key = (model, json.dumps(loss_cfg, sort_keys=True), num_classes, config.parallel,
+           ignore_index, config.nan_policy, jax.local_device_count())
+    if key not in _COMPILED:
+        loss_fn = losses.get_loss_fn(loss_cfg.pop("name"), ignore_index=ignore_index,
+                                     **loss_cfg)
+        train_step = make_train_step(model, loss_fn, num_classes, parallel=config.parallel,
+                                     ignore_index=ignore_index, nan_policy=config.nan_policy)
+        eval_step = make_eval_step(model, loss_fn, num_classes, parallel=config.parallel,
+                                   ignore_index=ignore_index)
+        # Pictures: class ids `[B, H', W']` from images `[B, H, W, C]`, on one device.
+        predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), axis=-1))
+        if len(_COMPILED) >= _MAX_COMPILED:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[key] = (train_step, eval_step, predict)
+    return _COMPILED[key]
 
 
 def _grid(predict, state: PyTree, batch: dict[str, np.ndarray], count: int,
@@ -285,11 +308,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_train_steps = int(config.num_train_steps)
     process_batch = int(config.batch_size) // jax.process_count()
 
-    model = build_model(config)
+    # Built for one device: make_train_step sets BatchNorm's axis for pmap itself, so the
+    # model (and its compiled initialiser) is the same whatever the parallel mode.
+    model = build_model(config, parallel="jit")
     tx = create_optimizer(config.optimizer, num_train_steps)
     schedule = create_learning_rate_schedule(config.optimizer, num_train_steps)
-    loss_cfg = config.loss.to_dict()
-    loss_fn = losses.get_loss_fn(loss_cfg.pop("name"), ignore_index=ignore_index, **loss_cfg)
 
     # -- resume or start ----------------------------------------------------------------
     abstract = abstract_train_state(model, tx, input_shape)
@@ -312,8 +335,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.close()
         summary_path = Path(workdir) / SUMMARY_FILE
         if summary_path.exists():
-            import json
-
             summary = json.loads(summary_path.read_text())
             say(f"{workdir} is already trained to step {start_step} "
                 f"(num_train_steps={num_train_steps}); nothing to do. Final mIoU "
@@ -327,12 +348,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         augment=config.augment, image_size=(height, width))
     if restored is not None:
         train_iter.set_state(restored.loop["data_iterator"])
-    train_step = make_train_step(model, loss_fn, num_classes, parallel=config.parallel,
-                                 ignore_index=ignore_index, nan_policy=config.nan_policy)
-    eval_step = make_eval_step(model, loss_fn, num_classes, parallel=config.parallel,
-                               ignore_index=ignore_index)
+    train_step, eval_step, predict = _compiled_functions(model, config)
     guard = NonFiniteGuard(config.nan_policy)
-    predict = _make_predict(model)
     class_names = list(info.class_names)
 
     state = devices.put_state(state)
