@@ -24,12 +24,12 @@ def get_config() -> ml_collections.ConfigDict:
         scale_range=(0.75, 1.25), brightness=0.1, contrast=0.1, saturation=0.1
     )
     config.optimizer = optimizer_config(
-        name="adam", learning_rate=3e-3, schedule="warmup_cosine", warmup_steps=50,
+        name="adam", learning_rate=3e-3, schedule="warmup_cosine", warmup_steps=30,
         end_learning_rate=1e-4,
     )
     config.batch_size = 16
-    config.num_train_steps = 600
-    config.eval_every_steps = 200
-    config.checkpoint_every_steps = 200
-    config.log_every_steps = 20
+    config.num_train_steps = 300
+    config.eval_every_steps = 100
+    config.checkpoint_every_steps = 100
+    config.log_every_steps = 10
     return config
