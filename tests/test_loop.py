@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from flaxseg import configs
-from flaxseg.train import loop
+from flaxseg.train import create_optimizer, create_train_state, loop
 from flaxseg.train.checkpoint import Checkpointer, load_for_inference
 from flaxseg.train.reporting import Reporter, format_duration, json_safe, read_metrics
 
@@ -81,6 +81,23 @@ def test_load_for_inference_rebuilds_the_trained_model(trained):
     images = np.zeros((1, 32, 32, 3), np.float32)
     logits = model.apply(variables, images, train=False)
     assert logits.shape == (1, 32, 32, 4)
+
+
+def test_init_from_copies_the_shared_parameters(trained):
+    workdir, _ = trained
+    config = _config(**{"dataset.num_classes": 2})  # a new head, the same body
+    model = configs.build_model(config, parallel="jit")
+    tx = create_optimizer(config.optimizer, STEPS)
+    fresh = create_train_state(model, tx, jax.random.key(1), (1, 32, 32, 3))
+    messages = []
+    state = loop._init_from(fresh, str(workdir), messages.append)
+    _, trained_vars, _ = load_for_inference(workdir)
+    flat_new = dict(jax.tree_util.tree_flatten_with_path(state.params)[0])
+    flat_old = dict(jax.tree_util.tree_flatten_with_path(trained_vars["params"])[0])
+    copied = [k for k in flat_new if np.array_equal(flat_new[k], flat_old[k])]
+    new = [jax.tree_util.keystr(k) for k in flat_new if k not in copied]
+    assert len(copied) == len(flat_new) - 2 and all("classifier" in name for name in new), new
+    assert f"Initialised {len(copied)} parameter arrays" in messages[0]
 
 
 def test_second_run_in_the_same_workdir_finishes_at_once(trained, capsys):
