@@ -14,7 +14,8 @@
 
 Keys: the step's dropout key is `fold_in(state.rng, state.step)`, and under pmap also
 `fold_in(..., axis_index('batch'))`; `state.step` grows by one every step, so no key is
-used twice.
+used twice. Random bits use the non-partitionable threefry (`flaxseg.train.state.fast_random`:
+much faster to compile on CPU; each device draws its own masks, so nothing is lost).
 
 Metrics leave the step as sums (psum-ed under pmap, so every replica holds the global
 value): `loss_sum`, `weight_sum` (float32), `confusion` (int32 `[C, C]`), and `nonfinite`
@@ -46,7 +47,7 @@ from jax import lax
 from flaxseg.losses import LossFn
 from flaxseg.metrics import confusion_matrix
 from flaxseg.models.layers import center_crop
-from flaxseg.train.state import TrainState
+from flaxseg.train.state import TrainState, fast_random
 
 AXIS_NAME = "batch"
 PARALLEL_MODES = ("jit", "pmap")
@@ -193,6 +194,10 @@ def make_train_step(
     axis_name = AXIS_NAME if parallel == "pmap" else None
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        with fast_random():  # dropout masks compile ~6x faster; see its docstring
+            return _train_step(state, batch)
+
+    def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         images, labels = _check_batch(batch, num_classes)
         key = jax.random.fold_in(state.rng, state.step)
         if axis_name:
