@@ -154,7 +154,7 @@ def test_torch_twin_equals_flaxseg():
     gaps = compare_torch.check_equal(pair, batch)
     for layout in compare_torch.LAYOUTS:
         assert gaps[f"{layout}_logits_max_abs"] <= 1e-4
-        assert gaps[f"{layout}_grad_max_rel"] <= 1e-3
+        assert gaps[f"{layout}_grad_max_rel"] <= 1e-2
     assert gaps["nchw_loss_abs"] <= 1e-5 * max(1.0, gaps["loss"])
     # The check must catch a real difference: nudge one transposed-conv weight.
     import torch
