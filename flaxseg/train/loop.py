@@ -163,32 +163,13 @@ class _Devices:
     def __init__(self, mode: str):
         self.mode = mode
         self.count = jax.local_device_count() if mode == "pmap" else 1
-        # `parallel.replicate` / `unreplicate` work leaf by leaf (a small compile per leaf
-        # shape); one jitted function per direction does the whole tree in one compile,
-        # with the same layout (one copy per local device, as pmap takes it).
-        devices = jax.local_devices()
-        mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
-        replicas = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
-        self._everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self._replicate = jax.jit(
-            lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices), *x.shape)),
-                                      tree),
-            out_shardings=replicas)
-        self._first_replica = jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree))
-        self._first_device = jax.sharding.SingleDeviceSharding(devices[0])
 
     def put_state(self, state: PyTree) -> PyTree:
-        if self.mode != "pmap":
-            return state
-        # A copy on every device first (a transfer, no compile): jit needs its input on
-        # the devices of its output.
-        return self._replicate(jax.device_put(state, self._everywhere))
+        return parallel.replicate(state) if self.mode == "pmap" else state
 
     def get_state(self, state: PyTree) -> PyTree:
         """One copy of the state on the first device (for checkpoints and pictures)."""
-        if self.mode != "pmap":
-            return state
-        return jax.device_put(self._first_replica(state), self._first_device)
+        return parallel.unreplicate(state) if self.mode == "pmap" else state
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         return parallel.shard_batch(batch, self.count) if self.mode == "pmap" else batch
