@@ -43,6 +43,27 @@ def test_max_pool_matches_nn_max_pool_and_avoids_select_and_scatter():
     np.testing.assert_array_equal(g, jax.grad(lambda v: nn.max_pool(v, (2, 2), (2, 2)).sum())(x))
 
 
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window():
+    # Ties: jax's reduce_max gradient would split 1/4 each; one winner (row-major first,
+    # as PyTorch picks) never divides, so it cannot turn 0/0 = NaN.
+    x = jnp.zeros((1, 4, 4, 1)).at[0, 3, 3, 0].set(1.0)
+    g = np.asarray(jax.grad(lambda v: (layers.max_pool_2x2(v) * jnp.arange(1.0, 5.0).reshape(
+        1, 2, 2, 1)).sum())(x))[0, :, :, 0]
+    expected = np.zeros((4, 4))
+    expected[0, 0], expected[0, 2], expected[2, 0], expected[3, 3] = 1, 2, 3, 4
+    np.testing.assert_array_equal(g, expected)
+    # NumPy oracle on random data (no ties): each window's gradient lands on its argmax.
+    x = _normal(3, (2, 6, 8, 3))
+    up = _normal(4, (2, 3, 4, 3))
+    g = np.asarray(jax.grad(lambda v: (layers.max_pool_2x2(v) * up).sum())(jnp.asarray(x)))
+    windows = x.reshape(2, 3, 2, 4, 2, 3).transpose(0, 1, 3, 5, 2, 4).reshape(2, 3, 4, 3, 4)
+    winner = windows.argmax(-1)
+    oracle = np.zeros_like(windows)
+    np.put_along_axis(oracle, winner[..., None], up[..., None], axis=-1)
+    oracle = oracle.reshape(2, 3, 4, 3, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(x.shape)
+    np.testing.assert_array_equal(g, oracle)
+
+
 def test_max_pool_ceil_mode_pools_the_odd_edge_alone():
     x = jnp.asarray(_normal(1, (1, 5, 7, 2)))
     ref = nn.max_pool(x, (2, 2), (2, 2), padding=((0, 1), (0, 1)))

@@ -9,9 +9,8 @@ from flaxseg.data.config import augment_config, dataset_config
 
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
-    # No BatchNorm or dropout: tests/conftest.py compiles with
-    # --xla_backend_optimization_level=0, under which the reshape-max pool's gradient
-    # turns NaN after a BatchNorm (see docs/training_program.md).
+    # No BatchNorm or dropout: the smallest program to compile, for the many short runs
+    # of the loop and resume tests (tests/test_train_core.py covers both).
     config.model = ml_collections.ConfigDict(
         dict(name="unet", features=4, depth=2, norm=None, dropout_rate=0.0)
     )

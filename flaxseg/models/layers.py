@@ -88,7 +88,37 @@ def max_pool_2x2(x: jax.Array, ceil_mode: bool = False) -> jax.Array:
         raise ValueError(
             f"max_pool_2x2 needs even H and W without ceil_mode; got {h}x{w}."
         )
+    return _pool_2x2(x)
+
+
+@jax.custom_vjp
+def _pool_2x2(x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _pool_2x2_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _pool_2x2(x), x
+
+
+def _pool_2x2_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    """The gradient goes to one winner per window: the first maximum in row-major order.
+
+    JAX's own `reduce_max` gradient divides by the number of inputs equal to the maximum.
+    When XLA recomputes the pooled input inside the backward pass (e.g. a fused BatchNorm)
+    and the recomputation differs in the last bit, that number is 0 and the gradient NaN
+    (seen with XLA CPU at --xla_backend_optimization_level=0). An argmax always picks
+    exactly one input, like PyTorch's and cuDNN's max-pool gradients.
+    """
+    b, h, w, c = x.shape
+    windows = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    winner = jnp.argmax(windows.reshape(b, h // 2, w // 2, 4, c), axis=3)
+    mask = jax.nn.one_hot(winner, 4, axis=3, dtype=g.dtype)
+    dx = (mask * g[:, :, :, None, :]).reshape(b, h // 2, w // 2, 2, 2, c)
+    return (dx.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c),)
+
+
+_pool_2x2.defvjp(_pool_2x2_fwd, _pool_2x2_bwd)
 
 
 def depth_to_space(x: jax.Array, block: int) -> jax.Array:
