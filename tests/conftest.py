@@ -41,3 +41,13 @@ def isbi_dir() -> str:
     if not os.path.isdir(path):
         pytest.fail(f"{ISBI_DIR_ENV}={path!r} is not a directory")
     return path
+
+
+def file_mtimes(root) -> dict[str, int]:
+    """Every file below `root` with its mtime (ns): equal before and after = nothing written."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            out[path] = os.stat(path).st_mtime_ns
+    return out

@@ -1,11 +1,11 @@
 """Checkpointer: keep-latest + keep-best, corrupt checkpoints, model mismatch, load errors."""
 
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import file_mtimes
 
 from flaxseg.train.checkpoint import Checkpointer, load_for_inference
 
@@ -31,15 +31,6 @@ def _save_all(workdir, steps_metrics, keep=2):
                   metrics=None if miou is None else {"mean_iou": miou})
     ckpt.wait()
     return ckpt
-
-
-def _listing(root) -> dict:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            out[path] = os.stat(path).st_mtime_ns
-    return out
 
 
 def test_keeps_the_latest_and_the_best_never_deleting_the_newest(tmp_path):
@@ -98,14 +89,14 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 
 def test_other_model_raises_naming_both_and_writes_nothing(tmp_path):
     _save_all(tmp_path, [(1, None)]).close()
-    before = _listing(tmp_path)
+    before = file_mtimes(tmp_path)
     ckpt = Checkpointer(tmp_path)
     with pytest.raises(ValueError, match=r"different model or shape.*name.: .unet.*fcn8s.*"
                                          r"params/conv/kernel.*\(3, 4\).*\(3, 5\)"):
         ckpt.restore(_abstract((3, 5)), config={"model": {"name": "fcn8s"},
                                                  "dataset": {"num_classes": 21}})
     ckpt.close()
-    assert _listing(tmp_path) == before
+    assert file_mtimes(tmp_path) == before
 
 
 def test_save_rejects_metrics_without_mean_iou(tmp_path):

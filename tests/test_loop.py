@@ -14,6 +14,7 @@ import signal
 import jax
 import numpy as np
 import pytest
+from conftest import file_mtimes
 
 from flaxseg import configs
 from flaxseg.train import create_optimizer, create_train_state, loop
@@ -28,15 +29,6 @@ def _config(**overrides):
     config.num_train_steps = STEPS
     config.update_from_flattened_dict(overrides)
     return config
-
-
-def _files(root) -> dict:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            out[path] = os.stat(path).st_mtime_ns
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,20 +94,20 @@ def test_init_from_copies_the_shared_parameters(trained):
 
 def test_second_run_in_the_same_workdir_finishes_at_once(trained, capsys):
     workdir, summary = trained
-    before = _files(workdir)
+    before = file_mtimes(workdir)
     again = loop.train_and_evaluate(_config(), str(workdir))
     assert again == json.loads((workdir / "summary.json").read_text())
     assert "already trained to step 6" in capsys.readouterr().out
-    assert _files(workdir) == before
+    assert file_mtimes(workdir) == before
 
 
 def test_workdir_of_another_model_is_an_error_and_nothing_is_written(trained):
     workdir, _ = trained
-    before = _files(workdir)
+    before = file_mtimes(workdir)
     with pytest.raises(ValueError, match=r"different model or shape.*features.: 4.*"
                                          r"features.: 8"):
         loop.train_and_evaluate(_config(**{"model.features": 8}), str(workdir))
-    assert _files(workdir) == before
+    assert file_mtimes(workdir) == before
 
 
 def test_resume_onto_one_device_and_back(trained, tmp_path, capsys):

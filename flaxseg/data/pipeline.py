@@ -34,7 +34,16 @@ from flaxseg.data.config import normalize_image_size
 Batch = dict[str, np.ndarray]
 
 
-def _check_common(source: Source, batch_size: int, shard_index: int, shard_count: int) -> None:
+def _check_common(
+    source: Source,
+    batch_size: int,
+    shard_index: int | None,
+    shard_count: int | None,
+    augment: ml_collections.ConfigDict | None,
+) -> tuple[int, int]:
+    """Validates the arguments both iterators share; returns (shard_index, shard_count)."""
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if shard_count < 1 or not 0 <= shard_index < shard_count:
@@ -47,6 +56,9 @@ def _check_common(source: Source, batch_size: int, shard_index: int, shard_count
             f"The source has {len(source)} examples, fewer than the {shard_count} processes "
             "that share it; every process needs at least one example."
         )
+    if augment is not None:
+        transforms.validate_augment(augment, source.info.num_channels)
+    return shard_index, shard_count
 
 
 def _train_example(
@@ -156,11 +168,7 @@ def create_train_iterator(
     Returns:
       A `TrainIterator` of `{'image': float32 [B, H, W, C], 'label': int32 [B, H, W]}`.
     """
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-    _check_common(source, batch_size, shard_index, shard_count)
-    if augment is not None:
-        transforms.validate_augment(augment, source.info.num_channels)
+    shard_index, shard_count = _check_common(source, batch_size, shard_index, shard_count, augment)
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}.")
     image_size = normalize_image_size(image_size)
@@ -263,11 +271,7 @@ def create_eval_iterator(
     Returns:
       An `EvalIterator` of `{'image': float32 [B, H, W, C], 'label': int32 [B, H, W]}`.
     """
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-    _check_common(source, batch_size, shard_index, shard_count)
-    if augment is not None:
-        transforms.validate_augment(augment, source.info.num_channels)
+    shard_index, shard_count = _check_common(source, batch_size, shard_index, shard_count, augment)
     image_size = normalize_image_size(image_size)
     num_local = len(range(shard_index, len(source), shard_count))
     num_batches = math.ceil(math.ceil(len(source) / shard_count) / batch_size)
