@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from flaxseg.models.layers import (
     NORMS,
+    Conv1x1,
     ConvBlock,
     ConvTranspose,
     Dtype,
@@ -161,9 +162,8 @@ class UNet(nn.Module):
             )(x)
         b, h, w, c = x.shape
         x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="bilinear")
-        return nn.Conv(
+        return Conv1x1(
             features,
-            (1, 1),
             kernel_init=nn.initializers.he_normal(),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -201,9 +201,8 @@ class UNet(nn.Module):
             if self.skip_connections:
                 x = jnp.concatenate([center_crop(skips[i], x.shape[1:3]), x], axis=-1)
             x = self._block(self.features * 2**i, f"decoder_{i}")(x, train)
-        logits = nn.Conv(
+        logits = Conv1x1(
             self.num_classes,
-            (1, 1),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="classifier",
