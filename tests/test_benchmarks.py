@@ -10,12 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # plain `pytest` (unlike `python -m pytest`) leaves the root out
-    sys.path.insert(0, REPO)
+from benchmarks import peaks, throughput
+from benchmarks.plot import line_plot
 
-from benchmarks import peaks, throughput  # noqa: E402
-from benchmarks.plot import line_plot  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
