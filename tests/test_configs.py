@@ -1,5 +1,8 @@
 """Configs as code: every shipped config is complete and valid; every mistake is caught early."""
 
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import pytest
 
@@ -138,3 +141,22 @@ def test_build_model_takes_classes_dtype_and_axis_from_the_config():
 def test_default_workdir_is_named_after_the_config_file():
     assert default_workdir("flaxseg/configs/default.py") == "runs/default"
     assert default_workdir("/x/unet_isbi.py:extra") == "runs/unet_isbi"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--config.batch_sise=3", "no key 'batch_sise'; did you mean 'batch_size'?"),
+        ("--config.model.featurs=3", "no key 'featurs'; did you mean 'features'?"),
+    ],
+)
+def test_cli_unknown_config_key_is_one_line_exit_2_and_writes_nothing(tmp_path, override, expected):
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "flaxseg.train", override, f"--workdir={workdir}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()

@@ -14,6 +14,7 @@ checkpoint and exit 0.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -22,9 +23,32 @@ from ml_collections import config_flags
 
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.py")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "A config file with get_config(); override keys with "
-    "--config.key=value.", lock_config=True)
+
+
+def _unknown_config_key(error: Exception) -> None:
+    """Exits 2 with one line for a `--config.key=value` naming no key of the config."""
+    # ml_collections nests the message, e.g. "'batch_sise'\nDid you mean "batch_size" ...?"
+    text = str(error)
+    key = re.search(r"'([^'\\]+)\\?'", text)
+    hint = re.search(r'Did you mean \\?"(\w+)\\?"', text)
+    print(
+        f"Error: the config has no key {key.group(1) if key else text!r}"
+        + (f"; did you mean {hint.group(1)!r}?" if hint else ".")
+        + " A --config.key=value override must name a key of the config file.",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
+try:  # config_flags resolves the --config.key overrides when the flag is defined
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config",
+        _DEFAULT_CONFIG,
+        "A config file with get_config(); override keys with --config.key=value.",
+        lock_config=True,
+    )
+except (AttributeError, KeyError) as e:
+    _unknown_config_key(e)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, logs, pictures and summary.json go "
     "(default: runs/<config name>).")
