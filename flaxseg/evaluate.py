@@ -222,8 +222,9 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --flag=value).")
     from flaxseg.data import create_source
     from flaxseg.train.checkpoint import load_for_inference
-    from flaxseg.train.reporting import json_safe
+    from flaxseg.train.reporting import json_safe, quiet_library_logs
 
+    quiet_library_logs()
     values = flags.FLAGS
     try:
         model, variables, config = load_for_inference(values.workdir, values.step)

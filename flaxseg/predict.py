@@ -27,7 +27,9 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --flag=value).")
     from flaxseg.train.checkpoint import load_for_inference
+    from flaxseg.train.reporting import quiet_library_logs
 
+    quiet_library_logs()
     values = flags.FLAGS
     try:
         model, variables, config = load_for_inference(values.workdir, values.step)

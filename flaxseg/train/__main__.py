@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.py")
@@ -64,10 +64,9 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --flag=value).")
     from flaxseg.train.loop import train_and_evaluate
+    from flaxseg.train.reporting import quiet_library_logs
 
-    if not flags.FLAGS["verbosity"].present:
-        # orbax logs every save at INFO; the run's own output is the progress and tables.
-        logging.set_verbosity(logging.WARNING)
+    quiet_library_logs()
 
     workdir = _WORKDIR.value
     if workdir is None:

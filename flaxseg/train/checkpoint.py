@@ -119,6 +119,7 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only,
             create=not read_only,
             read_only=read_only,
+            save_interval_steps=0 if read_only else 1,  # orbax warns unless set so
         )
         self._manager = ocp.CheckpointManager(
             self.directory,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+from absl import flags, logging
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -230,3 +231,14 @@ class Reporter:
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
+
+
+def quiet_library_logs() -> None:
+    """Sets absl logging to WARNING unless the user passed `--verbosity`.
+
+    orbax logs every checkpoint save and restore at INFO; a command's own output (the
+    progress, the tables) is what its user reads. For the entry points, after flag parsing.
+    """
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
