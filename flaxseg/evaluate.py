@@ -217,18 +217,30 @@ def _progress(done: int, total: int) -> None:
         print(f"  evaluated {done}/{total} images", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str]) -> int:
+def load_run(argv: list[str]) -> tuple[Any, Any, ml_collections.ConfigDict, dict[str, Any]]:
+    """The entry points' shared start: `(model, variables, config, predict options)`.
+
+    Rejects positional arguments, quiets library logs, loads `--workdir` (at `--step`)
+    and reads the shared inference flags. Raises ValueError / FileNotFoundError for a
+    workdir or option that cannot be used.
+    """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --flag=value).")
-    from flaxseg.data import create_source
     from flaxseg.train.checkpoint import load_for_inference
-    from flaxseg.train.reporting import json_safe, quiet_library_logs
+    from flaxseg.train.reporting import quiet_library_logs
 
     quiet_library_logs()
+    model, variables, config = load_for_inference(flags.FLAGS.workdir, flags.FLAGS.step)
+    return model, variables, config, inference_options(model, config)
+
+
+def main(argv: list[str]) -> int:
+    from flaxseg.data import create_source
+    from flaxseg.train.reporting import json_safe
+
     values = flags.FLAGS
     try:
-        model, variables, config = load_for_inference(values.workdir, values.step)
-        options = inference_options(model, config)
+        model, variables, config, options = load_run(argv)
         input_size = values.input_size
         if input_size == "auto":
             input_size = "config" if options["mode"] == "whole" else "native"

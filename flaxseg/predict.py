@@ -24,16 +24,9 @@ from flaxseg import evaluate, inference
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --flag=value).")
-    from flaxseg.train.checkpoint import load_for_inference
-    from flaxseg.train.reporting import quiet_library_logs
-
-    quiet_library_logs()
     values = flags.FLAGS
     try:
-        model, variables, config = load_for_inference(values.workdir, values.step)
-        options = evaluate.inference_options(model, config)
+        model, variables, config, options = evaluate.load_run(argv)
         palette = config.dataset.get("palette")
         results = inference.predict(
             model,
