@@ -15,12 +15,18 @@ Results go to `--out_dir` as `results.jsonl` (one object per configuration, with
 device kind, library versions and flags), `results.md` (the table, also printed) and
 `images_per_s.png` (images/s against batch size, one line per model/size/mode/dtype).
 
-`--num_devices=N` on CPU forces N host devices (`jax_num_cpu_devices`, set before JAX's
-backend starts); on GPU/TPU it uses the first N devices. `--scaling` runs pmap on
-1, 2, 4, ... N devices at a fixed per-device batch and reports the weak-scaling
-efficiency img/s(n) / (n x img/s(1)). The input pipeline's images/s (synthetic source
-plus the default augmentation, on this host) is measured beside every configuration,
-so the slower of the two is visible.
+`--parallel` picks the step's mode (`flaxseg.train.parallel`: `jit` on one device, `mesh`
+or `pmap` over all of them). `--num_devices=N` on CPU forces N host devices per process
+(`jax_num_cpu_devices`, set before JAX's backend starts); on GPU/TPU it uses the first N
+devices of each process. `--scaling` runs the mesh step on 1, 2, 4, ... devices per
+process at a fixed per-device batch and reports global and per-device images/s and the
+weak-scaling efficiency img/s(n) / (n / n0 x img/s(n0)), n0 the smallest count. The
+input pipeline's images/s (synthetic source plus the default augmentation, on this host)
+is measured beside every configuration, so the slower of the two is visible.
+
+Several processes run the same command with the distributed flags of `python -m
+flaxseg.train` (`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`);
+each process feeds its own rows of every batch, and process 0 prints and writes results.
 """
 
 from __future__ import annotations
@@ -43,11 +49,11 @@ from benchmarks.peaks import Peak
 
 MODELS = ("unet", "unet_valid", "fcn8s", "fcn16s", "fcn32s", "encoder_decoder")
 MODES = ("train", "infer")
-PARALLEL = ("jit", "pmap")
+PARALLEL = ("jit", "mesh", "pmap")
 DTYPES = ("float32", "bfloat16")
 
 # --quick: a CPU smoke run of every code path: jit train and infer at two batch sizes,
-# then pmap training on 1 and 2 forced host devices (scaling), and the input pipeline.
+# then mesh training on 1 and 2 forced host devices (scaling), and the input pipeline.
 QUICK = dict(
     models=["unet"],
     image_sizes=[32],
@@ -62,7 +68,8 @@ QUICK = dict(
 )
 
 JSON_FIELDS = (
-    "model", "image_size", "per_device_batch", "global_batch", "num_devices", "dtype", "mode",
+    "model", "image_size", "per_device_batch", "global_batch", "num_devices", "num_processes",
+    "dtype", "mode",
     "parallel", "model_kwargs", "num_params", "compile_s", "step_ms_median", "step_ms_p10",
     "step_ms_p90", "images_per_s", "images_per_s_per_device", "flops_per_image",
     "flops_per_step_per_device", "tflops_per_s_per_device", "peak_tflops_per_device",
@@ -99,10 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch_sizes", type=_csv(int), default=[1, 2, 4, 8], help="per-device batch sizes")
     add("--dtype", type=_csv(str, DTYPES), default=["float32"], help="compute dtype(s)")
     add("--modes", type=_csv(str, MODES), default=["train"], help="train and/or infer")
-    add("--parallel", choices=PARALLEL, default="jit", help="jit: one device; pmap: all")
+    add("--parallel", choices=PARALLEL, default="jit",
+        help="jit: one device; mesh (jit over a device mesh) or pmap: all devices")
     add("--num_devices", type=int, default=None,
-        help="devices to use; on CPU, the number of forced host devices")
-    add("--scaling", action="store_true", help="pmap over 1, 2, 4, ... num_devices")
+        help="devices per process; on CPU, the number of forced host devices")
+    add("--scaling", action="store_true",
+        help="the mesh step on 1, 2, 4, ... num_devices per process")
+    add("--coordinator_address", default=None, help="several processes: HOST:PORT of process 0")
+    add("--num_processes", type=int, default=None, help="several processes: how many")
+    add("--process_id", type=int, default=None, help="several processes: this one's index")
     add("--features", type=int, default=None, help="base width for unet / encoder_decoder")
     add("--depth", type=int, default=None, help="down-sampling stages for unet / encoder_decoder")
     add("--num_classes", type=int, default=3)
@@ -260,7 +272,7 @@ def _peak_memory(devices) -> int | None:
 
 @functools.cache
 def _initial_state(model_name: str, dtype: str, args_key: tuple, in_channels: int):
-    """(model, TrainState with Adam) for one model config, built once and copied per case.
+    """(model, TrainState with Adam) for one model config, built once and placed per case.
 
     The params do not depend on the batch shape, so one small init serves every case
     (`create_train_state` compiles the whole initialisation, which is not cheap).
@@ -288,49 +300,54 @@ def _init_size(model_name: str, kwargs: dict[str, Any]) -> int:
     return 32
 
 
+def case_devices(num_devices: int) -> list:
+    """The first `num_devices / process_count` devices of every process, by process."""
+    import jax
+
+    per_process, rest = divmod(num_devices, jax.process_count())
+    if rest or not 1 <= per_process <= jax.local_device_count():
+        raise ValueError(f"{num_devices} devices cannot be taken equally from "
+                         f"{jax.process_count()} processes of {jax.local_device_count()}.")
+    return [d for p in range(jax.process_count())
+            for d in jax.local_devices(process_index=p)[:per_process]]
+
+
 def _prepare(case: Case, args: argparse.Namespace):
     """Builds (function with `.lower`, its operands, num_params, model kwargs) for one case."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from flaxseg import parallel
     from flaxseg.losses import get_loss_fn
-    from flaxseg.train import make_train_step
+    from flaxseg.train import DataParallel, make_train_step
+    from flaxseg.train.steps import variables_of
 
     kwargs = _model_kwargs(case.model, args)
-    model, initial = _initial_state(case.model, case.dtype,
-                                    (args.num_classes, tuple(sorted(kwargs.items()))),
-                                    args.in_channels)
-    state = jax.tree.map(jnp.copy, initial)  # the train step donates (consumes) its state
+    model, state = _initial_state(case.model, case.dtype,
+                                  (args.num_classes, tuple(sorted(kwargs.items()))),
+                                  args.in_channels)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    devices = jax.local_devices()[: case.num_devices]
-    global_batch = case.per_device_batch * case.num_devices
-    batch = _random_batch(jax.random.key(1), global_batch, case.image_size, args.in_channels,
-                          args.num_classes)
+    par = DataParallel(case.parallel, devices=case_devices(case.num_devices))
+    rows = par.process_rows(case.per_device_batch * case.num_devices)
+    rng = np.random.default_rng(1)
+    size = case.image_size
+    # This process's rows of the batch, placed before timing (no host transfer per step).
+    batch = par.put_batch({
+        "image": rng.random((rows.stop - rows.start, size, size, args.in_channels), np.float32),
+        "label": rng.integers(0, args.num_classes, (rows.stop - rows.start, size, size),
+                              dtype=np.int32),
+    })
     if case.mode == "train":
+        # The train step donates (consumes) its state: place a copy of the cached one.
         fn = make_train_step(model, get_loss_fn("cross_entropy"), args.num_classes,
-                             parallel=case.parallel)
-        operands = [state, batch]
+                             parallel=par)
+        operands = [par.put_state(jax.tree.map(jnp.copy, state)), batch]
     else:
-        variables = {"params": state.params}
-        if jax.tree.leaves(state.batch_stats):
-            variables["batch_stats"] = state.batch_stats
+        def infer(variables, batch):
+            return model.apply(variables, batch["image"], train=False)
 
-        def infer(variables, images):
-            return model.apply(variables, images, train=False)
-
-        fn = jax.jit(infer) if case.parallel == "jit" else jax.pmap(infer, devices=devices)
-        operands = [variables, batch["image"]]
-    if case.parallel == "pmap":
-        operands[0] = parallel.replicate(operands[0], devices)
-        # One slice of the batch per device, placed before timing (no host transfer per step).
-        mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
-        operands[1] = jax.device_put(parallel.shard_batch(operands[1], case.num_devices),
-                                     sharding)
-    else:
-        operands[1] = jax.device_put(operands[1], devices[0])
+        fn = par.compile(infer, sharded_output=True)
+        operands = [par.put_state(variables_of(state)), batch]
     return fn, operands, int(num_params), kwargs
 
 
@@ -361,6 +378,7 @@ def run_case(case: Case, args: argparse.Namespace, env: dict[str, Any],
 
     global_batch = case.per_device_batch * case.num_devices
     record: dict[str, Any] = {**asdict(case), "global_batch": global_batch,
+                              "num_processes": jax.process_count(),
                               "model_kwargs": kwargs, "num_params": num_params,
                               "compile_s": compile_s}
     record.update(step_statistics(times, global_batch, case.num_devices))
@@ -372,7 +390,8 @@ def run_case(case: Case, args: argparse.Namespace, env: dict[str, Any],
         peak_tflops_per_device=peak.tflops if peak else None,
         peak_source=peak.source if peak else "unknown device: add it to benchmarks/peaks.py",
         mfu=peaks.mfu(flops_per_step, step_s, peak.tflops) if peak else None,
-        peak_memory_bytes=_peak_memory(jax.local_devices()[: case.num_devices]),
+        peak_memory_bytes=_peak_memory([d for d in case_devices(case.num_devices)
+                                        if d.process_index == jax.process_index()]),
         compiled_memory_bytes=compiled_memory,
         pipeline_images_per_s=pipeline_images_per_s,
         weak_scaling_efficiency=None,
@@ -388,7 +407,8 @@ def run_case(case: Case, args: argparse.Namespace, env: dict[str, Any],
 
 def pipeline_throughput(image_size: int, batch_size: int, in_channels: int,
                         num_batches: int) -> float:
-    """Images/s of flaxseg's training loader: synthetic scenes + default augmentation.
+    """Images/s of flaxseg's training loader on this process (its rows of each global batch
+    of `batch_size`): synthetic scenes + default augmentation.
 
     Timed from the loader's creation to its `num_batches`-th batch, start-up included,
     so the prefetch buffer cannot make it look faster than it sustains.
@@ -400,26 +420,28 @@ def pipeline_throughput(image_size: int, batch_size: int, in_channels: int,
                             num_channels=in_channels,
                             num_train=max(256, 2 * batch_size))
     source = create_source(config, "train")
-    start = time.perf_counter()
+    start, images = time.perf_counter(), 0
     with create_train_iterator(source, batch_size=batch_size, seed=0,
                                augment=augment_config(), image_size=image_size) as iterator:
         for _ in range(num_batches):
-            next(iterator)
-        return num_batches * batch_size / (time.perf_counter() - start)
+            images += len(next(iterator)["image"])  # this process's rows
+        return images / (time.perf_counter() - start)
 
 
-def scaling_counts(max_devices: int) -> list[int]:
-    """1, 2, 4, ... up to `max_devices`, and `max_devices` itself."""
-    return sorted({n for n in (2**k for k in range(max_devices.bit_length())) if n <= max_devices}
-                  | {max_devices})
+def scaling_counts(max_devices: int, num_processes: int = 1) -> list[int]:
+    """1, 2, 4, ... up to `max_devices` per process, and `max_devices` itself; times the
+    process count (each process gives the same number of devices)."""
+    per_process = sorted({n for n in (2**k for k in range(max_devices.bit_length()))
+                          if n <= max_devices} | {max_devices})
+    return [num_processes * n for n in per_process]
 
 
-def cases(args: argparse.Namespace, max_devices: int) -> list[Case]:
+def cases(args: argparse.Namespace, max_devices: int, num_processes: int = 1) -> list[Case]:
     """Every configuration the flags ask for, in run order.
 
-    `--scaling` runs each configuration under pmap on `scaling_counts` devices. `--quick`
-    runs jit inference at every batch and jit training at the largest, then pmap
-    training at the largest batch on 1..N devices.
+    `--scaling` runs each configuration's mesh step on `scaling_counts` devices. `--quick`
+    runs jit inference at every batch and jit training at the largest, then mesh training
+    at the largest batch on 1..N devices. `max_devices` is per process.
     """
     grid = [
         (model, size, batch, dtype, mode)
@@ -429,28 +451,32 @@ def cases(args: argparse.Namespace, max_devices: int) -> list[Case]:
         for mode in args.modes
         for batch in args.batch_sizes
     ]
+    counts = scaling_counts(max_devices, num_processes)
     if args.quick:  # every code path, with few (slow-to-compile) training cases
         largest = max(args.batch_sizes)
         todo = [Case(*g, "jit", 1) for g in grid if g[4] == "infer" or g[2] == largest]
         scaled = [g for g in grid if g[4] == "train" and g[2] == largest]
-        return todo + [Case(*g, "pmap", n) for g in scaled for n in scaling_counts(max_devices)]
+        if num_processes > 1:  # 'jit' runs in one process only
+            todo = []
+        return todo + [Case(*g, "mesh", n) for g in scaled for n in counts]
     if args.scaling:
-        return [Case(*g, "pmap", n) for g in grid for n in scaling_counts(max_devices)]
-    return [Case(*g, args.parallel, max_devices if args.parallel == "pmap" else 1)
+        return [Case(*g, "mesh", n) for g in grid for n in counts]
+    return [Case(*g, args.parallel, counts[-1] if args.parallel != "jit" else 1)
             for g in grid]
 
 
 def add_scaling_efficiency(records: list[dict[str, Any]]) -> None:
-    """Sets `weak_scaling_efficiency` = img/s(n) / (n * img/s(1)) on pmap records that have
-    a 1-device pmap run of the same configuration."""
+    """Sets `weak_scaling_efficiency` = img/s(n) / (n / n0 * img/s(n0)) on mesh and pmap
+    records, n0 the fewest devices the same configuration ran on (None for jit)."""
     key = ("model", "image_size", "per_device_batch", "dtype", "mode", "parallel")
-    single = {tuple(r[k] for k in key): r["images_per_s"] for r in records
-              if r["num_devices"] == 1 and r["parallel"] == "pmap"}
-    for record in records:
-        base = single.get(tuple(record[k] for k in key))
-        if base:
-            record["weak_scaling_efficiency"] = record["images_per_s"] / (
-                record["num_devices"] * base)
+    spread = [r for r in records if r["parallel"] != "jit"]
+    fewest: dict[tuple, dict[str, Any]] = {}
+    for r in sorted(spread, key=lambda r: r["num_devices"]):
+        fewest.setdefault(tuple(r[k] for k in key), r)
+    for r in spread:
+        first = fewest[tuple(r[k] for k in key)]
+        r["weak_scaling_efficiency"] = r["images_per_s"] / (
+            r["num_devices"] / first["num_devices"] * first["images_per_s"])
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -501,6 +527,10 @@ def plot_records(records: list[dict[str, Any]], path: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_devices(args.num_devices)
+    if args.coordinator_address or args.num_processes or args.process_id is not None:
+        from flaxseg.train import distributed
+
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     import jax
 
     available = jax.local_device_count()
@@ -508,13 +538,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if num_devices > available:
         raise SystemExit(f"--num_devices={num_devices} but only {available} devices exist.")
     env = environment()
-    os.makedirs(args.out_dir, exist_ok=True)
+    chief = jax.process_index() == 0
     # One peak per dtype: the data sheet, or on CPU a matmul probe run before any model.
     device_peaks = {dtype: peaks.device_peak(env["device_kind"], env["platform"], dtype)
                     for dtype in args.dtype}
     pipeline: dict[tuple[int, int], float | None] = {}
     records = []
-    todo = cases(args, num_devices)
+    todo = cases(args, num_devices, jax.process_count())
     for i, case in enumerate(todo):
         global_batch = case.per_device_batch * case.num_devices
         pipe_key = (case.image_size, global_batch)
@@ -522,9 +552,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             pipeline[pipe_key] = (pipeline_throughput(case.image_size, global_batch,
                                                       args.in_channels, args.pipeline_batches)
                                   if args.pipeline_batches else None)
-        print(f"[{i + 1}/{len(todo)}] {case}", file=sys.stderr, flush=True)
+        if chief:
+            print(f"[{i + 1}/{len(todo)}] {case}", file=sys.stderr, flush=True)
         records.append(run_case(case, args, env, device_peaks[case.dtype], pipeline[pipe_key]))
     add_scaling_efficiency(records)
+    if not chief:
+        return 0
+    os.makedirs(args.out_dir, exist_ok=True)
     jsonl = os.path.join(args.out_dir, "results.jsonl")
     with open(jsonl, "w") as f:
         for record in records:

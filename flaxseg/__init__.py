@@ -6,8 +6,8 @@ Submodules load on first use, so `import flaxseg` stays cheap:
     model = flaxseg.models.create_model('unet', num_classes=3, features=16)
     tx = flaxseg.train.create_optimizer(config.optimizer, num_train_steps=1000)
 
-Public submodules: `models`, `losses`, `metrics`, `data`, `train`, `inference`,
-`visualize`, `parallel`, `configs`.
+Public submodules: `models`, `losses`, `metrics`, `optim`, `data`, `train`, `inference`,
+`visualize`, `configs`, `run_config`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ _SUBMODULES = (
     "losses",
     "metrics",
     "models",
-    "parallel",
+    "optim",
+    "run_config",
     "train",
     "visualize",
 )

@@ -11,6 +11,13 @@ as the training loop's evaluation does; `native` keeps each image's own size (fo
 `pad`, `sliding` and `overlap_tile`); `auto` (default) picks `config` for `--mode=whole`
 and `native` otherwise.
 
+`--mode=whole --input_size=config` without `--flip` or `--limit` is the training loop's
+own evaluation (`flaxseg.train.loop.evaluate`: global batches over every device of every
+process); the other modes run `evaluate(model, variables, source, ...)` below, each
+process on its share of the examples, the confusion matrices summed over processes.
+Several processes take the same flags as `python -m flaxseg.train`
+(`--coordinator_address`, `--num_processes`, `--process_id`, ...).
+
 The library side, `evaluate(model, variables, source, ...)`, and the inference flags
 shared with `python -m flaxseg.predict` live here too.
 """
@@ -28,6 +35,7 @@ import numpy as np
 from absl import app, flags
 
 from flaxseg import inference, metrics
+from flaxseg.train import distributed
 
 Example = dict[str, np.ndarray]
 
@@ -68,6 +76,8 @@ def evaluate(
     """FCN-paper scores of `model` on a data source (`flaxseg.data.create_source`).
 
     Args:
+      variables: on one device of this process (`DataParallel.local_copy` of a
+        replicated tree).
       source: `len(source)`, `source[i]` -> `{'image': uint8 [H, W, C], 'label': int
         [H, W]}` and `source.info` (`num_classes`, `class_names`, `ignore_index`).
       preprocess: example -> `{'image': float32 [h, w, C], 'label': int [h, w]}`
@@ -77,11 +87,15 @@ def evaluate(
         Labels are centre-cropped to the logits when they are smaller (VALID U-Net,
         mode 'whole').
       limit: evaluate only the first `limit` examples.
-      on_progress: called with (examples done, total) after each batch.
+      on_progress: called with (examples done, total) after each batch (this process's).
 
-    Returns `metrics.segmentation_scores` of the summed confusion matrix (void
-    pixels left out), plus `num_images`.
+    Under several processes each takes every `process_count()`-th example and the
+    confusion matrices are summed over all of them (every process must call this).
+    Returns `metrics.segmentation_scores` of the summed confusion matrix (void pixels
+    left out), plus `num_images`.
     """
+    from flaxseg.train.parallel import sum_over_processes
+
     info = source.info
     total = len(source) if limit is None else min(limit, len(source))
     if total < 1:
@@ -95,25 +109,33 @@ def evaluate(
             return {"image": unit(example["image"]), "label": example["label"]}
 
     confusion_fn = jax.jit(metrics.confusion_matrix, static_argnums=(2, 3))
-    accumulator = metrics.ConfusionAccumulator(info.num_classes)
-    examples = (preprocess(source[i]) for i in range(total))
-    done = 0
-    for batch in _batches(examples, batch_size):
-        logits = inference.predict_logits(
-            model, variables, batch["image"], mode=mode, batch_size=batch_size, **predict_kwargs
-        )
-        if logits.shape[-1] != info.num_classes:
-            raise ValueError(
-                f"the model predicts {logits.shape[-1]} classes but the dataset has "
-                f"{info.num_classes}; evaluate on the dataset the run was trained on"
+    share = range(jax.process_index(), total, jax.process_count())
+    batch_sizes: list[int] = []
+
+    def batch_confusions() -> Iterable[dict[str, Any]]:
+        for batch in _batches((preprocess(source[i]) for i in share), batch_size):
+            logits = inference.predict_logits(
+                model, variables, batch["image"], mode=mode, batch_size=batch_size,
+                **predict_kwargs
             )
-        labels = _center_crop(batch["label"].astype(np.int32), *logits.shape[1:3])
-        preds = np.argmax(logits, axis=-1).astype(np.int32)
-        accumulator.update(confusion_fn(labels, preds, info.num_classes, info.ignore_index))
-        done += len(labels)
-        if on_progress is not None:
-            on_progress(done, total)
-    scores = accumulator.scores(info.class_names)
+            if logits.shape[-1] != info.num_classes:
+                raise ValueError(
+                    f"the model predicts {logits.shape[-1]} classes but the dataset has "
+                    f"{info.num_classes}; evaluate on the dataset the run was trained on"
+                )
+            labels = _center_crop(batch["label"].astype(np.int32), *logits.shape[1:3])
+            preds = np.argmax(logits, axis=-1).astype(np.int32)
+            batch_sizes.append(len(labels))
+            yield {"confusion": confusion_fn(labels, preds, info.num_classes,
+                                             info.ignore_index)}
+
+    def progress(batches_read: int) -> None:
+        on_progress(sum(batch_sizes[:batches_read]), len(share))
+
+
+    sums = metrics.sum_batches(batch_confusions(), info.num_classes,
+                               on_batch=on_progress and progress)
+    scores = metrics.segmentation_scores(sum_over_processes(sums.confusion), info.class_names)
     scores["num_images"] = total
     return scores
 
@@ -183,6 +205,7 @@ def define_inference_flags(default_mode: str) -> None:
     flags.DEFINE_list("multiple", None, "pad: pad to a multiple of this (default: 2**depth).")
     flags.DEFINE_integer("batch_size", 4, "Images or tiles per forward pass.")
     flags.mark_flag_as_required("workdir")
+    distributed.define_flags()
 
 
 def _size_flag(value: list[str] | None, name: str) -> tuple[int, int] | None:
@@ -220,22 +243,56 @@ def _progress(done: int, total: int) -> None:
 def load_run(argv: list[str]) -> tuple[Any, Any, ml_collections.ConfigDict, dict[str, Any]]:
     """The entry points' shared start: `(model, variables, config, predict options)`.
 
-    Rejects positional arguments, quiets library logs, loads `--workdir` (at `--step`)
-    and reads the shared inference flags. Raises ValueError / FileNotFoundError for a
-    workdir or option that cannot be used.
+    Rejects positional arguments, starts `jax.distributed` when the flags or the
+    environment ask for it, quiets library logs, loads `--workdir` (at `--step`) with the
+    variables replicated over every device of every process, and reads the shared
+    inference flags. Raises ValueError / FileNotFoundError for a workdir or option that
+    cannot be used.
     """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --flag=value).")
+    distributed.initialize_from_flags()
     from flaxseg.train.checkpoint import load_for_inference
+    from flaxseg.train.parallel import DataParallel
     from flaxseg.train.reporting import quiet_library_logs
 
     quiet_library_logs()
-    model, variables, config = load_for_inference(flags.FLAGS.workdir, flags.FLAGS.step)
+    model, variables, config = load_for_inference(
+        flags.FLAGS.workdir, flags.FLAGS.step, sharding=DataParallel("mesh").replicated)
     return model, variables, config, inference_options(model, config)
+
+
+def _say(text: str, **kwargs: Any) -> None:
+    """Prints from process 0 only."""
+    if jax.process_index() == 0:
+        print(text, flush=True, **kwargs)
+
+
+def _like_the_loop(options: dict[str, Any], input_size: str, limit: int | None) -> bool:
+    return options["mode"] == "whole" and input_size == "config" and not options["flip"] \
+        and limit is None
+
+
+def _loop_evaluation(model: Any, variables: Any, config: ml_collections.ConfigDict,
+                     source: Any, batch_size: int) -> dict[str, Any]:
+    """The training loop's evaluation over every device (batch rounded up to fill them)."""
+    from flaxseg.train.config import loss_from_config
+    from flaxseg.train.loop import evaluate as loop_evaluate
+    from flaxseg.train.parallel import DataParallel
+    from flaxseg.train.steps import make_eval_step
+
+    par = DataParallel("mesh")
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.batch_size = -(-batch_size // par.num_devices) * par.num_devices
+    eval_step = make_eval_step(model, loss_from_config(config), source.info.num_classes,
+                               parallel=par, ignore_index=source.info.ignore_index)
+    scores = loop_evaluate(eval_step, variables, par, source, config)
+    return {**scores, "num_images": len(source)}
 
 
 def main(argv: list[str]) -> int:
     from flaxseg.data import create_source
+    from flaxseg.train.parallel import DataParallel
     from flaxseg.train.reporting import json_safe
 
     values = flags.FLAGS
@@ -245,26 +302,28 @@ def main(argv: list[str]) -> int:
         if input_size == "auto":
             input_size = "config" if options["mode"] == "whole" else "native"
         source = create_source(config.dataset, values.split)
-        print(
+        _say(
             f"Evaluating {values.workdir} on {config.dataset.name}/{values.split} "
             f"({len(source)} images, mode={options['mode']}, flip={options['flip']}, "
-            f"input size: {input_size})",
-            flush=True,
+            f"input size: {input_size})"
         )
-        scores = evaluate(
-            model,
-            variables,
-            source,
-            preprocess=eval_preprocess(config, input_size),
-            limit=values.limit,
-            on_progress=_progress,
-            **options,
-        )
+        if _like_the_loop(options, input_size, values.limit):
+            scores = _loop_evaluation(model, variables, config, source, values.batch_size)
+        else:
+            scores = evaluate(
+                model,
+                DataParallel("mesh").local_copy(variables),
+                source,
+                preprocess=eval_preprocess(config, input_size),
+                limit=values.limit,
+                on_progress=_progress if jax.process_index() == 0 else None,
+                **options,
+            )
     except (ValueError, FileNotFoundError) as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
-    print(metrics.format_scores_table(scores))
-    if values.output_json:
+    _say(metrics.format_scores_table(scores))
+    if values.output_json and jax.process_index() == 0:
         record = {"split": values.split, "input_size": input_size, **options, **scores}
         with open(values.output_json, "w") as f:
             json.dump(json_safe(record), f, indent=2)

@@ -389,6 +389,7 @@ def predict(
     num_channels: int | None = None,
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
     alpha: float = 0.5,
+    shard: tuple[int, int] = (0, 1),
     **predict_kwargs: Any,
 ) -> list[PredictionResult]:
     """Segments image files and writes `<output_dir>/masks/<name>.png` (class indices,
@@ -403,6 +404,8 @@ def predict(
         count fails with a clear message. None: any count the model takes.
       preprocess: uint8 `[H, W, C]` -> float32 `[H, W, C]`, as in training;
         default `normalizer()` (divides by 255).
+      shard: `(index, count)`: segment only every `count`-th file from the `index`-th
+        (one process's share of the files; the names are checked over all of them).
 
     A file that cannot be read, has the wrong channel count or a size the model
     cannot take gets a `PredictionResult` whose `error` names the file and the
@@ -416,6 +419,10 @@ def predict(
             f"several inputs share the names {duplicates}, so their outputs would collide; "
             "predict them into separate output directories"
         )
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count; got {shard}")
+    files, stems = files[index::count], stems[index::count]
     preprocess = preprocess or normalizer()
     masks_dir = os.path.join(os.fspath(output_dir), "masks")
     overlays_dir = os.path.join(os.fspath(output_dir), "overlays")

@@ -1,8 +1,10 @@
 """Segmentation metrics: a confusion matrix inside jit, FCN-paper scores on the host.
 
 `confusion_matrix` runs inside the step (int32 counts of one batch, summable across
-devices with `psum` and across steps on the host). `ConfusionAccumulator` sums those
-counts in int64 on the host: int32 overflows after 2^31 pixels, about 8k 512x512 images.
+devices and across steps). `MetricSums` sums a step's sums on the host (confusion counts
+in int64: int32 overflows after 2^31 pixels, about 8k 512x512 images; the loss sum and
+its pixel weight in float64), and `sum_batches` runs it over a pass of evaluation
+batches: the one evaluation routine of the training loop and `python -m flaxseg.evaluate`.
 `segmentation_scores` turns the summed counts into the four numbers of Long et al.,
 "Fully Convolutional Networks for Semantic Segmentation" (section 5), computed exactly
 as the paper's reference `score.py` does, plus per-class IoU, accuracy and Dice.
@@ -11,7 +13,7 @@ as the paper's reference `score.py` does, plus per-class IoU, accuracy and Dice.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -60,9 +62,8 @@ def _as_int64_confusion(confusion: Any) -> np.ndarray:
     matrix = np.asarray(confusion)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(
-            f"A confusion matrix must be square [C, C]; got shape {matrix.shape}. Under pmap "
-            "the step's metrics are psum-ed and replicated: take one replica "
-            "(flaxseg.parallel.unreplicate) before accumulating."
+            f"A confusion matrix must be square [C, C]; got shape {matrix.shape}. Pass the "
+            "step's summed metrics (one [C, C] matrix), not per-device copies."
         )
     if not np.issubdtype(matrix.dtype, np.integer):
         raise TypeError(f"A confusion matrix must hold integer counts; got dtype {matrix.dtype}.")
@@ -71,35 +72,91 @@ def _as_int64_confusion(confusion: Any) -> np.ndarray:
     return matrix.astype(np.int64)
 
 
-class ConfusionAccumulator:
-    """Host-side int64 sum of per-step confusion matrices.
+class MetricSums:
+    """Host-side sums of metric sums: confusion counts (int64), loss sum and pixel weight.
 
-    >>> acc = ConfusionAccumulator(num_classes=3)
-    >>> acc.update(metrics['confusion'])        # [C, C] ints, once per step
-    >>> scores = acc.scores(class_names)        # segmentation_scores of the total
+    >>> sums = MetricSums(num_classes=3)
+    >>> sums.add(metrics)        # {'confusion': [C, C] ints, 'loss_sum', 'weight_sum'}
+    >>> sums.scores(class_names), sums.loss
+
+    `loss_sum` / `weight_sum` are optional in what is added (inference-only evaluation has
+    no loss; `loss` is then NaN). JSON round-trippable (`to_json` / `from_json`), so a
+    checkpoint taken mid-interval resumes the interval exactly.
     """
 
     def __init__(self, num_classes: int):
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
         self.num_classes = num_classes
-        self.total = np.zeros((num_classes, num_classes), np.int64)
+        self.reset()
 
-    def update(self, confusion: Any) -> None:
-        """Adds one `[C, C]` integer matrix (NumPy or JAX; copied to the host in int64)."""
-        matrix = _as_int64_confusion(confusion)
-        if matrix.shape != self.total.shape:
+    def reset(self) -> None:
+        self.confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
+        self.loss_sum = 0.0
+        self.weight_sum = 0.0
+        self.count = 0
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        """Adds one step's sums (NumPy or JAX; copied to the host)."""
+        matrix = _as_int64_confusion(metrics["confusion"])
+        if matrix.shape != self.confusion.shape:
             raise ValueError(
                 f"Expected a [{self.num_classes}, {self.num_classes}] confusion matrix; got "
                 f"{matrix.shape}. Check dataset.num_classes against the model's num_classes."
             )
-        self.total += matrix
+        self.confusion += matrix
+        self.loss_sum += float(metrics.get("loss_sum", 0.0))
+        self.weight_sum += float(metrics.get("weight_sum", 0.0))
+        self.count += 1
 
-    def reset(self) -> None:
-        self.total[...] = 0
+    @property
+    def loss(self) -> float:
+        """The mean loss over every counted pixel (NaN when no loss was added)."""
+        return self.loss_sum / self.weight_sum if self.weight_sum > 0 else math.nan
 
     def scores(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
-        return segmentation_scores(self.total, class_names)
+        return segmentation_scores(self.confusion, class_names)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"confusion": self.confusion.tolist(), "loss_sum": self.loss_sum,
+                "weight_sum": self.weight_sum, "count": self.count}
+
+    @classmethod
+    def from_json(cls, num_classes: int, saved: dict[str, Any]) -> MetricSums:
+        sums = cls(num_classes)
+        sums.confusion = np.asarray(saved["confusion"], np.int64).reshape(
+            num_classes, num_classes)
+        sums.loss_sum = float(saved["loss_sum"])
+        sums.weight_sum = float(saved["weight_sum"])
+        sums.count = int(saved["count"])
+        return sums
+
+
+def sum_batches(
+    batch_metrics: Iterable[dict[str, Any]],
+    num_classes: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> MetricSums:
+    """Sums per-batch metric sums into a `MetricSums`, reading one batch while the next runs.
+
+    `batch_metrics` yields each batch's sums as (possibly still running) device arrays, e.g.
+    `(eval_step(state, put_batch(b)) for b in batches)`: asking it for the next batch's
+    sums dispatches that batch, after which the previous one is copied to the host, so the
+    device is never idle waiting for the host. `on_batch(n)` is called after each batch.
+    """
+    sums = MetricSums(num_classes)
+    pending = None
+    for metrics in batch_metrics:
+        if pending is not None:
+            sums.add(jax.device_get(pending))
+            if on_batch is not None:
+                on_batch(sums.count)
+        pending = metrics
+    if pending is not None:
+        sums.add(jax.device_get(pending))
+        if on_batch is not None:
+            on_batch(sums.count)
+    return sums
 
 
 def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

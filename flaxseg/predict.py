@@ -11,12 +11,17 @@ uses overlap-tile and other U-Nets mirror-pad, so images of any size get a full
 mask. A file that cannot be segmented (unreadable, wrong channel count, a size the
 model cannot take) is reported by name, the others are still written, and the exit
 status is 1. The library function is `flaxseg.inference.predict`.
+
+Several processes (the distributed flags of `python -m flaxseg.train`) split the files:
+each segments every `process_count()`-th one on its own device; process 0 reports the
+totals.
 """
 
 from __future__ import annotations
 
 import sys
 
+import jax
 import numpy as np
 from absl import app, flags
 
@@ -24,15 +29,18 @@ from flaxseg import evaluate, inference
 
 
 def main(argv: list[str]) -> int:
+    from flaxseg.train.parallel import DataParallel, sum_over_processes
+
     values = flags.FLAGS
     try:
         model, variables, config, options = evaluate.load_run(argv)
         palette = config.dataset.get("palette")
         results = inference.predict(
             model,
-            variables,
+            DataParallel("mesh").local_copy(variables),
             values.input,
             values.output,
+            shard=(jax.process_index(), jax.process_count()),
             palette=None if palette is None else np.asarray(palette, np.uint8),
             num_channels=int(config.dataset.num_channels),
             preprocess=evaluate.image_normalizer(config),
@@ -42,13 +50,15 @@ def main(argv: list[str]) -> int:
         print(f"Error: {error}", file=sys.stderr)
         return 2
     failed = [r for r in results if not r.ok]
-    print(
-        f"Segmented {len(results) - len(failed)} of {len(results)} images "
-        f"(mode={options['mode']}, flip={options['flip']}) into {values.output}"
-    )
+    num_ok, num_failed = sum_over_processes(np.array([len(results) - len(failed), len(failed)]))
+    if jax.process_index() == 0:
+        print(
+            f"Segmented {num_ok} of {num_ok + num_failed} images "
+            f"(mode={options['mode']}, flip={options['flip']}) into {values.output}"
+        )
     for result in failed:
         print(f"  failed: {result.error}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if num_failed else 0
 
 
 if __name__ == "__main__":

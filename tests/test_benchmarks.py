@@ -33,11 +33,11 @@ def quick_run(tmp_path_factory):
 
 def test_quick_writes_every_field(quick_run):
     out, records, stdout = quick_run
-    # jit: infer at batch 1 and 2, train at 2; pmap train at batch 2 on 1 and 2 devices.
+    # jit: infer at batch 1 and 2, train at 2; mesh train at batch 2 on 1 and 2 devices.
     kinds = sorted((r["parallel"], r["mode"], r["per_device_batch"], r["num_devices"])
                    for r in records)
     assert kinds == [("jit", "infer", 1, 1), ("jit", "infer", 2, 1), ("jit", "train", 2, 1),
-                     ("pmap", "train", 2, 1), ("pmap", "train", 2, 2)]
+                     ("mesh", "train", 2, 1), ("mesh", "train", 2, 2)]
     for r in records:
         assert set(throughput.JSON_FIELDS) <= set(r), set(throughput.JSON_FIELDS) - set(r)
         assert r["platform"] == "cpu" and r["jax_version"] == jax.__version__
@@ -62,12 +62,12 @@ def test_quick_writes_every_field(quick_run):
     # A training step costs more than a forward pass: backward + optimiser.
     infer2 = next(r for r in records if r["mode"] == "infer" and r["per_device_batch"] == 2)
     assert train["jit", 1]["flops_per_image"] > 2 * infer2["flops_per_image"]
-    # Under pmap the cost analysis is per device: the same per-image FLOPs on 1 and 2 devices.
-    assert math.isclose(train["pmap", 1]["flops_per_image"], train["pmap", 2]["flops_per_image"],
+    # On the mesh the cost analysis is per device: the same per-image FLOPs on 1 and 2 devices.
+    assert math.isclose(train["mesh", 1]["flops_per_image"], train["mesh", 2]["flops_per_image"],
                         rel_tol=0.05)
-    assert train["pmap", 1]["weak_scaling_efficiency"] == pytest.approx(1.0)
-    assert train["pmap", 2]["weak_scaling_efficiency"] == pytest.approx(
-        train["pmap", 2]["images_per_s"] / (2 * train["pmap", 1]["images_per_s"]))
+    assert train["mesh", 1]["weak_scaling_efficiency"] == pytest.approx(1.0)
+    assert train["mesh", 2]["weak_scaling_efficiency"] == pytest.approx(
+        train["mesh", 2]["images_per_s"] / (2 * train["mesh", 1]["images_per_s"]))
     assert train["jit", 1]["weak_scaling_efficiency"] is None
     assert (out / "images_per_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
@@ -130,6 +130,7 @@ def test_scaling_counts_and_bad_flags():
     assert throughput.scaling_counts(1) == [1]
     assert throughput.scaling_counts(6) == [1, 2, 4, 6]
     assert throughput.scaling_counts(8) == [1, 2, 4, 8]
+    assert throughput.scaling_counts(4, num_processes=2) == [2, 4, 8]
     for argv in (["--batch_sizes=0"], ["--models=resnet"], ["--steps=2"], ["--num_devices=0"]):
         with pytest.raises(SystemExit):
             throughput.parse_args(argv)

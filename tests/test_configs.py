@@ -9,6 +9,7 @@ import pytest
 from flaxseg import configs
 from flaxseg.configs import fcn32s_voc
 from flaxseg.train.__main__ import default_workdir
+from flaxseg.train.config import build_model, validate_config
 
 SCHEMA_KEYS = {
     "seed", "batch_size", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
@@ -28,7 +29,7 @@ def test_shipped_config_has_the_schema_and_validates(name):
     assert set(config.optimizer.keys()) == OPTIMIZER_KEYS
     assert {"name", "num_classes", "ignore_index", "image_size"} <= set(config.dataset.keys())
     # The shipped batch sizes split over one device; the FCN/ISBI ones need not split by 4.
-    configs.validate_config(config, num_devices=1)
+    validate_config(config, num_devices=1)
 
 
 def test_fcn_configs_follow_the_paper():
@@ -49,13 +50,13 @@ def test_fcn_configs_follow_the_paper():
 def test_default_config_is_small_synthetic_unet():
     config = configs.get_config("default")
     assert (config.model.name, config.dataset.name, config.parallel) == (
-        "unet", "synthetic", "pmap")
-    configs.validate_config(config, num_devices=4)
+        "unet", "synthetic", "mesh")
+    validate_config(config, num_devices=4)
 
 
 def _check_raises(config, match, num_devices=1):
     with pytest.raises(ValueError, match=match):
-        configs.validate_config(config, num_devices=num_devices)
+        validate_config(config, num_devices=num_devices)
 
 
 def test_unknown_and_missing_keys_are_errors():
@@ -120,7 +121,7 @@ def test_batch_size_the_devices_cannot_split():
     config.batch_size = 6
     _check_raises(config, r"Batch size 6 cannot be split evenly over 4 devices.*4 or 8",
                   num_devices=4)
-    configs.validate_config(config, num_devices=2)
+    validate_config(config, num_devices=2)
 
 
 def test_get_config_unknown_name():
@@ -128,14 +129,32 @@ def test_get_config_unknown_name():
         configs.get_config("defualt")
 
 
-def test_build_model_takes_classes_dtype_and_axis_from_the_config():
+def test_build_model_takes_classes_and_dtype_from_the_config():
     config = configs.get_config("test")
     config.dtype = "bfloat16"
-    model = configs.build_model(config)
+    model = build_model(config)
     assert model.num_classes == config.dataset.num_classes
     assert jnp.dtype(model.dtype) == jnp.bfloat16
-    assert model.axis_name == "batch"
-    assert configs.build_model(config, parallel="jit").axis_name is None
+    assert model.axis_name is None  # the pmap step sets BatchNorm's axis itself
+
+
+def test_configs_and_the_training_program_do_not_import_each_other():
+    """configs are data (flaxseg.run_config, flaxseg.data.config); train reads no configs."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(configs.__file__).parents[1]
+
+    def imported(path):
+        tree = ast.parse(path.read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        return names
+
+    for path in (root / "configs").glob("*.py"):
+        assert not {m for m in imported(path) if m.startswith("flaxseg.train")}, path
+    for path in (root / "train").glob("*.py"):
+        assert not {m for m in imported(path) if m.startswith("flaxseg.configs")}, path
 
 
 def test_default_workdir_is_named_after_the_config_file():

@@ -1,4 +1,4 @@
-"""grain pipelines: determinism, per-epoch reshuffle, sharding, exact resume, eval padding."""
+"""grain pipelines: determinism, per-epoch reshuffle, process rows, exact resume, eval padding."""
 
 import json
 
@@ -7,7 +7,6 @@ import pytest
 
 from flaxseg.data import SourceInfo, augment_config, create_source, dataset_config
 from flaxseg.data.pipeline import create_eval_iterator, create_train_iterator
-from flaxseg.parallel import shard_batch
 
 SIZE = 8
 
@@ -37,7 +36,7 @@ def take(iterator, n):
     return [next(iterator) for _ in range(n)]
 
 
-def test_train_batches_format_and_device_layout():
+def test_train_batches_format():
     source = create_source(dataset_config("synthetic", image_size=32), "train")
     iterator = create_train_iterator(
         source, batch_size=8, seed=0, augment=augment_config(), image_size=(24, 16)
@@ -46,9 +45,6 @@ def test_train_batches_format_and_device_layout():
     assert batch["image"].shape == (8, 24, 16, 3) and batch["image"].dtype == np.float32
     assert batch["label"].shape == (8, 24, 16) and batch["label"].dtype == np.int32
     assert set(np.unique(batch["label"])) <= {0, 1, 2, 3, 255}
-    sharded = shard_batch(batch, 4)
-    assert sharded["image"].shape == (4, 2, 24, 16, 3)
-    assert sharded["label"].shape == (4, 2, 24, 16)
 
 
 def test_each_epoch_is_a_fresh_permutation():
@@ -102,23 +98,33 @@ def test_state_from_another_pipeline_is_rejected():
         other.set_state({"next_index": 3})
 
 
-def test_shards_are_disjoint_and_cover_the_source():
-    seen = []
-    for shard in range(3):
-        iterator = create_train_iterator(
-            IndexSource(12),
-            batch_size=2,
-            seed=0,
-            augment=None,
-            image_size=SIZE,
-            num_epochs=1,
-            shard_index=shard,
-            shard_count=3,
-        )
-        shard_seen = [i for batch in iterator for i in indices(batch)]
-        assert len(shard_seen) == 4 and all(i % 3 == shard for i in shard_seen)
-        seen += shard_seen
-    assert sorted(seen) == list(range(12))
+def _process_batches(process_rows, steps=7, **kwargs):
+    iterator = create_train_iterator(IndexSource(10), batch_size=6, seed=4, augment=None,
+                                     image_size=SIZE, process_rows=process_rows, **kwargs)
+    return [indices(b) for b in take(iterator, steps)]
+
+
+def test_processes_load_their_rows_of_the_same_global_batches():
+    # One process loading all 6 rows, or 3 processes loading 2 rows each: the same batches.
+    whole = _process_batches(slice(0, 6))
+    parts = [_process_batches(slice(2 * p, 2 * p + 2)) for p in range(3)]
+    assert [sum((part[t] for part in parts), []) for t in range(7)] == whole
+    assert _process_batches(None) == whole  # one process: all rows by default
+
+
+def test_data_position_resumes_on_another_process_count():
+    uninterrupted = _process_batches(slice(0, 6))
+    one = create_train_iterator(IndexSource(10), batch_size=6, seed=4, augment=None,
+                                image_size=SIZE)
+    take(one, 3)
+    state = json.loads(json.dumps(one.get_state()))
+    resumed = []
+    for p in range(2):  # the same position, read by two processes of 3 rows each
+        iterator = create_train_iterator(IndexSource(10), batch_size=6, seed=4, augment=None,
+                                         image_size=SIZE, process_rows=slice(3 * p, 3 * p + 3))
+        iterator.set_state(state)
+        resumed.append([indices(b) for b in take(iterator, 4)])
+    assert [a + b for a, b in zip(*resumed, strict=True)] == uninterrupted[3:]
 
 
 def test_num_epochs_stops_and_drops_the_remainder():
@@ -138,20 +144,21 @@ def test_worker_processes_yield_the_same_batches():
         np.testing.assert_array_equal(expected["image"], got["image"])
 
 
-@pytest.mark.parametrize("shard_count", [1, 2])
-def test_eval_pass_is_padded_with_ignore_labels(shard_count):
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_eval_pass_is_padded_with_ignore_labels(num_processes):
     source = IndexSource(7)
-    seen, batches_per_shard = [], []
-    for shard in range(shard_count):
+    seen, batches_per_process = [], []
+    for process in range(num_processes):
+        rows = 4 // num_processes
         iterator = create_eval_iterator(
-            source, batch_size=3, image_size=SIZE, shard_index=shard, shard_count=shard_count
-        )
+            source, batch_size=4, image_size=SIZE,
+            process_rows=slice(process * rows, (process + 1) * rows))
         batches = list(iterator)
         assert len(batches) == len(iterator)
-        batches_per_shard.append(len(batches))
+        batches_per_process.append(len(batches))
         for batch in batches:
-            assert batch["image"].shape == (3, SIZE, SIZE, 1)
-            assert batch["label"].shape == (3, SIZE, SIZE) and batch["label"].dtype == np.int32
+            assert batch["image"].shape == (rows, SIZE, SIZE, 1)
+            assert batch["label"].shape == (rows, SIZE, SIZE) and batch["label"].dtype == np.int32
             for image, label in zip(batch["image"], batch["label"], strict=True):
                 if np.all(label == 255):  # padding
                     assert np.all(image == 0)
@@ -159,17 +166,17 @@ def test_eval_pass_is_padded_with_ignore_labels(shard_count):
                     index = int(np.rint(image[0, 0, 0] * 255))
                     assert np.all(label == index % 3)
                     seen.append(index)
-    assert sorted(seen) == list(range(7))
-    # Every process runs the same number of eval steps.
-    assert len(set(batches_per_shard)) == 1
-    assert batches_per_shard[0] == {1: 3, 2: 2}[shard_count]  # ceil(ceil(7 / count) / 3)
+    assert sorted(seen) == list(range(7))  # every example exactly once
+    # Every process runs the same number of eval steps: ceil(7 / 4).
+    assert batches_per_process == [2] * num_processes
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(batch_size=0), "batch_size"),
-        (dict(shard_index=2, shard_count=2), "shard_index"),
+        (dict(process_rows=slice(1, 3, 2)), "contiguous"),
+        (dict(process_rows=slice(2, 2)), "non-empty"),
         (dict(num_epochs=0), "num_epochs"),
         (dict(batch_size=30, num_epochs=1), "cannot fill one batch"),
         (dict(augment=augment_config(scale_range=(2.0, 1.0))), "scale_range"),
@@ -180,10 +187,3 @@ def test_train_iterator_errors(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         create_train_iterator(IndexSource(12), **args)
-
-
-def test_source_smaller_than_process_count_errors():
-    with pytest.raises(ValueError, match="fewer than the 4 processes"):
-        create_eval_iterator(
-            IndexSource(3), batch_size=2, image_size=SIZE, shard_index=0, shard_count=4
-        )

@@ -1,4 +1,4 @@
-"""train_and_evaluate end to end on the tiny `test` config (4 CPU devices, pmap).
+"""train_and_evaluate end to end on the tiny `test` config (4 CPU devices, the mesh).
 
 One run is trained once per module; the other tests resume from copies of its workdir,
 so the whole file compiles the model only a few times.
@@ -11,14 +11,17 @@ import os
 import shutil
 import signal
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from conftest import file_mtimes
 
 from flaxseg import configs
-from flaxseg.train import create_optimizer, create_train_state, loop
-from flaxseg.train.checkpoint import Checkpointer, load_for_inference
+from flaxseg.train import create_optimizer, create_train_state, loop, parallel
+from flaxseg.train.checkpoint import Checkpointer, init_from, load_for_inference
+from flaxseg.train.config import build_model
+from flaxseg.train.distributed import StopRequest
 from flaxseg.train.reporting import Reporter, format_duration, json_safe, read_metrics
 
 STEPS = 6
@@ -33,7 +36,7 @@ def _config(**overrides):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A finished 6-step pmap run: (workdir, returned summary, console output)."""
+    """A finished 6-step run on the 4-device mesh: (workdir, returned summary)."""
     workdir = tmp_path_factory.mktemp("run")
     summary = loop.train_and_evaluate(_config(), str(workdir))
     return workdir, summary
@@ -75,21 +78,31 @@ def test_load_for_inference_rebuilds_the_trained_model(trained):
     assert logits.shape == (1, 32, 32, 4)
 
 
+class _Head(nn.Module):
+    """A model that shares no parameter name with the U-Net."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Conv(4, (1, 1), name="head")(x)
+
+
 def test_init_from_copies_the_shared_parameters(trained):
     workdir, _ = trained
     config = _config(**{"dataset.num_classes": 2})  # a new head, the same body
-    model = configs.build_model(config, parallel="jit")
+    model = build_model(config)
     tx = create_optimizer(config.optimizer, STEPS)
     fresh = create_train_state(model, tx, jax.random.key(1), (1, 32, 32, 3))
-    messages = []
-    state = loop._init_from(fresh, str(workdir), messages.append)
+    state, message = init_from(fresh, str(workdir))
     _, trained_vars, _ = load_for_inference(workdir)
     flat_new = dict(jax.tree_util.tree_flatten_with_path(state.params)[0])
     flat_old = dict(jax.tree_util.tree_flatten_with_path(trained_vars["params"])[0])
     copied = [k for k in flat_new if np.array_equal(flat_new[k], flat_old[k])]
     new = [jax.tree_util.keystr(k) for k in flat_new if k not in copied]
     assert len(copied) == len(flat_new) - 2 and all("classifier" in name for name in new), new
-    assert f"Initialised {len(copied)} parameter arrays" in messages[0]
+    assert f"Initialised {len(copied)} parameter arrays" in message
+    unrelated = create_train_state(_Head(), tx, jax.random.key(1), (1, 32, 32, 3))
+    with pytest.raises(ValueError, match="shares no parameter of the same name and shape"):
+        init_from(unrelated, str(workdir))
 
 
 def test_second_run_in_the_same_workdir_finishes_at_once(trained, capsys):
@@ -113,12 +126,13 @@ def test_workdir_of_another_model_is_an_error_and_nothing_is_written(trained):
 def test_resume_onto_one_device_and_back(trained, tmp_path, capsys):
     workdir = tmp_path / "run"
     shutil.copytree(trained[0], workdir)
-    # pmap on 4 devices (steps 1-6) -> jit on 1 device (7-8) -> pmap on 4 (9-10).
+    # The mesh on 4 devices (steps 1-6) -> jit on 1 device (7-8) -> pmap on 4 (9-10).
     jit_summary = loop.train_and_evaluate(
         _config(parallel="jit", num_train_steps=8), str(workdir))
     assert "Resuming from the checkpoint of step 6" in capsys.readouterr().out
     assert jit_summary["steps"] == 8
-    pmap_summary = loop.train_and_evaluate(_config(num_train_steps=10), str(workdir))
+    pmap_summary = loop.train_and_evaluate(_config(parallel="pmap", num_train_steps=10),
+                                           str(workdir))
     assert "Resuming from the checkpoint of step 8" in capsys.readouterr().out
     assert pmap_summary["steps"] == 10
     train_steps = [r["step"] for r in read_metrics(workdir) if r["split"] == "train"]
@@ -131,35 +145,14 @@ def test_bad_config_fails_before_anything_is_written(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_metric_sums_round_trip_through_json():
-    sums = loop.MetricSums(3)
-    sums.add({"loss_sum": np.float32(1.25), "weight_sum": np.float32(10.0),
-              "confusion": np.arange(9, dtype=np.int32).reshape(3, 3)})
-    sums.add({"loss_sum": np.float32(0.1), "weight_sum": np.float32(3.0),
-              "confusion": np.ones((3, 3), np.int32)})
-    back = loop.MetricSums.from_json(3, json.loads(json.dumps(sums.to_json())))
-    assert (back.loss_sum, back.weight_sum, back.steps) == (sums.loss_sum, sums.weight_sum, 2)
-    np.testing.assert_array_equal(back.confusion, sums.confusion)
-    assert back.loss == pytest.approx((1.25 + float(np.float32(0.1))) / 13.0)
-
-
 def test_stop_request_turns_signals_into_a_flag():
-    with loop.StopRequest() as stop:
+    with StopRequest() as stop:
+        assert stop.requested(1) is None
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.signal_name == "SIGTERM"
+        assert stop.requested(2) == "SIGTERM"
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C is the impatient way out
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-
-
-def test_copy_matching_takes_shared_parameters_only():
-    target = {name: np.zeros(n, np.float32) for name, n in (("a", 2), ("b", 3), ("c", 1))}
-    source = {"a": np.ones(2, np.float32), "b": np.ones(4, np.float32)}
-    merged, copied, fresh = loop._copy_matching(target, source)
-    assert copied == 1
-    np.testing.assert_array_equal(merged["a"], np.ones(2))
-    np.testing.assert_array_equal(merged["b"], np.zeros(3))
-    assert fresh == ["['b']", "['c']"]
 
 
 def test_reporter_progress_bar_on_a_terminal_and_lines_elsewhere(tmp_path):
@@ -200,5 +193,7 @@ def test_json_safe_and_durations():
 
 
 def test_num_devices_follow_the_parallel_mode():
-    assert loop._Devices("pmap").count == jax.local_device_count() == 4
-    assert loop._Devices("jit").count == 1
+    assert parallel.num_devices("mesh") == parallel.num_devices("pmap") == 4
+    assert parallel.num_devices("jit") == 1
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        parallel.num_devices("pjit")

@@ -1,5 +1,6 @@
 """Metrics against a NumPy oracle of the FCN paper's score.py: ignore pixels, absent classes."""
 
+import json
 import math
 
 import jax
@@ -85,19 +86,51 @@ def test_confusion_drops_out_of_range_labels_and_predictions():
     np.testing.assert_array_equal(confusion, np.diag([1, 1, 0]))
 
 
-def test_accumulator_sums_in_int64_past_int32():
-    acc = metrics.ConfusionAccumulator(2)
+def test_metric_sums_add_in_int64_past_int32():
+    sums = metrics.MetricSums(2)
     step = np.array([[2**30, 0], [0, 2**30]], np.int32)
     for _ in range(3):
-        acc.update(jnp.asarray(step))
-    assert acc.total.dtype == np.int64 and acc.total[0, 0] == 3 * 2**30
-    assert acc.scores()["num_pixels"] == 6 * 2**30
-    acc.reset()
-    assert acc.total.sum() == 0
-    with pytest.raises(ValueError, match="unreplicate"):
-        acc.update(np.stack([step] * 4))
+        sums.add({"confusion": jnp.asarray(step)})
+    assert sums.confusion.dtype == np.int64 and sums.confusion[0, 0] == 3 * 2**30
+    assert sums.scores()["num_pixels"] == 6 * 2**30
+    assert math.isnan(sums.loss) and sums.count == 3  # no loss was added
+    sums.reset()
+    assert sums.confusion.sum() == 0 and sums.count == 0
+    with pytest.raises(ValueError, match="per-device copies"):
+        sums.add({"confusion": np.stack([step] * 4)})
     with pytest.raises(ValueError, match="num_classes"):
-        acc.update(np.eye(3, dtype=np.int32))
+        sums.add({"confusion": np.eye(3, dtype=np.int32)})
+
+
+def test_metric_sums_round_trip_through_json():
+    sums = metrics.MetricSums(3)
+    sums.add({"loss_sum": np.float32(1.25), "weight_sum": np.float32(10.0),
+              "confusion": np.arange(9, dtype=np.int32).reshape(3, 3)})
+    sums.add({"loss_sum": np.float32(0.1), "weight_sum": np.float32(3.0),
+              "confusion": np.ones((3, 3), np.int32)})
+    back = metrics.MetricSums.from_json(3, json.loads(json.dumps(sums.to_json())))
+    assert (back.loss_sum, back.weight_sum, back.count) == (sums.loss_sum, sums.weight_sum, 2)
+    np.testing.assert_array_equal(back.confusion, sums.confusion)
+    assert back.loss == pytest.approx((1.25 + float(np.float32(0.1))) / 13.0)
+
+
+def test_sum_batches_reads_every_batch_once_one_behind_the_dispatch():
+    dispatched, seen = [], []
+
+    def batches():
+        for i in range(4):
+            dispatched.append(i)
+            yield {"confusion": np.full((2, 2), i, np.int32), "loss_sum": float(i),
+                   "weight_sum": 1.0}
+
+    def on_batch(count):  # batch `count - 1` is read only once the next one is dispatched
+        seen.append((count, len(dispatched)))
+
+    sums = metrics.sum_batches(batches(), 2, on_batch=on_batch)
+    assert seen == [(1, 2), (2, 3), (3, 4), (4, 4)]
+    assert sums.count == 4 and sums.confusion[0, 0] == 0 + 1 + 2 + 3
+    assert sums.loss == pytest.approx(6 / 4)
+    assert metrics.sum_batches(iter(()), 2).count == 0
 
 
 def test_empty_matrix_gives_nan_without_warnings():

@@ -8,8 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from flaxseg.train import create_learning_rate_schedule, create_optimizer
-from flaxseg.train.optim import decay_mask
+from flaxseg.optim import create_learning_rate_schedule, create_optimizer, decay_mask
 
 PARAMS = {
     "conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.ones((4,))},

@@ -1,4 +1,5 @@
-"""The train step on a tiny U-Net: README script, determinism, jit == pmap, HLO, NaN guard.
+"""The train step on a tiny U-Net: README script, determinism, jit == mesh == pmap, HLO,
+NaN guard.
 
 conftest.py gives this process 4 CPU devices. Compiling dominates the run time, so steps
 are built once per module, and `donate=False` wherever a test reuses a state.
@@ -10,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxseg import losses, parallel
+from flaxseg import losses
 from flaxseg.models import UNet, unet_output_size
 from flaxseg.train import (
+    DataParallel,
     NonFiniteGuard,
     NonFiniteLossError,
     TrainState,
@@ -21,7 +23,9 @@ from flaxseg.train import (
     create_train_state,
     make_eval_step,
     make_train_step,
+    train_step_fn,
 )
+from flaxseg.train.steps import variables_of
 
 NUM_CLASSES = 3
 SIZE = 32
@@ -52,11 +56,12 @@ def _batch(seed: int, batch_size: int = 8, size: int = SIZE) -> dict[str, np.nda
 
 def _max_rel(a, b) -> float:
     """max |a - b| / max |b| over a whole pytree."""
+    a, b = jax.device_get((a, b))  # NumPy: the trees may live on different devices
     diff = max(
-        float(jnp.abs(x - y).max())
+        float(np.abs(x - y).max())
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     )
-    return diff / max(float(jnp.abs(y).max()) for y in jax.tree.leaves(b))
+    return diff / max(float(np.abs(y).max()) for y in jax.tree.leaves(b))
 
 
 def _assert_bitwise_equal(a: TrainState, b: TrainState) -> None:
@@ -88,9 +93,9 @@ def test_readme_script(capsys):
     import jax
     import numpy as np
 
-    from flaxseg import losses, parallel
+    from flaxseg import losses
     from flaxseg.models import UNet
-    from flaxseg.train import create_optimizer, create_train_state, make_train_step
+    from flaxseg.train import DataParallel, create_optimizer, create_train_state, make_train_step
 
     model = UNet(num_classes=3, features=4, depth=2, norm="batch", dropout_rate=0.1)
     tx = create_optimizer({"name": "adam", "learning_rate": 1e-2}, num_train_steps=10)
@@ -100,18 +105,13 @@ def test_readme_script(capsys):
     batch = {"image": images, "label": (images[..., 0] > 0.5).astype(np.int32)}
 
     history = []
-    jit_step = make_train_step(model, loss_fn, num_classes=3, parallel="jit")
-    for _ in range(5):
-        state, metrics = jit_step(state, batch)
-        history.append(float(metrics["loss_sum"] / metrics["weight_sum"]))
-
-    pmap_step = make_train_step(model, loss_fn, num_classes=3, parallel="pmap")
-    n = jax.local_device_count()  # 4 CPU devices: jax.config.update('jax_num_cpu_devices', 4)
-    state = parallel.replicate(state)
-    for _ in range(5):
-        state, metrics = pmap_step(state, parallel.shard_batch(batch, n))
-        history.append(float(metrics["loss_sum"][0] / metrics["weight_sum"][0]))
-    state = parallel.unreplicate(state)
+    for mode in ("mesh", "pmap"):  # jit over a device mesh (the default), or pmap + psum
+        par = DataParallel(mode)  # all devices; 4 on a CPU after jax_num_cpu_devices=4
+        step = make_train_step(model, loss_fn, num_classes=3, parallel=par)
+        state = par.put_state(state)
+        for _ in range(5):
+            state, metrics = step(state, par.put_batch(batch))
+            history.append(float(metrics["loss_sum"] / metrics["weight_sum"]))
     print(" ".join(f"{loss:.3f}" for loss in history))
     # --- end of the README script ---
 
@@ -153,7 +153,7 @@ def test_same_seed_same_device_count_is_bitwise_identical(loss_fn):
 
 
 class _DropoutProbe(nn.Module):
-    """Keeps its last dropout mask in 'batch_stats', so a test sees each replica's key."""
+    """Keeps its last dropout mask in 'batch_stats', so a test sees each program's key."""
 
     num_classes: int = NUM_CLASSES
 
@@ -169,37 +169,70 @@ class _DropoutProbe(nn.Module):
 def test_no_dropout_key_is_used_twice(loss_fn):
     probe = _DropoutProbe()
     state = create_train_state(probe, ADAM, jax.random.key(0), SHAPE)
-    step = make_train_step(probe, loss_fn, NUM_CLASSES, parallel="pmap")
     same = {k: np.concatenate([v[:2]] * DEVICES) for k, v in _batch(0).items()}
-    state = parallel.replicate(state)
+    # Under pmap every device folds in its index: the per-device step, seen per replica.
+    per_device = jax.pmap(train_step_fn(probe, loss_fn, NUM_CLASSES, axis_name="data"),
+                          axis_name="data", in_axes=(None, 0))
     masks = []
     for _ in range(2):  # the same examples on every device, twice
-        state, _ = step(state, parallel.shard_batch(same, DEVICES))
-        masks.extend(np.asarray(state.batch_stats["mask"]))  # one mask per replica
+        replicas, _ = per_device(state, DataParallel("pmap").put_batch(same))
+        masks.extend(np.asarray(replicas.batch_stats["mask"]))  # one mask per replica
+        state = jax.tree.map(lambda x: x[0], replicas)
     assert len({m.tobytes() for m in masks}) == 2 * DEVICES
 
 
-def test_pmap_step_equals_jit_step_and_syncs_batchnorm(sgd_state, jit_step, loss_fn):
-    """One step on 4 devices (global batch 8) == one jit step on the same 8 examples."""
-    state = sgd_state
-    batch = _batch(3)
-    batch["label"][:2] = 255  # uneven ignore counts per device: the exact sums still agree
-    jit_state, jit_metrics = jit_step(state, batch)
-    pmap_step = make_train_step(NO_DROPOUT, loss_fn, NUM_CLASSES, parallel="pmap", donate=False)
-    pmap_state, pmap_metrics = pmap_step(
-        parallel.replicate(state), parallel.shard_batch(batch, DEVICES)
-    )
-    pmap_state = parallel.unreplicate(pmap_state)
+def test_mesh_dropout_masks_are_the_one_device_masks(loss_fn):
+    """Partitionable random bits: the sharded step draws what one device draws."""
+    model = UNet(num_classes=NUM_CLASSES, features=4, depth=2, norm=None, dropout_rate=0.5)
+    state = create_train_state(model, SGD, jax.random.key(2), SHAPE)
+    outs = {mode: make_train_step(model, loss_fn, NUM_CLASSES, parallel=mode, donate=False)(
+        state, _batch(1)) for mode in ("jit", "mesh")}
+    (jit_state, jit_metrics), (mesh_state, mesh_metrics) = outs["jit"], outs["mesh"]
+    np.testing.assert_array_equal(jit_metrics["confusion"], mesh_metrics["confusion"])
+    assert _max_rel(mesh_state.params, jit_state.params) < 1e-5
+    # Without dropout the step is deterministic; with it the masks decide the update.
+    other = make_train_step(model.clone(dropout_rate=0.0), loss_fn, NUM_CLASSES,
+                            parallel="jit", donate=False)(state, _batch(1))[0]
+    assert _max_rel(other.params, jit_state.params) > 100 * _max_rel(mesh_state.params,
+                                                                      jit_state.params)
 
-    assert _max_rel(pmap_state.params, jit_state.params) < 1e-5
-    update = jax.tree.map(jnp.subtract, jit_state.params, state.params)
-    pmap_update = jax.tree.map(jnp.subtract, pmap_state.params, state.params)
-    assert _max_rel(pmap_update, update) < 1e-4
-    # BatchNorm synchronised over 'batch': the running statistics are the full batch's.
-    assert _max_rel(pmap_state.batch_stats, jit_state.batch_stats) < 1e-5
-    np.testing.assert_array_equal(pmap_metrics["confusion"][0], jit_metrics["confusion"])
-    np.testing.assert_allclose(pmap_metrics["loss_sum"][0], jit_metrics["loss_sum"], rtol=1e-5)
-    assert float(jit_metrics["weight_sum"]) == float((batch["label"] != 255).sum())
+
+def _run_steps(mode: str, state: TrainState, loss_fn, steps: int) -> tuple[TrainState, list]:
+    par = DataParallel(mode)
+    step = make_train_step(NO_DROPOUT, loss_fn, NUM_CLASSES, parallel=par, donate=False)
+    state, history = par.put_state(state), []
+    for i in range(steps):
+        batch = _batch(10 + i)
+        batch["label"][: 1 + i % 3] = 255  # uneven ignore counts per device
+        state, metrics = step(state, par.put_batch(batch))
+        history.append(par.to_host(metrics))
+    return par.to_host(state), history
+
+
+@pytest.fixture(scope="module")
+def three_modes(sgd_state, loss_fn):
+    """5 SGD steps of the BatchNorm U-Net, the same global batches, in every mode."""
+    return {mode: _run_steps(mode, sgd_state, loss_fn, 5) for mode in ("jit", "mesh", "pmap")}
+
+
+@pytest.mark.parametrize("mode", ["mesh", "pmap"])
+def test_four_devices_equal_one_device_after_five_steps(three_modes, sgd_state, mode):
+    """jit on 1 device, mesh on 4, pmap on 4: the same params to float rounding.
+
+    Exact sums differ only in the order of the floating-point reductions (a device's
+    partial sums, then the all-reduce), so the states agree to ~1e-6 relative, not bitwise.
+    """
+    (jit_state, jit_history), (state, history) = three_modes["jit"], three_modes[mode]
+    assert int(state.step) == int(jit_state.step) == 5
+    assert _max_rel(state.params, jit_state.params) < 1e-5
+    update = jax.tree.map(jnp.subtract, jit_state.params, sgd_state.params)
+    assert _max_rel(jax.tree.map(jnp.subtract, state.params, sgd_state.params), update) < 1e-4
+    # BatchNorm statistics are the global batch's in every mode.
+    assert _max_rel(state.batch_stats, jit_state.batch_stats) < 1e-5
+    for got, want in zip(history, jit_history, strict=True):
+        np.testing.assert_array_equal(got["confusion"], want["confusion"])
+        np.testing.assert_allclose(got["loss_sum"], want["loss_sum"], rtol=1e-5)
+        assert float(got["weight_sum"]) == float(want["weight_sum"])
 
 
 def test_pool_gradient_does_not_lower_to_select_and_scatter(sgd_state, jit_step):
@@ -239,15 +272,19 @@ def test_nan_skip_policy_advances_the_step_and_counts(loss_fn):
     _assert_bitwise_equal(new_state.replace(step=state.step), state)
 
 
-def test_eval_step_jit_equals_pmap_and_padding_adds_nothing(sgd_state, loss_fn):
+@pytest.mark.parametrize("mode", ["mesh", "pmap"])
+def test_eval_step_modes_agree_and_padding_adds_nothing(sgd_state, loss_fn, mode):
     padded = _batch(5)
     padded["label"][6:] = 255  # the eval loader pads the last batch with ignore labels
-    jit_metrics = make_eval_step(NO_DROPOUT, loss_fn, NUM_CLASSES)(sgd_state, padded)
-    pmap_eval = make_eval_step(NO_DROPOUT, loss_fn, NUM_CLASSES, parallel="pmap")
-    pmap_metrics = pmap_eval(parallel.replicate(sgd_state), parallel.shard_batch(padded, DEVICES))
-    assert set(jit_metrics) == {"loss_sum", "weight_sum", "confusion"}
-    np.testing.assert_array_equal(pmap_metrics["confusion"][0], jit_metrics["confusion"])
-    np.testing.assert_allclose(pmap_metrics["loss_sum"][0], jit_metrics["loss_sum"], rtol=1e-5)
+    variables = variables_of(sgd_state)
+    jit_metrics = make_eval_step(NO_DROPOUT, loss_fn, NUM_CLASSES, parallel="jit")(
+        variables, padded)
+    par = DataParallel(mode)
+    metrics = make_eval_step(NO_DROPOUT, loss_fn, NUM_CLASSES, parallel=par)(
+        par.put_state(variables), par.put_batch(padded))
+    assert set(jit_metrics) == set(metrics) == {"loss_sum", "weight_sum", "confusion"}
+    np.testing.assert_array_equal(metrics["confusion"], jit_metrics["confusion"])
+    np.testing.assert_allclose(metrics["loss_sum"], jit_metrics["loss_sum"], rtol=1e-5)
     counted = int((padded["label"][:6] != 255).sum())
     assert int(jit_metrics["confusion"].sum()) == counted == float(jit_metrics["weight_sum"])
 
@@ -258,7 +295,8 @@ def test_valid_unet_labels_are_centre_cropped(sgd_state, loss_fn):
     out = unet_output_size(size, depth=2)
     assert out < size
     batch = _batch(0, batch_size=2, size=size)
-    metrics = make_eval_step(model, loss_fn, NUM_CLASSES)(sgd_state, batch)
+    metrics = make_eval_step(model, loss_fn, NUM_CLASSES, parallel="jit")(
+        variables_of(sgd_state), batch)
     top = (size - out) // 2
     centre = batch["label"][:, top : top + out, top : top + out]
     assert int(metrics["confusion"].sum()) == int((centre != 255).sum())
@@ -276,27 +314,32 @@ def test_bfloat16_compute_keeps_float32_params_and_metrics(sgd_state, loss_fn):
 
 def test_bad_inputs_raise_clear_errors(sgd_state, jit_step, loss_fn):
     batch = _batch(0)
-    with pytest.raises(ValueError, match="parallel"):
+    with pytest.raises(ValueError, match=r"parallel must be one of \('mesh', 'jit', 'pmap'\)"):
         make_train_step(MODEL, loss_fn, NUM_CLASSES, parallel="pjit")
     with pytest.raises(ValueError, match="nan_policy"):
         make_train_step(MODEL, loss_fn, NUM_CLASSES, nan_policy="ignore")
     with pytest.raises(ValueError, match="nan_policy"):
         NonFiniteGuard("warn")
     with pytest.raises(ValueError, match="num_classes=5"):
-        make_eval_step(MODEL, loss_fn, 5)(sgd_state, batch)
+        make_eval_step(MODEL, loss_fn, 5)(variables_of(sgd_state), batch)
     with pytest.raises(TypeError, match="floating point"):
         jit_step(sgd_state, {"image": batch["image"].astype(np.uint8), "label": batch["label"]})
     with pytest.raises(ValueError, match="'image' and 'label'"):
         jit_step(sgd_state, {"images": batch["image"]})
-    pmap_eval = make_eval_step(MODEL, loss_fn, NUM_CLASSES, parallel="pmap")
-    with pytest.raises(ValueError, match="shard_batch"):
-        pmap_eval(parallel.replicate(sgd_state), batch)
+    with pytest.raises(ValueError, match="cannot be split over its 4 devices"):
+        DataParallel("pmap").put_batch(_batch(0, batch_size=6))
     with pytest.raises(ValueError, match="multiple of 4"):
-        parallel.shard_batch(_batch(0, batch_size=6), DEVICES)
+        DataParallel("mesh").process_rows(6)
 
 
-def test_replicate_round_trip_keeps_typed_keys(sgd_state):
-    replicated = parallel.replicate(sgd_state)
-    for x, y in zip(jax.tree.leaves(replicated), jax.tree.leaves(sgd_state), strict=True):
-        assert x.shape == (DEVICES, *y.shape)
-    _assert_bitwise_equal(parallel.unreplicate(replicated), sgd_state)
+def test_put_state_replicates_and_keeps_typed_keys(sgd_state, num_devices):
+    for mode, devices in (("mesh", num_devices), ("pmap", num_devices), ("jit", 1)):
+        par = DataParallel(mode)
+        placed = par.put_state(sgd_state)
+        leaf = jax.tree.leaves(placed.params)[0]
+        assert len(leaf.sharding.device_set) == devices and leaf.sharding.is_fully_replicated
+        _assert_bitwise_equal(par.to_host(placed), sgd_state)
+        _assert_bitwise_equal(par.local_copy(placed), sgd_state)
+    pmap_batch = DataParallel("pmap").put_batch(_batch(0))
+    assert pmap_batch["image"].shape == (DEVICES, 2, SIZE, SIZE, 1)
+    assert DataParallel("mesh").put_batch(_batch(0))["image"].shape == (8, SIZE, SIZE, 1)

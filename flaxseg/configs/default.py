@@ -9,8 +9,8 @@ Finishes in about a minute on a 2-core CPU and reaches validation mIoU >= 0.9:
 
 import ml_collections
 
-from flaxseg.configs import base_config, optimizer_config
 from flaxseg.data.config import augment_config, dataset_config
+from flaxseg.run_config import base_config, optimizer_config
 
 
 def get_config() -> ml_collections.ConfigDict:

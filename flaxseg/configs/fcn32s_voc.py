@@ -14,8 +14,8 @@ FCN-16s and FCN-8s (fcn16s_voc.py, fcn8s_voc.py) start from this run's checkpoin
 
 import ml_collections
 
-from flaxseg.configs import base_config, optimizer_config
 from flaxseg.data.config import augment_config, dataset_config
+from flaxseg.run_config import base_config, optimizer_config
 
 VOC_CLASS_NAMES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",

@@ -3,8 +3,8 @@ width 4, a handful of steps. Seconds on a CPU; it learns little."""
 
 import ml_collections
 
-from flaxseg.configs import base_config, optimizer_config
 from flaxseg.data.config import augment_config, dataset_config
+from flaxseg.run_config import base_config, optimizer_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -13,8 +13,8 @@ The VALID net maps a 572 px tile to 388 px logits; the labels are centre-cropped
 
 import ml_collections
 
-from flaxseg.configs import base_config, optimizer_config
 from flaxseg.data.config import augment_config, dataset_config
+from flaxseg.run_config import base_config, optimizer_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -8,8 +8,8 @@ The dataset must be prepared beforehand (no download at train time); see
 
 import ml_collections
 
-from flaxseg.configs import base_config, optimizer_config
 from flaxseg.data.config import augment_config, dataset_config
+from flaxseg.run_config import base_config, optimizer_config
 
 
 def get_config() -> ml_collections.ConfigDict:

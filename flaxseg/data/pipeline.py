@@ -1,17 +1,23 @@
-"""grain input pipelines: seeded, sharded per process, checkpointable.
+"""grain input pipelines: seeded, split over processes, checkpointable.
 
-Both loaders yield per-process batches `{'image': float32 [B, H, W, C], 'label':
-int32 [B, H, W]}`; lay them out per device with `flaxseg.parallel.shard_batch`.
+Both loaders yield this process's rows of each global batch, `{'image': float32
+[b, H, W, C], 'label': int32 [b, H, W]}`; `flaxseg.train.parallel.DataParallel.put_batch`
+makes the global arrays of them. The order of the examples does not depend on how many
+processes share the work: global batch t holds the same examples on one process as on
+sixteen, each process loading its own block of rows (`process_rows`, by default the
+`jax.process_index()`-th of `jax.process_count()` equal blocks). So a run gives the same
+batches on any topology, and its data position resumes on another one.
 
-Train: the process's shard (every `shard_count`-th example), reshuffled every
-epoch, each example transformed with a generator seeded by (seed, epoch, global
-index), batched with `drop_remainder` (a batch may span an epoch boundary). The
-iterator's `get_state()` is a small JSON-serialisable dict; `set_state()` on a
-fresh iterator built with the same arguments resumes exactly where it left off.
+Train: the whole dataset reshuffled every epoch (grain's `shuffle` + `repeat`), each
+example transformed with a generator seeded by (seed, epoch, example index), cut into
+global batches of `batch_size` (a batch may span an epoch boundary). The iterator's
+`get_state()` is a small JSON-serialisable dict (the number of batches consumed and what
+fixes the order); `set_state()` on a fresh iterator built with the same seed, global
+batch size and source resumes exactly where it left off, on any process count.
 
-Eval: one deterministic pass in source order; every process yields the same
-number of batches, and the last partial batch is padded with examples whose label
-is `ignore_index` everywhere (zero images), so metrics stay exact and shapes static.
+Eval: one deterministic pass in source order, cut into global batches; the last one is
+padded with examples whose label is `ignore_index` everywhere (zero images), so metrics
+stay exact and shapes static, and every process yields the same number of batches.
 """
 
 from __future__ import annotations
@@ -34,56 +40,69 @@ from flaxseg.data.config import normalize_image_size
 Batch = dict[str, np.ndarray]
 
 
+def _process_rows(batch_size: int, rows: slice | None) -> slice:
+    """This process's rows of a global batch: `rows`, or the equal block of its index."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if rows is None:
+        count, index = jax.process_count(), jax.process_index()
+        if batch_size % count:
+            raise ValueError(f"The global batch of {batch_size} cannot be split evenly over "
+                             f"{count} processes; use a multiple of {count}.")
+        per_process = batch_size // count
+        rows = slice(index * per_process, (index + 1) * per_process)
+    start, stop, step = rows.indices(batch_size)
+    if step != 1 or not 0 <= start < stop <= batch_size:
+        raise ValueError(f"process_rows must be a contiguous, non-empty slice of the "
+                         f"{batch_size} rows of a global batch; got {rows}.")
+    return slice(start, stop)
+
+
 def _check_common(
     source: Source,
     batch_size: int,
-    shard_index: int | None,
-    shard_count: int | None,
+    process_rows: slice | None,
     augment: ml_collections.ConfigDict | None,
-) -> tuple[int, int]:
-    """Validates the arguments both iterators share; returns (shard_index, shard_count)."""
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if shard_count < 1 or not 0 <= shard_index < shard_count:
-        raise ValueError(
-            f"Need 0 <= shard_index < shard_count, got shard_index={shard_index}, "
-            f"shard_count={shard_count}."
-        )
-    if len(source) < shard_count:
-        raise ValueError(
-            f"The source has {len(source)} examples, fewer than the {shard_count} processes "
-            "that share it; every process needs at least one example."
-        )
+) -> slice:
+    """Validates the arguments both iterators share; returns this process's rows."""
+    rows = _process_rows(batch_size, process_rows)
+    if len(source) < 1:
+        raise ValueError("The source has no examples.")
     if augment is not None:
         transforms.validate_augment(augment, source.info.num_channels)
-    return shard_index, shard_count
+    return rows
 
 
 def _train_example(
     index: int,
     example: dict[str, np.ndarray],
     *,
-    num_local: int,
-    shard_index: int,
-    shard_count: int,
+    num_examples: int,
     seed: int,
     image_size: tuple[int, int],
     augment: ml_collections.ConfigDict | None,
     ignore_index: int,
 ) -> dict[str, np.ndarray]:
-    # After `shuffle().repeat()`, `index` is epoch * num_local + local position.
-    epoch, local = divmod(index, num_local)
-    global_index = shard_index + local * shard_count
+    # Before `shuffle().repeat()`, grain passes `index` = epoch * num_examples + example index.
+    epoch, example_index = divmod(index, num_examples)
     if augment is None:
         return transforms.eval_transform(
             example, image_size=image_size, augment=None, ignore_index=ignore_index
         )
-    rng = transforms.example_rng(seed, epoch, global_index)
+    rng = transforms.example_rng(seed, epoch, example_index)
     return transforms.train_transform(
         example, rng, image_size=image_size, augment=augment, ignore_index=ignore_index
     )
+
+
+def _global_position(position: int, *, batch_size: int, rows: slice) -> int:
+    """A process's `position`-th example -> its position in the global order."""
+    step, row = divmod(position, rows.stop - rows.start)
+    return step * batch_size + rows.start + row
+
+
+def _row_of(position: int, *, ordered: grain.MapDataset, batch_size: int, rows: slice):
+    return ordered[_global_position(position, batch_size=batch_size, rows=rows)]
 
 
 class _ClosingIterator(Iterator[Batch]):
@@ -146,54 +165,55 @@ def create_train_iterator(
     image_size: tuple[int, int] | int,
     num_epochs: int | None = None,
     worker_count: int = 0,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
+    process_rows: slice | None = None,
     num_threads: int = 2,
     prefetch_buffer_size: int = 4,
 ) -> TrainIterator:
-    """Builds the training loader over this process's shard of `source`.
+    """Builds the training loader of this process's rows of every global batch.
 
     Args:
       source: a flaxseg source (`len`, `__getitem__`, `.info`).
-      batch_size: examples per batch on this process (the global batch / process count).
+      batch_size: the global batch (all processes).
       seed: drives the per-epoch shuffles and every example's transform.
       augment: an `augment_config()`, or None for no augmentation (eval-style resize/pad).
       image_size: (H, W) of the yielded images (the crop size).
       num_epochs: None repeats forever; otherwise the iterator stops after that many.
       worker_count: grain worker processes (0: threads in this process only).
-      shard_index, shard_count: this process's shard; default `jax.process_index()` and
-        `jax.process_count()`.
+      process_rows: the rows of each global batch this process loads (a contiguous
+        slice); default: the `jax.process_index()`-th of `jax.process_count()` equal blocks.
       num_threads, prefetch_buffer_size: grain read threads and prefetched elements.
 
     Returns:
-      A `TrainIterator` of `{'image': float32 [B, H, W, C], 'label': int32 [B, H, W]}`.
+      A `TrainIterator` of `{'image': float32 [b, H, W, C], 'label': int32 [b, H, W]}`,
+      b the number of `process_rows`.
     """
-    shard_index, shard_count = _check_common(source, batch_size, shard_index, shard_count, augment)
+    rows = _check_common(source, batch_size, process_rows, augment)
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}.")
-    image_size = normalize_image_size(image_size)
-    dataset = grain.MapDataset.source(source)[shard_index::shard_count]
-    num_local = len(dataset)
-    if num_epochs is not None and num_local * num_epochs < batch_size:
+    if num_epochs is not None and len(source) * num_epochs < batch_size:
         raise ValueError(
-            f"{num_epochs} epoch(s) of {num_local} examples cannot fill one batch of "
+            f"{num_epochs} epoch(s) of {len(source)} examples cannot fill one batch of "
             f"{batch_size}; lower batch_size or raise num_epochs."
         )
+    image_size = normalize_image_size(image_size)
     transform = functools.partial(
         _train_example,
-        num_local=num_local,
-        shard_index=shard_index,
-        shard_count=shard_count,
+        num_examples=len(source),
         seed=seed,
         image_size=image_size,
         augment=augment,
         ignore_index=source.info.ignore_index,
     )
-    dataset = (
-        dataset.map_with_index(transform)
-        .shuffle(seed=seed)
+    ordered = (
+        grain.MapDataset.source(source).map_with_index(transform).shuffle(seed=seed)
         .repeat(num_epochs)
-        .batch(batch_size, drop_remainder=True)
+    )
+    num_batches = len(ordered) // batch_size
+    local_batch = rows.stop - rows.start
+    dataset = (
+        grain.MapDataset.range(num_batches * local_batch)
+        .map(functools.partial(_row_of, ordered=ordered, batch_size=batch_size, rows=rows))
+        .batch(local_batch, drop_remainder=True)
     )
     read_options = grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size
@@ -206,12 +226,11 @@ def create_train_iterator(
         iter_dataset = iter_dataset.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=worker_count)
         )
+    # What fixes the order of the batches; the topology (process_rows) does not.
     fingerprint = {
         "seed": int(seed),
         "batch_size": int(batch_size),
         "source_len": len(source),
-        "shard_index": int(shard_index),
-        "shard_count": int(shard_count),
         "worker_count": int(worker_count),
     }
     return TrainIterator(iter_dataset, fingerprint)
@@ -232,21 +251,20 @@ def _eval_example(
     position: int,
     *,
     source: Source,
-    num_local: int,
-    shard_index: int,
-    shard_count: int,
+    batch_size: int,
+    rows: slice,
     image_size: tuple[int, int],
     augment: ml_collections.ConfigDict | None,
 ) -> dict[str, np.ndarray]:
+    index = _global_position(position, batch_size=batch_size, rows=rows)
     ignore_index = source.info.ignore_index
-    if position >= num_local:  # padding: contributes nothing to any metric
+    if index >= len(source):  # padding: contributes nothing to any metric
         return {
             "image": np.zeros((*image_size, source.info.num_channels), np.float32),
             "label": np.full(image_size, ignore_index, np.int32),
         }
-    example = source[shard_index + position * shard_count]
     return transforms.eval_transform(
-        example, image_size=image_size, augment=augment, ignore_index=ignore_index
+        source[index], image_size=image_size, augment=augment, ignore_index=ignore_index
     )
 
 
@@ -256,35 +274,34 @@ def create_eval_iterator(
     batch_size: int,
     image_size: tuple[int, int] | int,
     augment: ml_collections.ConfigDict | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
+    process_rows: slice | None = None,
     num_threads: int = 2,
     prefetch_buffer_size: int = 4,
 ) -> EvalIterator:
-    """One deterministic pass over this process's shard of `source`.
+    """One deterministic pass over `source`: this process's rows of each global batch.
 
-    Images reach `image_size` by `augment.eval_resize` ('pad' unless set) and get the
-    same normalisation as training (`augment.normalize`); no random transforms.
-    Every process yields `ceil(ceil(len(source) / shard_count) / batch_size)` batches;
+    `batch_size` is the global batch and `process_rows` this process's rows of it (as for
+    `create_train_iterator`). Images reach `image_size` by `augment.eval_resize` ('pad'
+    unless set) and get the same normalisation as training (`augment.normalize`); no
+    random transforms. Every process yields `ceil(len(source) / batch_size)` batches;
     padding examples have zero images and labels equal to `ignore_index`.
 
     Returns:
-      An `EvalIterator` of `{'image': float32 [B, H, W, C], 'label': int32 [B, H, W]}`.
+      An `EvalIterator` of `{'image': float32 [b, H, W, C], 'label': int32 [b, H, W]}`.
     """
-    shard_index, shard_count = _check_common(source, batch_size, shard_index, shard_count, augment)
+    rows = _check_common(source, batch_size, process_rows, augment)
     image_size = normalize_image_size(image_size)
-    num_local = len(range(shard_index, len(source), shard_count))
-    num_batches = math.ceil(math.ceil(len(source) / shard_count) / batch_size)
+    num_batches = math.ceil(len(source) / batch_size)
+    local_batch = rows.stop - rows.start
     example_fn = functools.partial(
         _eval_example,
         source=source,
-        num_local=num_local,
-        shard_index=shard_index,
-        shard_count=shard_count,
+        batch_size=batch_size,
+        rows=rows,
         image_size=image_size,
         augment=augment,
     )
-    dataset = grain.MapDataset.range(num_batches * batch_size).map(example_fn).batch(batch_size)
+    dataset = grain.MapDataset.range(num_batches * local_batch).map(example_fn).batch(local_batch)
     read_options = grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size
     )

@@ -1,6 +1,8 @@
-"""Training: state, pure steps (jit | pmap), optimisers, and the training loop.
+"""Training: state, pure steps (mesh | jit | pmap), and the training program.
 
 Light at import: `train_and_evaluate` (the loop, `flaxseg.train.loop`) loads on first use.
+`create_optimizer` / `create_learning_rate_schedule` live in `flaxseg.optim` and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -8,28 +10,36 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from flaxseg.train.optim import create_learning_rate_schedule, create_optimizer
+from flaxseg.optim import create_learning_rate_schedule, create_optimizer
+from flaxseg.train.parallel import DataParallel
 from flaxseg.train.state import TrainState, abstract_train_state, create_train_state
 from flaxseg.train.steps import (
     NonFiniteGuard,
     NonFiniteLossError,
+    TrainMetrics,
+    eval_step_fn,
     make_eval_step,
     make_train_step,
+    train_step_fn,
 )
 
 _LAZY = {"train_and_evaluate": "flaxseg.train.loop"}
 
 __all__ = [
+    "DataParallel",
     "NonFiniteGuard",
     "NonFiniteLossError",
+    "TrainMetrics",
     "TrainState",
     "abstract_train_state",
     "create_learning_rate_schedule",
     "create_optimizer",
     "create_train_state",
+    "eval_step_fn",
     "make_eval_step",
     "make_train_step",
     "train_and_evaluate",
+    "train_step_fn",
 ]
 
 

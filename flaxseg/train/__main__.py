@@ -9,6 +9,14 @@ without it the default config runs. Without `--workdir` the run goes to
 `runs/<config file name>`. Running the same command again resumes from the latest
 checkpoint (or finishes at once if the run is complete). SIGTERM / Ctrl-C save a
 checkpoint and exit 0.
+
+Several processes (a TPU pod slice, SLURM nodes, several hosts) run the same command;
+`jax.distributed` starts from `--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`, or by itself under SLURM / Open MPI / on a Cloud TPU VM
+(`flaxseg.train.distributed` says when):
+
+    python -m flaxseg.train --workdir=runs/two --coordinator_address=localhost:4545 \
+        --num_processes=2 --process_id=0    # and --process_id=1 in a second shell
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from flaxseg.train import distributed
 
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.py")
 
@@ -49,6 +59,7 @@ try:  # config_flags resolves the --config.key overrides when the flag is define
     )
 except (AttributeError, KeyError) as e:
     _unknown_config_key(e)
+distributed.define_flags()
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, logs, pictures and summary.json go "
     "(default: runs/<config name>).")
@@ -63,6 +74,13 @@ def default_workdir(config_path: str) -> str:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --flag=value).")
+    try:  # before anything touches JAX
+        distributed.initialize_from_flags()
+    except ValueError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
+    import jax
+
     from flaxseg.train.loop import train_and_evaluate
     from flaxseg.train.reporting import quiet_library_logs
 
@@ -71,7 +89,8 @@ def main(argv: list[str]) -> int:
     workdir = _WORKDIR.value
     if workdir is None:
         workdir = default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-        print(f"No --workdir given: writing to {os.path.abspath(workdir)}", flush=True)
+        if jax.process_index() == 0:
+            print(f"No --workdir given: writing to {os.path.abspath(workdir)}", flush=True)
     try:
         train_and_evaluate(_CONFIG.value, workdir)
     except ValueError as e:

@@ -1,18 +1,25 @@
 """Checkpoints of a training run: an orbax `CheckpointManager` over `<workdir>/checkpoints`.
 
 Each checkpoint (one directory per step) holds three items:
-  state   the `TrainState` (params, batch_stats, opt_state, step, rng), unreplicated;
-  loop    JSON: the data iterator's state, the host-side metric accumulator, input shape;
+  state   the `TrainState` (params, batch_stats, opt_state, step, rng) as global arrays;
+  loop    JSON: the data iterator's position, the host-side metric sums of the unfinished
+          log interval, the input shape; none of it depends on the topology;
   config  JSON: the config the run used (so a checkpoint is self-describing).
 
 Kept: the `keep` latest checkpoints and, in addition, the best one by validation mIoU
 (orbax preservation policies; `best_fn` with `max_to_keep` alone could delete the newest).
 Saves are asynchronous; call `wait()` before reading them back and `close()` at the end.
 
-Restoring never depends on the device count: the state is saved from one device and
-restored onto one device (the loop replicates it for pmap afterwards). A checkpoint
-that cannot be read (corrupt, truncated) is moved to `<workdir>/checkpoints_corrupt/`
-with a warning, and the previous good one is used.
+Several processes: every process creates the `Checkpointer` and takes part in every save
+and restore (orbax writes each array once and the JSON items from process 0). Restoring
+never depends on the topology that wrote a checkpoint: the restore target carries the
+shardings wanted now (`DataParallel.abstract`, or one local device by default), so a
+checkpoint of 2 processes x 2 devices restores onto 1 process x 4 devices, 1 device, or
+the reverse. A checkpoint that cannot be read (corrupt, truncated) is moved to
+`<workdir>/checkpoints_corrupt/` with a warning, and the previous good one is used.
+
+`init_from` copies the parameters a related run shares with a new model (FCN-16s from
+FCN-32s), and `load_for_inference` rebuilds a trained model for evaluation and prediction.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 PyTree = Any
@@ -70,17 +78,19 @@ def _model_summary(config: dict | ml_collections.ConfigDict | None) -> str:
     return f"model={model}, num_classes={num_classes}"
 
 
-def single_device_abstract(tree: PyTree) -> PyTree:
-    """`ShapeDtypeStruct`s placed on the first local device: a restore target that is
-    independent of how many devices wrote the checkpoint."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        tree)
+def _placed(tree: PyTree) -> PyTree:
+    """`tree` with every leaf's restore sharding set: kept where `tree` has one (e.g.
+    `DataParallel.abstract`), else the first local device."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=getattr(x, "sharding", None) or device),
+        tree)
 
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-    """A restored checkpoint: its step, the state (on one device), loop JSON and config."""
+    """A restored checkpoint: its step, the state (placed as asked), loop JSON and config."""
 
     step: int
     state: PyTree
@@ -149,19 +159,15 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(
             **{LOOP: ocp.args.JsonRestore()}))[LOOP]
 
-    def reached_preemption(self, step: int) -> bool:
-        """True when the cluster asked this job to stop (multi-host; False otherwise)."""
-        return bool(self._manager.reached_preemption(step))
-
     # -- save ---------------------------------------------------------------------------
     def save(self, step: int, state: PyTree, *, loop: dict,
              config: ml_collections.ConfigDict | dict,
              metrics: dict[str, float] | None = None) -> None:
         """Starts an (asynchronous) save of checkpoint `step`.
 
-        `state` must be unreplicated (one copy, e.g. `flaxseg.parallel.unreplicate`);
-        `loop` must be JSON-serialisable; `metrics`, if given, must hold `mean_iou` and
-        ranks the checkpoint for the keep-best policy.
+        `state` holds global arrays (every process calls `save` with the same step);
+        `loop` must be JSON-serialisable and the same in every process; `metrics`, if
+        given, must hold `mean_iou` and ranks the checkpoint for the keep-best policy.
         """
         if metrics is not None and BEST_METRIC not in metrics:
             raise ValueError(f"metrics must contain {BEST_METRIC!r}; got keys {sorted(metrics)}.")
@@ -227,10 +233,11 @@ class Checkpointer:
     def restore(self, abstract_state: PyTree, *, step: int | None = None,
                 config: ml_collections.ConfigDict | dict | None = None,
                 on_corrupt: Callable[[str], None] | None = None) -> Restored | None:
-        """Restores checkpoint `step` (default: the latest readable one) onto one device.
+        """Restores checkpoint `step` (default: the latest readable one).
 
-        `abstract_state` is the state's structure (`jax.eval_shape` of its creation); it
-        is placed on the first local device, so the writer's device count does not matter.
+        `abstract_state` is the state's structure (`jax.eval_shape` of its creation); leaves
+        with a `sharding` are restored with it (`DataParallel.abstract` for the loop), the
+        others onto the first local device. The writer's topology does not matter.
         Returns None when there are no checkpoints. With `step=None`, a checkpoint that
         cannot be read is reported through `on_corrupt` (default: a logged warning),
         moved to `<workdir>/checkpoints_corrupt/`, and the previous one is tried; a model
@@ -272,37 +279,88 @@ class Checkpointer:
         if config is not None:
             self.check_compatible(step, abstract_state, config)
         out = self._manager.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(single_device_abstract(abstract_state)),
+            STATE: ocp.args.StandardRestore(_placed(abstract_state)),
             LOOP: ocp.args.JsonRestore(),
             CONFIG: ocp.args.JsonRestore(),
         }))
         return Restored(step=step, state=out[STATE], loop=out[LOOP], config=out[CONFIG])
 
     def _quarantine(self, step: int) -> Path:
+        """Moves checkpoint `step` aside (process 0 moves it; every process waits)."""
         target_root = self.workdir / "checkpoints_corrupt"
-        target_root.mkdir(parents=True, exist_ok=True)
         target = target_root / str(step)
         suffix = 0
         while target.exists():
             suffix += 1
             target = target_root / f"{step}.{suffix}"
-        shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_index() == 0:
+            target_root.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"flaxseg quarantine {step}")
         self._manager.reload()
         return target
 
 
-def load_for_inference(workdir: str | os.PathLike, step: int | None = None
+def _copy_matching(target: PyTree, source: PyTree) -> tuple[PyTree, int, list[str]]:
+    """`target` with every leaf that `source` has at the same path and shape copied in."""
+    source_leaves = {jax.tree_util.keystr(path): leaf
+                     for path, leaf in jax.tree_util.tree_flatten_with_path(source)[0]}
+    copied, fresh = 0, []
+
+    def pick(path, leaf):
+        nonlocal copied
+        name = jax.tree_util.keystr(path)
+        other = source_leaves.get(name)
+        if other is not None and other.shape == leaf.shape:
+            copied += 1
+            return other.astype(leaf.dtype)
+        fresh.append(name)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(pick, target), copied, fresh
+
+
+def init_from(state: PyTree, workdir: str | os.PathLike) -> tuple[PyTree, str]:
+    """`state` with the parameters (and BatchNorm statistics) that `workdir`'s latest
+    checkpoint shares with it by name and shape: FCN-16s from FCN-32s, FCN-8s from
+    FCN-16s. The optimiser state starts fresh. Returns the state and a line saying what
+    was copied; raises ValueError if nothing matches.
+
+    Every leaf of `state` must be placed the same way (e.g. replicated by
+    `DataParallel.put_state`); the source is restored onto that placement.
+    """
+    placement = jax.tree.leaves(state.params)[0].sharding
+    _, variables, other_config = load_for_inference(workdir, sharding=placement)
+    params, copied, fresh = _copy_matching(state.params, variables["params"])
+    if copied == 0:
+        raise ValueError(
+            f"config.init_from={str(workdir)!r} (model {other_config.model.name!r}) shares no "
+            "parameter of the same name and shape with this model; point it at a run of a "
+            "related model (e.g. fcn32s for fcn16s).")
+    batch_stats = state.batch_stats
+    if variables.get("batch_stats") and jax.tree.leaves(state.batch_stats):
+        batch_stats, _, _ = _copy_matching(state.batch_stats, variables["batch_stats"])
+    message = (f"Initialised {copied} parameter arrays from {workdir} (model "
+               f"{other_config.model.name!r}); {len(fresh)} new: {', '.join(fresh) or 'none'}.")
+    return state.replace(params=params, batch_stats=batch_stats,
+                         opt_state=state.tx.init(params)), message
+
+
+def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
+                       sharding: jax.sharding.Sharding | None = None
                        ) -> tuple[Any, dict, ml_collections.ConfigDict]:
     """Loads a trained model from a workdir: `(model, variables, config)`.
 
-    The model is built from the config saved with the checkpoint (for one device:
-    `axis_name=None`); `variables` is `{'params': ..., 'batch_stats': ...}` (no
-    `batch_stats` when the model has none), ready for
-    `model.apply(variables, images, train=False)` with images float32 `[B, H, W, C]`.
+    The model is built from the config saved with the checkpoint; `variables` is
+    `{'params': ..., 'batch_stats': ...}` (no `batch_stats` when the model has none),
+    ready for `model.apply(variables, images, train=False)` with images float32
+    `[B, H, W, C]`. The arrays land on the first local device, or on `sharding` (under
+    several processes, a sharding over all of them: every process must call this).
     `step=None` takes the latest readable checkpoint. Raises FileNotFoundError for a
     missing workdir or one without checkpoints.
     """
-    from flaxseg.configs import build_model
+    from flaxseg.train.config import build_model
 
     workdir = Path(workdir)
     if not workdir.is_dir():
@@ -325,9 +383,13 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None
         for candidate in candidates:
             try:
                 config = ml_collections.ConfigDict(ckpt.saved_config(candidate))
-                model = build_model(config, parallel="jit")
+                model = build_model(config)
                 abstract = abstract_state_for(model, config,
                                               ckpt.saved_loop(candidate)["input_shape"])
+                if sharding is not None:
+                    abstract = jax.tree.map(
+                        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        abstract)
                 restored = ckpt.restore(abstract, step=candidate)
             except (ValueError, TypeError):
                 raise
@@ -349,7 +411,8 @@ def abstract_state_for(model: Any, config: ml_collections.ConfigDict,
                        input_shape: tuple[int, ...] | list[int]) -> PyTree:
     """The `TrainState` structure (ShapeDtypeStructs) of `model` trained with `config`,
     for input `input_shape` `[1, H, W, C]`: a restore target; nothing is computed."""
-    from flaxseg.train import abstract_train_state, create_optimizer
+    from flaxseg.optim import create_optimizer
+    from flaxseg.train.state import abstract_train_state
 
     tx = create_optimizer(config.optimizer, int(config.num_train_steps))
     return abstract_train_state(model, tx, tuple(int(d) for d in input_shape))

@@ -186,25 +186,46 @@ class Reporter:
             if isinstance(value, int | float | np.number) and math.isfinite(value):
                 self._writer.add_scalar(f"{split}/{name}", float(value), int(step))
 
-    def evaluation(self, step: int, split: str, scores: dict[str, Any], table: str,
-                   loss: float, log: bool = True) -> None:
-        """Prints the metric table and (if `log`) logs the scores (per-class IoU as
-        `iou/<class>`)."""
+    def train_log(self, step: int, sums: Any, images_per_sec: float | None,
+                  learning_rate: float, skipped_steps: int = 0) -> None:
+        """The log of a training interval: a metrics.jsonl record (loss, pixel accuracy,
+        mIoU, learning rate, skipped steps if any), TensorBoard, and the progress line.
+
+        `sums` is the interval's `flaxseg.metrics.MetricSums`.
+        """
         if not self.is_chief:
             return
-        self.message(f"\nEvaluation at step {step} on '{split}' "
-                     f"({scores.get('num_pixels', 0):,} pixels):\n{table}\n")
-        flat = {"loss": loss}
-        flat.update({k: scores[k] for k in ("pixel_accuracy", "mean_accuracy", "mean_iou",
-                                            "fw_iou") if k in scores})
-        for name, values in scores.get("per_class", {}).items():
-            flat[f"iou/{name}"] = values["iou"]
-        if log:
-            self.write_metrics(step, split, flat)
+        scores = sums.scores()
+        record = {"loss": sums.loss, "pixel_accuracy": scores["pixel_accuracy"],
+                  "mean_iou": scores["mean_iou"], "learning_rate": learning_rate}
+        if skipped_steps:
+            record["skipped_steps"] = skipped_steps
+        self.write_metrics(step, "train", record,
+                           extra_scalars={"images_per_sec": images_per_sec}
+                           if images_per_sec else None)
+        self.progress(step, loss=sums.loss, mean_iou=scores["mean_iou"],
+                      images_per_sec=images_per_sec)
 
-    def prediction_grid(self, step: int, grid: np.ndarray) -> Path | None:
-        """Saves the uint8 `[H, W, 3]` grid as `predictions/step_<N>.png` and to TensorBoard."""
+    def evaluation(self, step: int, split: str, result: dict[str, Any]) -> None:
+        """Prints the FCN metric table of an evaluation and logs its scores (per-class IoU
+        as `iou/<class>`). `result`: `segmentation_scores` plus `loss`."""
         if not self.is_chief:
+            return
+        from flaxseg.metrics import format_scores_table
+
+        self.message(f"\nEvaluation at step {step} on '{split}' "
+                     f"({result.get('num_pixels', 0):,} pixels):\n"
+                     f"{format_scores_table(result)}\n")
+        flat = {"loss": result["loss"]}
+        flat.update({k: result[k] for k in ("pixel_accuracy", "mean_accuracy", "mean_iou",
+                                            "fw_iou") if k in result})
+        for name, values in result.get("per_class", {}).items():
+            flat[f"iou/{name}"] = values["iou"]
+        self.write_metrics(step, split, flat)
+
+    def prediction_grid(self, step: int, grid: np.ndarray | None) -> Path | None:
+        """Saves the uint8 `[H, W, 3]` grid as `predictions/step_<N>.png` and to TensorBoard."""
+        if not self.is_chief or grid is None:
             return None
         from flaxseg.visualize import save_png
 
@@ -214,13 +235,18 @@ class Reporter:
         return path
 
     def summary(self, summary: dict[str, Any]) -> Path | None:
-        """Writes summary.json (atomically) and returns its path."""
+        """Writes summary.json (atomically), says so with the final numbers; returns its path."""
         if not self.is_chief:
             return None
         path = self.workdir / SUMMARY_FILE
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(json_safe(summary), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
+        if summary.get("mean_iou") is not None:
+            self.message(
+                f"Done: {summary['steps']} steps in {summary['wall_time_s']:.1f} s; "
+                f"{summary['eval_split']} mIoU {summary['mean_iou']:.4f}, pixel accuracy "
+                f"{summary['pixel_accuracy']:.4f}. Wrote {path}.")
         return path
 
     def close(self) -> None:
@@ -231,6 +257,37 @@ class Reporter:
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
+
+
+class Throughput:
+    """Training images/s: timed from the end of the first (compiling) step, leaving out
+    the time spent evaluating and saving (call `mark` after those)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = int(batch_size)
+        self.train_time = 0.0
+        self.train_images = 0
+        self._mark: tuple[float, int] | None = None
+
+    def mark(self, step: int) -> None:
+        """(Re)starts the clock after `step`."""
+        self._mark = (time.perf_counter(), int(step))
+
+    def interval(self, step: int) -> float | None:
+        """images/s since the last mark (None before the first), adding to the totals."""
+        if self._mark is None or step <= self._mark[1]:
+            return None
+        start, start_step = self._mark
+        elapsed = time.perf_counter() - start
+        images = (step - start_step) * self.batch_size
+        self.train_time += elapsed
+        self.train_images += images
+        self.mark(step)
+        return images / elapsed if elapsed > 0 else None
+
+    @property
+    def images_per_sec(self) -> float | None:
+        return self.train_images / self.train_time if self.train_time > 0 else None
 
 
 def quiet_library_logs() -> None:

@@ -45,11 +45,10 @@ def fast_random():
     """A context in which JAX random ops lower to the non-partitionable threefry.
 
     jax 0.10.2's default (partitionable) threefry makes XLA CPU compile every random op
-    ~6x slower: a tiny U-Net's initialiser 19 s -> 3 s, a dropout layer 1.9 s -> 0.3 s.
-    Partitionability only matters for arrays sharded across devices inside one jit; flaxseg
-    initialises unsharded and runs each device's step on its own slice (jit on one device,
-    or pmap), so its random numbers need no sharding-invariance. Used inside the traced
-    functions, so it is part of their trace and the jit cache stays consistent.
+    ~6x slower: a tiny U-Net's initialiser 19 s -> 3 s. Used for initialisation only, which
+    runs unsharded on one device (the state is replicated afterwards), so sharding-invariance
+    is not needed there. The train step keeps the default: its dropout masks are sharded
+    over the mesh, and partitionable bits are the same whatever the sharding.
     """
     return jax.threefry_partitionable(False)
 
@@ -79,7 +78,6 @@ def _init_variables(
 ) -> tuple[PyTree, PyTree, jax.Array]:
     """(params, batch_stats, the state's own key) from one key."""
     _, height, width, channels = input_shape
-    # See `flaxseg.train.steps.fast_random`: the same ~6x on the initialiser's compile time.
     with fast_random():
         params_key, dropout_key, state_key = jax.random.split(rng, 3)
         # Batch 1: initialisation only needs the spatial size and channel count.

@@ -1,25 +1,28 @@
-"""The pure train and eval steps, compiled two ways from one factory.
+"""The pure train and eval steps, and the factories that compile them for a parallel mode.
 
-`make_train_step(model, loss_fn, num_classes, parallel='jit' | 'pmap')` returns
-`step(state, batch) -> (state, metrics)`:
+`train_step_fn(model, loss_fn, num_classes, axis_name=None, ...)` is the pure function
+`(state, batch) -> (state, metrics)` of one device's program; `make_train_step(...,
+parallel='mesh' | 'jit' | 'pmap' | DataParallel)` compiles it (see `flaxseg.train.parallel`:
+the modes differ only there). The compiled step takes the replicated state and a global
+batch (`DataParallel.put_batch`; in one process, NumPy arrays `[B, ...]` work too under
+'mesh' and 'jit') and returns the replicated state and metric sums.
 
-* `'jit'`: one device, the state donated (updated in place).
-* `'pmap'`: data parallel over the local devices with `axis_name='batch'`. The state is
-  replicated (`flaxseg.parallel.replicate`), the batch laid out `[devices, per_device, ...]`
-  (`flaxseg.parallel.shard_batch`). Gradients are summed over devices as
+* 'mesh' / 'jit' (`axis_name=None`): one global program. The loss is the global
+  `loss_sum / weight_sum`, so its gradient is that of the global mean loss, and BatchNorm's
+  statistics are means over the global batch, whatever the devices.
+* 'pmap' (`axis_name='data'`): each device's slice; gradients are summed over devices as
   `psum(grad(loss_sum_d / W))` with `W = psum(weight_sum_d)`, the exact gradient of the
-  global mean; this is the `pmean` of per-device mean gradients whenever every device has the
-  same number of non-ignored pixels, and stays exact when it has not. BatchNorm statistics
-  are synchronised by the model itself (it is cloned with `axis_name='batch'`).
+  global mean even when devices hold different numbers of ignored pixels. BatchNorm
+  statistics are synchronised by the model itself (cloned with `axis_name`).
 
 Keys: the step's dropout key is `fold_in(state.rng, state.step)`, and under pmap also
-`fold_in(..., axis_index('batch'))`; `state.step` grows by one every step, so no key is
-used twice. Random bits use the non-partitionable threefry (`flaxseg.train.state.fast_random`:
-much faster to compile on CPU; each device draws its own masks, so nothing is lost).
+`fold_in(..., axis_index)`; `state.step` grows by one every step, so no key is used twice.
+Random bits use JAX's default partitionable threefry, so a sharded dropout mask equals the
+one-device mask (and each device computes only its own slice of it).
 
-Metrics leave the step as sums (psum-ed under pmap, so every replica holds the global
-value): `loss_sum`, `weight_sum` (float32), `confusion` (int32 `[C, C]`), and `nonfinite`
-(int32, 1 when the loss, a gradient or a BatchNorm statistic was not finite).
+Metrics leave the step as sums, identical on every device: `loss_sum`, `weight_sum`
+(float32), `confusion` (int32 `[C, C]`), and `nonfinite` (int32, 1 when the loss, a gradient
+or a BatchNorm statistic was not finite).
 
 Non-finite guard: when `nonfinite` is 1 the step keeps the old params, BatchNorm statistics
 and optimiser state, so NaN never reaches the params. With `nan_policy='raise'` the whole
@@ -45,47 +48,47 @@ import numpy as np
 from jax import lax
 
 from flaxseg.losses import LossFn
-from flaxseg.metrics import confusion_matrix
+from flaxseg.metrics import MetricSums, confusion_matrix
 from flaxseg.models.layers import center_crop
-from flaxseg.train.state import TrainState, fast_random
+from flaxseg.train.parallel import DataParallel
+from flaxseg.train.state import TrainState
 
-AXIS_NAME = "batch"
-PARALLEL_MODES = ("jit", "pmap")
 NAN_POLICIES = ("raise", "skip")
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def _check_options(parallel: str, num_classes: int, nan_policy: str = "raise") -> int:
-    """Validates the factory's options; returns num_classes as a Python int."""
-    if parallel not in PARALLEL_MODES:
-        raise ValueError(f"parallel must be 'jit' or 'pmap'; got {parallel!r}.")
+def check_nan_policy(nan_policy: str) -> str:
     if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy must be 'raise' or 'skip'; got {nan_policy!r}.")
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}; got {nan_policy!r}.")
+    return nan_policy
+
+
+def _check_num_classes(num_classes: int) -> int:
     if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
     return int(num_classes)
 
 
-def _model_for(model: nn.Module, parallel: str) -> nn.Module:
-    """The model with BatchNorm's cross-replica axis set for the parallel mode."""
-    axis_name = AXIS_NAME if parallel == "pmap" else None
+def _model_for(model: nn.Module, axis_name: str | None) -> nn.Module:
+    """The model with BatchNorm's cross-device axis set (pmap) or cleared."""
     if hasattr(model, "axis_name"):
         return model.clone(axis_name=axis_name)
     return model
 
 
 def _check_batch(batch: Batch, num_classes: int) -> tuple[jax.Array, jax.Array]:
-    """Trace-time checks of one device's batch; returns (images, labels)."""
+    """Trace-time checks of one program's batch; returns (images, labels)."""
     if not isinstance(batch, dict) or "image" not in batch or "label" not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise ValueError(f"batch must be a dict with 'image' and 'label'; got {keys}.")
     images, labels = batch["image"], batch["label"]
     if images.ndim != 4 or labels.ndim != 3 or images.shape[:3] != labels.shape:
         raise ValueError(
-            f"Expected image [B, H, W, C] and label [B, H, W] per device; got image "
-            f"{tuple(images.shape)} and label {tuple(labels.shape)}."
+            f"Expected image [B, H, W, C] and label [B, H, W]; got image "
+            f"{tuple(images.shape)} and label {tuple(labels.shape)}. Under parallel='pmap' "
+            "lay the batch out with DataParallel('pmap').put_batch."
         )
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise TypeError(
@@ -109,7 +112,8 @@ def _crop_labels(labels: jax.Array, logits: jax.Array, num_classes: int) -> jax.
     return center_crop(labels, tuple(logits.shape[1:3]))
 
 
-def _variables(state: TrainState) -> dict[str, Any]:
+def variables_of(state: TrainState) -> dict[str, Any]:
+    """`{'params', 'batch_stats'}` for `model.apply` (no `batch_stats` if there are none)."""
     if jax.tree.leaves(state.batch_stats):
         return {"params": state.params, "batch_stats": state.batch_stats}
     return {"params": state.params}
@@ -138,66 +142,26 @@ def _summed_metrics(
     return lax.psum(metrics, axis_name) if axis_name else metrics
 
 
-def _compile(fn: Callable, parallel: str, donate: bool) -> Callable[[TrainState, Batch], Any]:
-    """jit or pmap `fn(state, batch)`, with an early, clear error for a mis-laid batch."""
-    donate_argnums = (0,) if donate else ()
-    if parallel == "jit":
-        return jax.jit(fn, donate_argnums=donate_argnums)
-    compiled = jax.pmap(fn, axis_name=AXIS_NAME, donate_argnums=donate_argnums)
-    num_devices = jax.local_device_count()
-
-    def call(state: TrainState, batch: Batch):
-        images = batch.get("image") if isinstance(batch, dict) else None
-        if images is None or images.ndim != 5 or images.shape[0] != num_devices:
-            shape = None if images is None else tuple(images.shape)
-            raise ValueError(
-                f"Under parallel='pmap' the batch must be laid out [{num_devices} devices, "
-                f"per_device, ...]; got image shape {shape}. Use "
-                f"flaxseg.parallel.shard_batch(batch, {num_devices}) and replicate the state "
-                "with flaxseg.parallel.replicate."
-            )
-        return compiled(state, batch)
-
-    call.lower = compiled.lower  # type: ignore[attr-defined]
-    call.__wrapped__ = compiled  # type: ignore[attr-defined]
-    return call
-
-
-def make_train_step(
+def train_step_fn(
     model: nn.Module,
     loss_fn: LossFn,
     num_classes: int,
     *,
-    parallel: str = "jit",
+    axis_name: str | None = None,
     ignore_index: int = 255,
     nan_policy: str = "raise",
-    donate: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Builds the compiled `train_step(state, batch) -> (state, metrics)`.
+    """The pure `train_step(state, batch) -> (state, metrics)` of one program.
 
-    Args:
-      model: the Linen module (`apply(variables, x, train=True, rngs={'dropout': key})`
-        -> float32 logits `[B, H', W', num_classes]`).
-      loss_fn: `fn(logits, labels) -> (loss_sum, weight_sum)` from `flaxseg.losses.get_loss_fn`.
-      num_classes: C, the model's output classes (the confusion matrix is `[C, C]`).
-      parallel: 'jit' (one device) or 'pmap' (all local devices, `axis_name='batch'`).
-      ignore_index: the void label, left out of the confusion matrix (the loss_fn has its own).
-      nan_policy: 'raise' keeps the entire state on a non-finite step; 'skip' keeps params,
-        BatchNorm statistics and optimiser state but advances `step` (see module docstring).
-      donate: donate the input state's buffers (the caller must not reuse the old state).
-
-    `batch = {'image': float [B, H, W, C], 'label': int [B, H, W]}` (under pmap with a leading
-    device axis). Labels larger than the logits are centre-cropped to them.
+    `axis_name=None` for a global program ('mesh' / 'jit'); the pmap axis name for a
+    per-device one (gradients, the pixel weight and the metrics are then psum-ed, and
+    BatchNorm synchronises over the axis).
     """
-    num_classes = _check_options(parallel, num_classes, nan_policy)
-    model = _model_for(model, parallel)
-    axis_name = AXIS_NAME if parallel == "pmap" else None
+    num_classes = _check_num_classes(num_classes)
+    check_nan_policy(nan_policy)
+    model = _model_for(model, axis_name)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        with fast_random():  # dropout masks compile ~6x faster; see its docstring
-            return _train_step(state, batch)
-
-    def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         images, labels = _check_batch(batch, num_classes)
         key = jax.random.fold_in(state.rng, state.step)
         if axis_name:
@@ -205,14 +169,14 @@ def make_train_step(
         has_batch_stats = bool(jax.tree.leaves(state.batch_stats))
 
         def objective(params):
-            variables = {**_variables(state), "params": params}
+            variables = {**variables_of(state), "params": params}
             logits, updates = model.apply(
                 variables, images, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
             )
             cropped = _crop_labels(labels, logits, num_classes)
             loss_sum, weight_sum = loss_fn(logits, cropped)
             # The global pixel weight does not depend on the params; dividing by it (not by
-            # the local weight) makes the summed gradient that of the global mean loss.
+            # a device's own weight) makes the summed gradient that of the global mean loss.
             total_weight = lax.stop_gradient(weight_sum)
             if axis_name:
                 total_weight = lax.psum(total_weight, axis_name)
@@ -243,7 +207,73 @@ def make_train_step(
         metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.int32)
         return new_state, metrics
 
-    return _compile(train_step, parallel, donate)
+    return train_step
+
+
+def eval_step_fn(
+    model: nn.Module,
+    loss_fn: LossFn,
+    num_classes: int,
+    *,
+    axis_name: str | None = None,
+    ignore_index: int = 255,
+) -> Callable[[dict[str, Any], Batch], Metrics]:
+    """The pure `eval_step(variables, batch) -> metrics` (inference mode, no update).
+
+    `variables` as `model.apply` takes them (`variables_of(state)`, or a loaded run's).
+    Same metric sums as the train step (no `nonfinite`); padded eval examples whose labels
+    are all `ignore_index` add nothing.
+    """
+    num_classes = _check_num_classes(num_classes)
+    model = _model_for(model, axis_name)
+
+    def eval_step(variables: dict[str, Any], batch: Batch) -> Metrics:
+        images, labels = _check_batch(batch, num_classes)
+        logits = model.apply(variables, images, train=False)
+        cropped = _crop_labels(labels, logits, num_classes)
+        loss_sum, weight_sum = loss_fn(logits, cropped)
+        return _summed_metrics(
+            logits, cropped, loss_sum, weight_sum, num_classes, ignore_index, axis_name
+        )
+
+    return eval_step
+
+
+def _parallel(parallel: str | DataParallel) -> DataParallel:
+    return parallel if isinstance(parallel, DataParallel) else DataParallel(parallel)
+
+
+def make_train_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    num_classes: int,
+    *,
+    parallel: str | DataParallel = "mesh",
+    ignore_index: int = 255,
+    nan_policy: str = "raise",
+    donate: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Builds the compiled `train_step(state, batch) -> (state, metrics)`.
+
+    Args:
+      model: the Linen module (`apply(variables, x, train=True, rngs={'dropout': key})`
+        -> float32 logits `[B, H', W', num_classes]`).
+      loss_fn: `fn(logits, labels) -> (loss_sum, weight_sum)` from `flaxseg.losses.get_loss_fn`.
+      num_classes: C, the model's output classes (the confusion matrix is `[C, C]`).
+      parallel: 'mesh' (every device, the default), 'jit' (one device), 'pmap', or a
+        `flaxseg.train.parallel.DataParallel` (e.g. over chosen devices).
+      ignore_index: the void label, left out of the confusion matrix (the loss_fn has its own).
+      nan_policy: 'raise' keeps the entire state on a non-finite step; 'skip' keeps params,
+        BatchNorm statistics and optimiser state but advances `step` (see module docstring).
+      donate: donate the input state's buffers (the caller must not reuse the old state).
+
+    `batch = {'image': float [B, H, W, C], 'label': int [B, H, W]}` as `put_batch` lays it
+    out. Labels larger than the logits are centre-cropped to them.
+    """
+    par = _parallel(parallel)
+    fn = train_step_fn(model, loss_fn, num_classes, axis_name=par.axis_name,
+                       ignore_index=ignore_index, nan_policy=nan_policy)
+    return par.compile(fn, donate=donate)
 
 
 def make_eval_step(
@@ -251,28 +281,15 @@ def make_eval_step(
     loss_fn: LossFn,
     num_classes: int,
     *,
-    parallel: str = "jit",
+    parallel: str | DataParallel = "mesh",
     ignore_index: int = 255,
-) -> Callable[[TrainState, Batch], Metrics]:
-    """Builds the compiled `eval_step(state, batch) -> metrics` (inference mode, no update).
-
-    Same batch layout and metric sums as `make_train_step` (no `nonfinite`); padded eval
-    batches whose labels are all `ignore_index` add nothing.
-    """
-    num_classes = _check_options(parallel, num_classes)
-    model = _model_for(model, parallel)
-    axis_name = AXIS_NAME if parallel == "pmap" else None
-
-    def eval_step(state: TrainState, batch: Batch) -> Metrics:
-        images, labels = _check_batch(batch, num_classes)
-        logits = model.apply(_variables(state), images, train=False)
-        cropped = _crop_labels(labels, logits, num_classes)
-        loss_sum, weight_sum = loss_fn(logits, cropped)
-        return _summed_metrics(
-            logits, cropped, loss_sum, weight_sum, num_classes, ignore_index, axis_name
-        )
-
-    return _compile(eval_step, parallel, donate=False)
+) -> Callable[[dict[str, Any], Batch], Metrics]:
+    """Builds the compiled `eval_step(variables, batch) -> metrics`; arguments as
+    `make_train_step`."""
+    par = _parallel(parallel)
+    fn = eval_step_fn(model, loss_fn, num_classes, axis_name=par.axis_name,
+                      ignore_index=ignore_index)
+    return par.compile(fn)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -288,13 +305,10 @@ class NonFiniteGuard:
 
     Reading the flag waits for the step; the state is safe either way (the step never
     writes NaN), so a loop may check the previous step's metrics to keep one step in flight.
-    Accepts jit metrics or pmap's replicated ones.
     """
 
     def __init__(self, nan_policy: str = "raise"):
-        if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be 'raise' or 'skip'; got {nan_policy!r}.")
-        self.nan_policy = nan_policy
+        self.nan_policy = check_nan_policy(nan_policy)
         self.skipped = 0
         self.last_finite_loss: float | None = None
         self.last_finite_step: int | None = None
@@ -302,8 +316,7 @@ class NonFiniteGuard:
     def __call__(self, step: int, metrics: Metrics) -> bool:
         """Returns True if the step's update was applied, False if it was skipped."""
         if not np.asarray(metrics["nonfinite"]).any():
-            loss_sum = float(np.ravel(metrics["loss_sum"])[0])
-            weight_sum = float(np.ravel(metrics["weight_sum"])[0])
+            loss_sum, weight_sum = float(metrics["loss_sum"]), float(metrics["weight_sum"])
             self.last_finite_loss = loss_sum / weight_sum if weight_sum > 0 else 0.0
             self.last_finite_step = step
             return True
@@ -321,3 +334,44 @@ class NonFiniteGuard:
             "set optimizer.grad_clip_norm, check the batch for NaN/inf images, or set "
             "nan_policy='skip' to skip such steps."
         )
+
+
+class TrainMetrics:
+    """The train steps' metric sums on the host, one step behind the device.
+
+    >>> train_metrics = TrainMetrics(num_classes, config.nan_policy)
+    >>> state, metrics = train_step(state, batch)
+    >>> train_metrics.add(step, metrics)   # reads the previous step's (the device runs on)
+    >>> sums = train_metrics.take()        # waits for the last step: the interval's sums
+
+    Each step's metrics pass through `NonFiniteGuard` (a skipped step adds nothing; under
+    'raise' the bad step raises when read). `sums()` waits for the last step and returns
+    the sums so far without resetting them (for a checkpoint); `take()` also resets them.
+    """
+
+    def __init__(self, num_classes: int, nan_policy: str = "raise",
+                 sums: MetricSums | None = None):
+        self.guard = NonFiniteGuard(nan_policy)
+        self._sums = sums if sums is not None else MetricSums(num_classes)
+        self._pending: tuple[int, Metrics] | None = None
+
+    def add(self, step: int, metrics: Metrics) -> None:
+        self._read_pending()
+        self._pending = (step, metrics)
+
+    def _read_pending(self) -> None:
+        if self._pending is not None:
+            step, metrics = self._pending
+            self._pending = None
+            metrics = jax.device_get(metrics)
+            if self.guard(step, metrics):
+                self._sums.add(metrics)
+
+    def sums(self) -> MetricSums:
+        self._read_pending()
+        return self._sums
+
+    def take(self) -> MetricSums:
+        sums = self.sums()
+        self._sums = MetricSums(sums.num_classes)
+        return sums

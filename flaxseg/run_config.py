@@ -1,0 +1,90 @@
+"""The keys of a training-run config, with neutral defaults: the schema every config has.
+
+A leaf module (it imports only `flaxseg.optim`, itself a leaf): the shipped configs in
+`flaxseg/configs/` build on it, and `flaxseg.train.config.validate_config` checks a
+config against it, so neither of those two packages imports the other.
+
+    from flaxseg.run_config import base_config, optimizer_config
+    config = base_config()
+    config.model = ml_collections.ConfigDict(dict(name='unet', features=16))
+    config.optimizer = optimizer_config(name='sgd', learning_rate=1e-2, momentum=0.99)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from flaxseg.optim import DEFAULTS as OPTIMIZER_DEFAULTS
+
+
+def _update_known(cfg: ml_collections.ConfigDict, overrides: dict, section: str) -> None:
+    unknown = sorted(set(overrides) - set(cfg.keys()))
+    if unknown:
+        raise ValueError(
+            f"Unknown {section} key(s) {unknown}; known keys: {sorted(cfg.keys())}."
+        )
+    cfg.update(overrides)
+
+
+def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """The optimizer section with every key of `flaxseg.optim` (documented there);
+    `overrides` replace its defaults."""
+    # 0.0 rather than None disables clipping, so `--config.optimizer.grad_clip_norm=1`
+    # can override it from the command line (ConfigDict keeps a field's type).
+    cfg = ml_collections.ConfigDict({**OPTIMIZER_DEFAULTS, "grad_clip_norm": 0.0})
+    _update_known(cfg, overrides, "optimizer")
+    return cfg
+
+
+def loss_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """The loss section: `name` plus keyword arguments of `flaxseg.losses.get_loss_fn`."""
+    cfg = ml_collections.ConfigDict(
+        {"name": "cross_entropy", "class_weights": None, "label_smoothing": 0.0}
+    )
+    # Loss-specific keywords (e.g. a focal gamma) may be added; get_loss_fn checks them.
+    cfg.update(overrides)
+    return cfg
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The keys every config has, with neutral defaults; sections are filled per config.
+
+    Top-level keys:
+      seed: int, the one root of every PRNG key and every data shuffle.
+      batch_size: global batch (all devices, all processes).
+      num_train_steps, eval_every_steps, checkpoint_every_steps, log_every_steps: ints
+        (eval / checkpoint / log also happen at the last step).
+      keep_checkpoints: how many of the latest checkpoints to keep; the best by mIoU
+        is kept in addition.
+      parallel: 'mesh' (data parallel: `jax.jit` over a device mesh spanning every
+        process, the default), 'jit' (one device) or 'pmap' (`jax.pmap` over every
+        device, explicit `psum`); see `flaxseg.train.parallel`.
+      dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
+      nan_policy: 'raise' (stop, naming the step) or 'skip' (drop the update, count it).
+      init_from: '' or a workdir whose latest checkpoint initialises matching parameters
+        (FCN-16s from FCN-32s, FCN-8s from FCN-16s).
+      eval_split: the split evaluated every `eval_every_steps`.
+      num_grid_images: examples drawn in the prediction grid at each evaluation.
+    """
+    cfg = ml_collections.ConfigDict()
+    cfg.seed = 0
+    cfg.batch_size = 8
+    cfg.num_train_steps = 1000
+    cfg.eval_every_steps = 500
+    cfg.checkpoint_every_steps = 500
+    cfg.log_every_steps = 50
+    cfg.keep_checkpoints = 3
+    cfg.parallel = "mesh"
+    cfg.dtype = "float32"
+    cfg.nan_policy = "raise"
+    cfg.init_from = ""
+    cfg.eval_split = "val"
+    cfg.num_grid_images = 4
+    cfg.model = ml_collections.ConfigDict({"name": "unet"})
+    cfg.dataset = ml_collections.ConfigDict({"name": "synthetic"})
+    cfg.augment = ml_collections.ConfigDict()
+    cfg.loss = loss_config()
+    cfg.optimizer = optimizer_config()
+    return cfg

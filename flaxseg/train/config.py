@@ -1,0 +1,139 @@
+"""A training-run config, checked and turned into a model: the program's reading of it.
+
+    from flaxseg import configs
+    from flaxseg.train.config import build_model, validate_config
+    config = configs.get_config('default')
+    validate_config(config)          # raises ValueError naming the fix; compiles nothing
+    model = build_model(config)
+
+The schema (`flaxseg.run_config.base_config`) is data; this module is the behaviour: every
+key and section is checked by the code that owns it (the dataset, augmentation, loss and
+optimiser factories, the model constructor, the parallel mode), before anything compiles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from flaxseg import losses, models
+from flaxseg.data.config import augment_config, dataset_config
+from flaxseg.optim import create_optimizer
+from flaxseg.run_config import base_config
+from flaxseg.train import parallel
+from flaxseg.train.steps import NAN_POLICIES
+
+DTYPES = ("float32", "bfloat16")
+
+# Keys of the model section that the program sets itself (from the dataset and the run).
+_MODEL_KEYS_SET_BY_PROGRAM = ("num_classes", "dtype", "axis_name")
+
+
+def _check_keys(actual: ml_collections.ConfigDict, expected: ml_collections.ConfigDict,
+                where: str) -> None:
+    unknown = sorted(set(actual.keys()) - set(expected.keys()))
+    if unknown:
+        raise ValueError(
+            f"Unknown config key(s) {[f'{where}{k}' for k in unknown]}; "
+            f"known keys here: {sorted(expected.keys())}. Check the spelling."
+        )
+    missing = sorted(set(expected.keys()) - set(actual.keys()))
+    if missing:
+        raise ValueError(
+            f"Config is missing key(s) {[f'{where}{k}' for k in missing]}; start your config "
+            "from flaxseg.run_config.base_config() so every documented key exists."
+        )
+
+
+def _positive_int(config: ml_collections.ConfigDict, key: str) -> None:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.{key} must be a positive integer, got {value!r}.")
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The keyword arguments for `create_model`, less `name` and the keys the program sets."""
+    kwargs = config.model.to_dict()
+    kwargs.pop("name")
+    for key in _MODEL_KEYS_SET_BY_PROGRAM:
+        if key in kwargs:
+            raise ValueError(
+                f"config.model.{key} is set by the training program (num_classes from "
+                f"config.dataset.num_classes, dtype from config.dtype, axis_name from "
+                f"config.parallel); remove config.model.{key}."
+            )
+    return kwargs
+
+
+def build_model(config: ml_collections.ConfigDict):
+    """Creates the Linen module a config describes.
+
+    `num_classes` comes from `config.dataset.num_classes` and the compute dtype from
+    `config.dtype`; BatchNorm's cross-device axis is left unset (the pmap step sets it).
+    Unknown model names or keyword arguments raise ValueError.
+    """
+    import jax.numpy as jnp
+
+    name = config.model.name
+    if name not in models.available_models():
+        raise ValueError(
+            f"Unknown model {name!r} in config.model.name; available models: "
+            f"{', '.join(models.available_models())}."
+        )
+    kwargs = model_kwargs(config)
+    try:
+        return models.create_model(
+            name, num_classes=int(config.dataset.num_classes), dtype=jnp.dtype(config.dtype),
+            **kwargs)
+    except TypeError as e:
+        raise ValueError(
+            f"config.model has a key model {name!r} does not take ({e}); "
+            f"model keys given: {sorted(kwargs)}."
+        ) from e
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks a config before anything is compiled; raises ValueError naming the fix.
+
+    `num_devices` is the number of devices the global batch is split over; by default the
+    count `config.parallel` uses here (every device of every process, or one for 'jit').
+    """
+    base = base_config()
+    _check_keys(config, base, "config.")
+    _check_keys(config.optimizer, base.optimizer, "config.optimizer.")
+    for key in ("batch_size", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
+                "log_every_steps", "keep_checkpoints", "num_grid_images"):
+        _positive_int(config, key)
+    if not isinstance(config.seed, int):
+        raise ValueError(f"config.seed must be an integer, got {config.seed!r}.")
+    for key, allowed in (("parallel", parallel.MODES), ("dtype", DTYPES),
+                         ("nan_policy", NAN_POLICIES)):
+        if config[key] not in allowed:
+            raise ValueError(f"config.{key} must be one of {allowed}, got {config[key]!r}.")
+    for section in ("model", "dataset", "loss"):
+        if "name" not in config[section]:
+            raise ValueError(f"config.{section}.name is missing.")
+
+    # The dataset, augmentation, loss and optimizer sections are checked by their owners'
+    # factories, which reject unknown names and keys with their own messages; none compiles.
+    dataset = config.dataset.to_dict()
+    dataset_config(dataset.pop("name"), **dataset)
+    augment_config(**config.augment.to_dict())
+    loss_from_config(config)
+    create_optimizer(config.optimizer, int(config.num_train_steps))
+    build_model(config)
+    if num_devices is None:
+        num_devices = parallel.num_devices(config.parallel)
+    parallel.check_divisible(int(config.batch_size), num_devices)
+
+
+def loss_from_config(config: ml_collections.ConfigDict) -> losses.LossFn:
+    """`config.loss` as a loss function (`fn(logits, labels) -> (loss_sum, weight_sum)`),
+    ignoring `config.dataset.ignore_index`."""
+    kwargs = config.loss.to_dict()
+    try:
+        return losses.get_loss_fn(kwargs.pop("name"),
+                                  ignore_index=int(config.dataset.ignore_index), **kwargs)
+    except TypeError as e:
+        raise ValueError(f"config.loss has a key the loss does not take: {e}.") from e

@@ -1,0 +1,238 @@
+"""Where the pure step runs: the three data-parallel modes, and the only place they differ.
+
+    par = DataParallel('mesh')                      # or 'jit', 'pmap'
+    step = par.compile(train_step_fn, donate=True)  # (state, batch) -> (state, metrics)
+    state = par.put_state(state)                    # replicated over the mesh
+    state, metrics = step(state, par.put_batch(process_batch))
+    host_metrics = par.to_host(metrics)             # NumPy, the global sums
+
+Every mode runs over a 1-D device mesh with the axis `'data'` (`AXIS_NAME`), and every mode
+hands the caller global `jax.Array`s: the state replicated (`P()`), the step's metric sums
+replicated. So the loop, checkpoints, evaluation and benchmarks are written once, against
+these arrays; only the table below depends on the mode.
+
+* 'mesh' (the default): every device of every process (`jax.make_mesh`); the batch
+  `[B, ...]` sharded `P('data')`; the step is `jax.jit` with the state `P()` and the batch
+  `P('data')`. BatchNorm statistics and gradients are global by construction: XLA
+  partitions the one program and inserts the all-reduces.
+* 'jit': the same `jax.jit` program on a 1-device mesh (the first local device, one
+  process).
+* 'pmap': every device of every process; the batch laid out `[D, B / D, ...]` (sharded
+  `P('data')`); the step is `jax.pmap` of the per-device program with `axis_name='data'`,
+  `in_axes=(None, 0)` and `out_axes=None`. Collectives are explicit: `pmean` in BatchNorm
+  (`model.axis_name`), `psum` of the gradients, the pixel weight and the metric sums.
+
+Why 'mesh' is the default: it is the idiom the JAX documentation recommends for data
+parallelism (the training cookbook, `migrate_pmap`); `jax.pmap` has been a wrapper over
+`jit` + `shard_map` in maintenance mode since JAX 0.8. The 'mesh' step is the global
+computation written once: it equals the one-device step up to the order of floating-point
+reductions, and its random numbers (dropout) are the same whatever the device count.
+'pmap' stays for those who want the per-device program with explicit collectives; each
+device draws its own dropout masks there (`fold_in(key, axis_index)`).
+
+Several processes (`jax.distributed`): a mesh spans the devices of all of them. Each
+process passes its own rows of the global batch to `put_batch`
+(`jax.make_array_from_process_local_data`); `process_rows()` says which rows those are.
+`jax.pmap` takes and returns per-process arrays in that setting, so the 'pmap' step
+converts at its boundary (`jax.experimental.multihost_utils`), without copies.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+PyTree = Any
+
+AXIS_NAME = "data"
+MODES = ("mesh", "jit", "pmap")
+
+
+def check_divisible(global_batch_size: int, num_devices: int) -> int:
+    """Returns the per-device batch size, or raises a ValueError saying how to fix it."""
+    if num_devices < 1:
+        raise ValueError(f"num_devices must be >= 1, got {num_devices}.")
+    if global_batch_size % num_devices:
+        lower = global_batch_size - global_batch_size % num_devices
+        upper = lower + num_devices
+        hint = f"{lower} or {upper}" if lower else f"{upper}"
+        raise ValueError(
+            f"Batch size {global_batch_size} cannot be split evenly over {num_devices} devices; "
+            f"use a multiple of {num_devices} (e.g. {hint}), or run with fewer devices "
+            "(parallel='jit' uses one)."
+        )
+    return global_batch_size // num_devices
+
+
+def check_mode(mode: str) -> str:
+    """Returns `mode` if it is one of `MODES`, else raises a ValueError naming them."""
+    if mode not in MODES:
+        raise ValueError(f"parallel must be one of {MODES}; got {mode!r}.")
+    return mode
+
+
+def num_devices(mode: str) -> int:
+    """How many devices a global batch is split over in `mode` (without building a mesh)."""
+    return 1 if check_mode(mode) == "jit" else jax.device_count()
+
+
+def _mesh(mode: str, devices: Sequence[Any] | None) -> Mesh:
+    if mode == "jit":
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"parallel='jit' runs on one device of one process, but this job has "
+                f"{jax.process_count()} processes; use parallel='mesh' (or 'pmap').")
+        if devices is not None and len(devices) != 1:
+            raise ValueError(f"parallel='jit' runs on one device; got {len(devices)} devices.")
+        devices = devices or jax.local_devices()[:1]
+    if devices is None:
+        return jax.make_mesh((jax.device_count(),), (AXIS_NAME,), axis_types=(AxisType.Auto,))
+    if not devices:
+        raise ValueError("DataParallel needs at least one device.")
+    return Mesh(np.asarray(devices), (AXIS_NAME,), axis_types=(AxisType.Auto,))
+
+
+class DataParallel:
+    """One data-parallel mode over a 1-D mesh `('data',)` (see the module docstring).
+
+    Args:
+      mode: 'mesh' (default), 'jit' or 'pmap'.
+      devices: the mesh's devices, in order; default: every device of every process
+        (`jax.make_mesh`), or the first local device for 'jit'. Under several processes
+        each of them must hold the same number of the devices given.
+    """
+
+    def __init__(self, mode: str = "mesh", devices: Sequence[Any] | None = None):
+        self.mode = check_mode(mode)
+        self.mesh = _mesh(mode, devices)
+        self.devices = list(self.mesh.devices.flat)
+        self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
+        if not self.local_devices:
+            raise ValueError(f"None of the mesh's devices belongs to process "
+                             f"{jax.process_index()}; give every process some devices.")
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(AXIS_NAME))
+        self._multiprocess = len({d.process_index for d in self.devices}) > 1
+
+    def __repr__(self) -> str:
+        return f"DataParallel({self.mode!r}, {self.num_devices} devices)"
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    @property
+    def axis_name(self) -> str | None:
+        """The collective axis the per-device step names: 'data' under pmap, else None."""
+        return AXIS_NAME if self.mode == "pmap" else None
+
+    # -- the batch --------------------------------------------------------------------------
+    def process_rows(self, global_batch_size: int) -> slice:
+        """The rows of a global batch that this process loads (a contiguous block).
+
+        Raises ValueError (naming the fix) if the batch cannot be split over the devices.
+        """
+        per_device = check_divisible(int(global_batch_size), self.num_devices)
+        positions = [i for i, d in enumerate(self.devices)
+                     if d.process_index == jax.process_index()]
+        first, last = positions[0], positions[-1]
+        if last - first + 1 != len(positions):  # jax.make_mesh keeps a process's devices together
+            raise ValueError(f"This process's devices are not contiguous in the mesh "
+                             f"{self.devices}; pass devices grouped by process.")
+        return slice(first * per_device, (last + 1) * per_device)
+
+    def put_batch(self, batch: PyTree) -> PyTree:
+        """This process's rows `[b, ...]` of the global batch -> global arrays.
+
+        'mesh' / 'jit': `[B, ...]` sharded `P('data')`; 'pmap': `[D, B / D, ...]`.
+        """
+        local = len(self.local_devices)
+
+        def put(x):
+            x = np.asarray(x)
+            if x.shape[0] % local:
+                raise ValueError(
+                    f"This process's batch of {x.shape[0]} cannot be split over its {local} "
+                    "devices; load process_rows(global_batch_size) of the global batch.")
+            if self.mode == "pmap":
+                x = x.reshape((local, x.shape[0] // local, *x.shape[1:]))
+            return jax.make_array_from_process_local_data(self.batch_sharding, x)
+
+        return jax.tree.map(put, batch)
+
+    # -- the state --------------------------------------------------------------------------
+    def put_state(self, tree: PyTree) -> PyTree:
+        """A copy of `tree` on every device of the mesh (every process must pass the same)."""
+        if self._multiprocess:
+            # device_put cannot place typed PRNG keys on devices of other processes.
+            return multihost_utils.host_local_array_to_global_array(
+                tree, self.mesh, PartitionSpec())
+        return jax.device_put(tree, self.replicated)
+
+    def abstract(self, tree: PyTree) -> PyTree:
+        """`ShapeDtypeStruct`s of `tree`, replicated over the mesh: a checkpoint restore
+        target that lands directly on every device, whatever topology wrote it."""
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), tree)
+
+    def to_host(self, tree: PyTree) -> PyTree:
+        """NumPy copies of replicated arrays (the step's metric sums, the state)."""
+        return jax.device_get(tree)
+
+    def local_copy(self, tree: PyTree) -> PyTree:
+        """This process's copy of a replicated tree, on one local device (no transfer):
+        for work one process does alone, such as drawing a prediction grid."""
+        return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+    # -- the step ---------------------------------------------------------------------------
+    def compile(self, fn: Callable[[PyTree, PyTree], Any], *, donate: bool = False,
+                sharded_output: bool = False) -> Callable[[PyTree, PyTree], Any]:
+        """Compiles the per-device `fn(state, batch) -> outputs` for this mode.
+
+        `fn` must name `self.axis_name` in its collectives under 'pmap' (and none
+        otherwise). The result takes the replicated state and `put_batch`'s arrays and
+        returns replicated outputs (sums), or, with `sharded_output`, outputs laid out
+        like the batch (e.g. logits). `donate` lets the step reuse the state's buffers.
+        """
+        donate_argnums = (0,) if donate else ()
+        out_spec = PartitionSpec(AXIS_NAME) if sharded_output else PartitionSpec()
+        if self.mode != "pmap":
+            return jax.jit(fn, in_shardings=(self.replicated, self.batch_sharding),
+                           out_shardings=NamedSharding(self.mesh, out_spec),
+                           donate_argnums=donate_argnums)
+        pmapped = jax.pmap(fn, axis_name=AXIS_NAME, in_axes=(None, 0),
+                           out_axes=0 if sharded_output else None, devices=self.devices,
+                           donate_argnums=donate_argnums)
+        if not self._multiprocess:
+            return pmapped
+        return functools.partial(_call_multiprocess_pmap, pmapped, self.mesh, out_spec)
+
+
+def _call_multiprocess_pmap(pmapped: Callable, mesh: Mesh, out_spec: PartitionSpec,
+                            state: PyTree, batch: PyTree) -> PyTree:
+    """jax.pmap under several processes speaks per-process arrays: rewrap at the boundary."""
+    state = multihost_utils.global_array_to_host_local_array(state, mesh, PartitionSpec())
+    batch = multihost_utils.global_array_to_host_local_array(batch, mesh,
+                                                             PartitionSpec(AXIS_NAME))
+    return multihost_utils.host_local_array_to_global_array(pmapped(state, batch), mesh,
+                                                            out_spec)
+
+
+def sum_over_processes(counts: np.ndarray) -> np.ndarray:
+    """The sum of an integer array over all processes, exact in int64 (every process
+    must call this with the same shape); the array itself in a single process."""
+    counts = np.asarray(counts, np.int64)
+    if jax.process_count() == 1:
+        return counts
+    if counts.min(initial=0) < 0 or counts.max(initial=0) >= 2**62:
+        raise ValueError("sum_over_processes sums counts in [0, 2**62).")
+    # JAX computes in 32 bits by default: gather the high and low halves.
+    high, low = np.divmod(counts, 2**31)
+    gathered = multihost_utils.process_allgather(np.stack([high, low]).astype(np.int32))
+    return (gathered[:, 0].astype(np.int64) * 2**31 + gathered[:, 1]).sum(axis=0)
