@@ -22,6 +22,15 @@ NUM_TEST_DEVICES = 4
 
 jax.config.update("jax_num_cpu_devices", NUM_TEST_DEVICES)
 
+# JAX's persistent compilation cache, shared by the xdist workers and the child processes
+# the tests start (XLA_CACHE_DIR): a program compiled once (a train step, an initialiser)
+# is loaded from disk by every later test that builds it again. Kept between local runs
+# under .pytest_cache/ (JAX's cache keys hold the program, the flags and the versions).
+XLA_CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             ".pytest_cache", "xla")
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 ISBI_DIR_ENV = "FLAXSEG_ISBI_DIR"
 
 
@@ -51,3 +60,14 @@ def file_mtimes(root) -> dict[str, int]:
             path = os.path.join(dirpath, name)
             out[path] = os.stat(path).st_mtime_ns
     return out
+
+
+def child_env(num_devices: int, **extra: str) -> dict[str, str]:
+    """The environment of a test's child Python process: this one's XLA flags (the cheap
+    compile passes), the shared compilation cache, `num_devices` CPU devices, the
+    repository on the path."""
+    return {**os.environ, "JAX_NUM_CPU_DEVICES": str(num_devices),
+            "JAX_COMPILATION_CACHE_DIR": XLA_CACHE_DIR,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            **extra}

@@ -1,6 +1,6 @@
 """Exact resume, in real processes: SIGTERM, kill -9 after a checkpoint, kill -9 mid-save.
 
-Each run is a child process on 2 pinned CPU devices (pmap), training the tiny `test`
+Each run is a child process on 2 pinned CPU devices (the mesh), training the tiny `test`
 config for 8 steps with checkpoints every 4. A module fixture trains the uninterrupted
 reference once; each test interrupts a run, resumes it in a fresh process, and requires
 the final params to be bitwise identical to the reference and `metrics.jsonl` to hold
@@ -8,7 +8,6 @@ the same lines.
 """
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -19,9 +18,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import child_env
 
 from flaxseg.train.checkpoint import Checkpointer, load_for_inference
 from flaxseg.train.reporting import read_metrics
+
+pytestmark = pytest.mark.xdist_group("resume")  # one worker builds the shared runs
 
 STEPS = 8
 OVERRIDES = {"num_train_steps": STEPS, "checkpoint_every_steps": 4, "eval_every_steps": 4,
@@ -36,7 +38,6 @@ OVERRIDES = {"num_train_steps": STEPS, "checkpoint_every_steps": 4, "eval_every_
 CHILD = r"""
 import json, os, signal, sys, time
 import jax
-jax.config.update("jax_num_cpu_devices", 2)
 from flaxseg import configs
 from flaxseg.data import pipeline
 from flaxseg.train import checkpoint, loop
@@ -68,29 +69,15 @@ loop.train_and_evaluate(config, args["workdir"])
 """
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> Path:
-    """A persistent XLA cache for the children: the first compiles, the others load."""
-    return tmp_path_factory.mktemp("xla_cache")
-
-
-def _start(workdir: Path, cache: Path, overrides: dict | None = None,
-           **hooks) -> subprocess.Popen:
-    # The parent's XLA flags (conftest's cheap compile passes) plus 2 host devices.
-    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
-    env = {**os.environ, "XLA_FLAGS": xla_flags.strip(),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           "JAX_COMPILATION_CACHE_DIR": str(cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+def _start(workdir: Path, overrides: dict | None = None, **hooks) -> subprocess.Popen:
     args = json.dumps({"workdir": str(workdir), "overrides": {**OVERRIDES, **(overrides or {})},
                        "hooks": hooks})
-    return subprocess.Popen([sys.executable, "-c", CHILD, args], env=env,
+    return subprocess.Popen([sys.executable, "-c", CHILD, args], env=child_env(2),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _run(workdir: Path, cache: Path, overrides: dict | None = None,
-         **hooks) -> tuple[int, str]:
-    proc = _start(workdir, cache, overrides, **hooks)
+def _run(workdir: Path, overrides: dict | None = None, **hooks) -> tuple[int, str]:
+    proc = _start(workdir, overrides, **hooks)
     out, _ = proc.communicate(timeout=300)
     return proc.returncode, out
 
@@ -106,33 +93,33 @@ def _assert_same_as_reference(workdir: Path, reference: Path) -> None:
     assert read_metrics(workdir) == read_metrics(reference)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, compile_cache) -> Path:
+@pytest.fixture(scope="session")  # kept while xdist interleaves other modules
+def reference(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("reference")
-    code, out = _run(workdir, compile_cache)
+    code, out = _run(workdir)
     assert code == 0, out
     assert [r["step"] for r in read_metrics(workdir) if r["split"] == "train"] == list(
         range(2, STEPS + 1, 2))
     return workdir
 
 
-def test_sigterm_saves_exits_0_and_resumes_bitwise(reference, compile_cache, tmp_path):
+def test_sigterm_saves_exits_0_and_resumes_bitwise(reference, tmp_path):
     # SIGTERM while fetching step 3's batch: step 3 runs, then the loop saves and exits,
     # half-way through a log interval (whose partial sums the checkpoint keeps).
-    code, out = _run(tmp_path, compile_cache, sigterm_at=3)
+    code, out = _run(tmp_path, sigterm_at=3)
     assert code == 0, out
     assert "Stopped by SIGTERM at step 3" in out
     assert not (tmp_path / "summary.json").exists()
     assert max(r["step"] for r in read_metrics(tmp_path)) == 2
-    code, out = _run(tmp_path, compile_cache)
+    code, out = _run(tmp_path)
     assert code == 0, out
     assert "Resuming from the checkpoint of step 3" in out
     _assert_same_as_reference(tmp_path, reference)
 
 
 def test_kill_9_after_the_first_checkpoint_loses_only_the_steps_since(
-        reference, compile_cache, tmp_path):
-    proc = _start(tmp_path, compile_cache, batch_delay=0.05)
+        reference, tmp_path):
+    proc = _start(tmp_path, batch_delay=0.05)
     first = tmp_path / "checkpoints" / "4"
     deadline = time.monotonic() + 240
     while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
@@ -145,7 +132,7 @@ def test_kill_9_after_the_first_checkpoint_loses_only_the_steps_since(
     latest = ckpt.latest_step()
     ckpt.close()
     assert latest in (4, STEPS)
-    code, out = _run(tmp_path, compile_cache)
+    code, out = _run(tmp_path)
     assert code == 0, out
     if latest == 4:
         assert "Resuming from the checkpoint of step 4" in out
@@ -153,15 +140,15 @@ def test_kill_9_after_the_first_checkpoint_loses_only_the_steps_since(
 
 
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_restorable(
-        reference, compile_cache, tmp_path):
+        reference, tmp_path):
     # Checkpoints every 2 steps (saving does not change the run); killed saving step 6.
     every_2 = {"checkpoint_every_steps": 2}
-    code, out = _run(tmp_path, compile_cache, every_2, kill_in_save=6)
+    code, out = _run(tmp_path, every_2, kill_in_save=6)
     assert code == -signal.SIGKILL, out
     assert "saving step 6" in out
     ckpt = Checkpointer(tmp_path, read_only=True)
     assert ckpt.latest_step() in (4, 6)  # the killed write may or may not have landed
     ckpt.close()
-    code, out = _run(tmp_path, compile_cache, every_2)
+    code, out = _run(tmp_path, every_2)
     assert code == 0, out
     _assert_same_as_reference(tmp_path, reference)

@@ -209,30 +209,27 @@ def _run_steps(mode: str, state: TrainState, loss_fn, steps: int) -> tuple[Train
     return par.to_host(state), history
 
 
-@pytest.fixture(scope="module")
-def three_modes(sgd_state, loss_fn):
-    """5 SGD steps of the BatchNorm U-Net, the same global batches, in every mode."""
-    return {mode: _run_steps(mode, sgd_state, loss_fn, 5) for mode in ("jit", "mesh", "pmap")}
-
-
-@pytest.mark.parametrize("mode", ["mesh", "pmap"])
-def test_four_devices_equal_one_device_after_five_steps(three_modes, sgd_state, mode):
+def test_four_devices_equal_one_device_after_five_steps(sgd_state, loss_fn):
     """jit on 1 device, mesh on 4, pmap on 4: the same params to float rounding.
 
-    Exact sums differ only in the order of the floating-point reductions (a device's
-    partial sums, then the all-reduce), so the states agree to ~1e-6 relative, not bitwise.
+    5 SGD steps of the BatchNorm U-Net on the same global batches. Exact sums differ only
+    in the order of the floating-point reductions (a device's partial sums, then the
+    all-reduce), so the states agree to ~1e-7 of the largest parameter, not bitwise.
     """
-    (jit_state, jit_history), (state, history) = three_modes["jit"], three_modes[mode]
-    assert int(state.step) == int(jit_state.step) == 5
-    assert _max_rel(state.params, jit_state.params) < 1e-5
+    jit_state, jit_history = _run_steps("jit", sgd_state, loss_fn, 5)
     update = jax.tree.map(jnp.subtract, jit_state.params, sgd_state.params)
-    assert _max_rel(jax.tree.map(jnp.subtract, state.params, sgd_state.params), update) < 1e-4
-    # BatchNorm statistics are the global batch's in every mode.
-    assert _max_rel(state.batch_stats, jit_state.batch_stats) < 1e-5
-    for got, want in zip(history, jit_history, strict=True):
-        np.testing.assert_array_equal(got["confusion"], want["confusion"])
-        np.testing.assert_allclose(got["loss_sum"], want["loss_sum"], rtol=1e-5)
-        assert float(got["weight_sum"]) == float(want["weight_sum"])
+    for mode in ("mesh", "pmap"):
+        state, history = _run_steps(mode, sgd_state, loss_fn, 5)
+        assert int(state.step) == int(jit_state.step) == 5
+        assert _max_rel(state.params, jit_state.params) < 1e-5, mode
+        assert _max_rel(jax.tree.map(jnp.subtract, state.params, sgd_state.params),
+                        update) < 1e-4, mode
+        # BatchNorm statistics are the global batch's in every mode.
+        assert _max_rel(state.batch_stats, jit_state.batch_stats) < 1e-5, mode
+        for got, want in zip(history, jit_history, strict=True):
+            np.testing.assert_array_equal(got["confusion"], want["confusion"])
+            np.testing.assert_allclose(got["loss_sum"], want["loss_sum"], rtol=1e-5)
+            assert float(got["weight_sum"]) == float(want["weight_sum"])
 
 
 def test_pool_gradient_does_not_lower_to_select_and_scatter(sgd_state, jit_step):

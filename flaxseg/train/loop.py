@@ -25,6 +25,7 @@ metrics.jsonl lines as an uninterrupted one (bitwise on the same devices).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -70,7 +71,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_steps = int(config.num_train_steps)
     model = build_model(config)
     tx = create_optimizer(config.optimizer, num_steps)
-    schedule = create_learning_rate_schedule(config.optimizer, num_steps)
+    schedule = jax.jit(create_learning_rate_schedule(config.optimizer, num_steps))
 
     ckpt = checkpoint.Checkpointer(workdir, keep=int(config.keep_checkpoints))
     state, start_step, saved_loop = _restore_or_create(ckpt, par, model, tx, config,
@@ -234,6 +235,12 @@ def evaluate(eval_step, variables: dict[str, Any], par: DataParallel, source: An
     return {"loss": sums.loss, **sums.scores(source.info.class_names)}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _predict_classes(model: Any, variables: dict[str, Any], images: jax.Array) -> jax.Array:
+    """Class ids `[B, H', W']` from images `[B, H, W, C]` (compiled once per model)."""
+    return jnp.argmax(model.apply(variables, images, train=False), axis=-1)
+
+
 def _grid(model: Any, state: TrainState, par: DataParallel, source: Any,
           config: ml_collections.ConfigDict) -> np.ndarray | None:
     """image | truth | prediction rows (uint8) of the first eval examples (process 0 only,
@@ -247,8 +254,7 @@ def _grid(model: Any, state: TrainState, par: DataParallel, source: Any,
             source, batch_size=count, image_size=tuple(config.dataset.image_size),
             augment=config.augment, process_rows=slice(0, count)) as batches:
         batch = next(batches)
-    variables = par.local_copy(variables_of(state))
-    preds = jnp.argmax(model.apply(variables, batch["image"], train=False), axis=-1)
+    preds = _predict_classes(model, par.local_copy(variables_of(state)), batch["image"])
     return prediction_grid(batch["image"], batch["label"], np.asarray(preds),
                            default_palette(model.num_classes),
                            ignore_index=int(config.dataset.ignore_index))

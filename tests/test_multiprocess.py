@@ -1,0 +1,224 @@
+"""Several processes on one machine: `python -m flaxseg.train` with the distributed flags.
+
+Each run is the real command line in child processes with 2 CPU devices each, talking over
+localhost (gloo), with JAX's coordinator on a free port. A 1-process x 4-device run and a
+2-process x 2-device run of a small default config (BatchNorm, so its statistics cross
+processes) see the same global batches; their results agree to float rounding, because
+only the order of the cross-device sums differs. On one topology a stopped and resumed run
+is bitwise the uninterrupted one. conftest's persistent XLA cache lets later runs of one
+topology skip compiling.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import child_env
+
+from flaxseg.train.checkpoint import Checkpointer, load_for_inference
+from flaxseg.train.reporting import read_metrics
+
+pytestmark = pytest.mark.xdist_group("multiprocess")  # one worker builds the shared runs
+
+STEPS = 8
+REPO = Path(__file__).resolve().parents[1]
+HEARTBEAT_S = 10
+# The default config (U-Net with BatchNorm on the synthetic shapes), made small.
+FLAGS = [f"--config={REPO / 'flaxseg' / 'configs' / 'default.py'}",
+         f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=4",
+         "--config.eval_every_steps=4", "--config.log_every_steps=2",
+         "--config.batch_size=8", "--config.model.features=4", "--config.model.depth=2",
+         "--config.dataset.image_size=(32, 32)", "--config.dataset.num_val=32",
+         "--config.optimizer.warmup_steps=2", "--config.optimizer.name=sgd",
+         "--config.optimizer.learning_rate=0.05",
+         f"--heartbeat_timeout_seconds={HEARTBEAT_S}"]
+# 1e-5 of the largest parameter: the cross-process sums are added in another order.
+RTOL = 1e-5
+
+# The command line, with an optional pause before each batch so that a signal lands
+# mid-run (FLAXSEG_TEST_BATCH_DELAY seconds).
+CHILD = r"""
+import os, runpy, sys, time
+
+delay = float(os.environ.get("FLAXSEG_TEST_BATCH_DELAY", "0"))
+if delay:
+    from flaxseg.data import pipeline
+    real_next = pipeline.TrainIterator.__next__
+    def slow_next(self):
+        time.sleep(delay)
+        return real_next(self)
+    pipeline.TrainIterator.__next__ = slow_next
+sys.argv = ["flaxseg.train", *sys.argv[1:]]
+runpy.run_module("flaxseg.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """`num_processes` child processes of one training command."""
+
+    def __init__(self, workdir: Path, num_processes: int, devices: int,
+                 extra: tuple[str, ...] = (), delay: float = 0.0):
+        env = child_env(devices, FLAXSEG_TEST_BATCH_DELAY=str(delay))
+        flags = [*FLAGS, f"--workdir={workdir}", *extra]
+        if num_processes > 1:
+            flags += [f"--coordinator_address=localhost:{_free_port()}",
+                      f"--num_processes={num_processes}"]
+        self.workdir = workdir
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", CHILD, *flags,
+                 *([f"--process_id={i}"] if num_processes > 1 else [])],
+                env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(num_processes)]
+
+    def wait(self, timeout: float = 300) -> list[tuple[int, str]]:
+        results = []
+        for proc in self.procs:
+            out, _ = proc.communicate(timeout=timeout)
+            results.append((proc.returncode, out))
+        return results
+
+    def wait_for_checkpoint(self, step: int, timeout: float = 240) -> None:
+        target = self.workdir / "checkpoints" / str(step)
+        deadline = time.monotonic() + timeout
+        while not target.is_dir() and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in self.procs), self.wait()
+            time.sleep(0.05)
+        assert target.is_dir(), f"no checkpoint {step} after {timeout} s"
+
+
+def _run(workdir: Path, num_processes: int, devices: int,
+         extra: tuple[str, ...] = ()) -> list[str]:
+    results = Job(workdir, num_processes, devices, extra).wait()
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    return [out for _, out in results]
+
+
+def _params(workdir: Path) -> list[np.ndarray]:
+    _, variables, _ = load_for_inference(workdir, step=STEPS)
+    return [np.asarray(x) for x in jax.tree.leaves(variables)]
+
+
+def _max_rel(workdir: Path, reference: Path) -> float:
+    got, want = _params(workdir), _params(reference)
+    return (max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
+            / max(float(np.abs(b).max()) for b in want))
+
+
+def _assert_close_runs(workdir: Path, reference: Path) -> None:
+    """The same training to float rounding: params, every metrics.jsonl value, summary."""
+    assert _max_rel(workdir, reference) < RTOL
+    got, want = read_metrics(workdir), read_metrics(reference)
+    assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert set(a) == set(b)
+        for key in set(a) - {"split"}:
+            assert a[key] == pytest.approx(b[key], rel=RTOL, abs=1e-7), (key, a, b)
+    summary = json.loads((workdir / "summary.json").read_text())
+    expected = json.loads((reference / "summary.json").read_text())
+    for key in ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou", "loss"):
+        assert summary[key] == pytest.approx(expected[key], rel=RTOL), key
+
+
+def _assert_bitwise_runs(workdir: Path, reference: Path) -> None:
+    for a, b in zip(_params(workdir), _params(reference), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert read_metrics(workdir) == read_metrics(reference)
+
+
+@pytest.fixture(scope="session")  # kept while xdist interleaves other modules
+def one_by_four(tmp_path_factory) -> Path:
+    """The reference: 1 process with 4 devices."""
+    workdir = tmp_path_factory.mktemp("one_by_four")
+    _run(workdir, 1, 4)
+    return workdir
+
+
+@pytest.fixture(scope="session")  # kept while xdist interleaves other modules
+def two_by_two(tmp_path_factory) -> tuple[Path, list[str]]:
+    """2 processes with 2 devices each: (workdir, the two outputs)."""
+    workdir = tmp_path_factory.mktemp("two_by_two")
+    return workdir, _run(workdir, 2, 2)
+
+
+def test_two_processes_train_as_one_with_four_devices(one_by_four, two_by_two):
+    workdir, (out0, out1) = two_by_two
+    assert "over 4 device(s) in 2 processes (mesh)" in out0
+    assert "Done: 8 steps" in out0
+    # Only process 0 prints and writes.
+    assert "Training" not in out1 and "Evaluation" not in out1 and "step 8/8" not in out1
+    assert sorted(os.listdir(workdir)) == ["checkpoints", "metrics.jsonl", "predictions",
+                                           "summary.json", "tensorboard"]
+    print(f"1x4 vs 2x2: params differ by {_max_rel(workdir, one_by_four):.1e} of the largest")
+    _assert_close_runs(workdir, one_by_four)
+    ckpt = Checkpointer(workdir, read_only=True)
+    assert ckpt.all_steps() == [4, 8]
+    ckpt.close()
+
+
+def test_sigterm_stops_both_at_one_step_and_they_resume_bitwise(two_by_two, tmp_path):
+    job = Job(tmp_path, 2, 2, delay=0.3)
+    job.wait_for_checkpoint(4)
+    for proc in job.procs:  # what a TPU maintenance event or a SLURM preemption does
+        proc.send_signal(signal.SIGTERM)
+    (code0, out0), (code1, _) = job.wait()
+    assert code0 == code1 == 0, out0[-3000:]
+    stopped = [line for line in out0.splitlines() if line.startswith("Stopped by")]
+    assert len(stopped) == 1 and "Run the same command to resume" in stopped[0], out0
+    step = int(stopped[0].split(" at step ")[1].split(";")[0])
+    assert 4 <= step < STEPS
+    ckpt = Checkpointer(tmp_path, read_only=True)
+    assert ckpt.latest_step() == step
+    ckpt.close()
+    assert not (tmp_path / "summary.json").exists()
+    out0, _ = _run(tmp_path, 2, 2)
+    assert f"Resuming from the checkpoint of step {step}" in out0
+    _assert_bitwise_runs(tmp_path, two_by_two[0])
+
+
+def test_a_killed_process_stops_the_other_and_the_checkpoint_resumes_on_one_device(
+        two_by_two, tmp_path):
+    job = Job(tmp_path, 2, 2, delay=0.3)
+    job.wait_for_checkpoint(4)
+    killed = time.monotonic()
+    job.procs[1].send_signal(signal.SIGKILL)
+    out, _ = job.procs[0].communicate(timeout=HEARTBEAT_S + 60)
+    noticed = time.monotonic() - killed
+    job.wait()
+    assert job.procs[0].returncode != 0
+    assert "stopped sending heartbeats" in out, out[-3000:]
+    assert noticed < HEARTBEAT_S + 30
+    print(f"the surviving process exited {noticed:.1f} s after the kill")
+    # The last finished checkpoint is intact: 2 processes x 2 devices -> 1 process, 1 device.
+    ckpt = Checkpointer(tmp_path, read_only=True)
+    latest = ckpt.latest_step()
+    ckpt.close()
+    assert 4 <= latest < STEPS
+    out0, = _run(tmp_path, 1, 1, ("--config.parallel=jit",))
+    assert f"Resuming from the checkpoint of step {latest}" in out0
+    _assert_close_runs(tmp_path, two_by_two[0])
+
+
+def test_one_process_checkpoint_resumes_in_two_under_pmap(one_by_four, tmp_path):
+    """1 process x 4 devices (the mesh) -> 2 processes x 2 devices (jax.pmap)."""
+    shutil.copytree(one_by_four, tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "checkpoints" / str(STEPS))  # as if stopped after step 4
+    out0, _ = _run(tmp_path, 2, 2, ("--config.parallel=pmap",))
+    assert "Resuming from the checkpoint of step 4" in out0
+    _assert_close_runs(tmp_path, one_by_four)
