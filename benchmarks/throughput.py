@@ -24,8 +24,9 @@ weak-scaling efficiency img/s(n) / (n / n0 x img/s(n0)), n0 the smallest count. 
 input pipeline's images/s (synthetic source plus the default augmentation, on this host)
 is measured beside every configuration, so the slower of the two is visible.
 
-Several processes run the same command with the distributed flags of `python -m
-flaxseg.train` (`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`);
+Several processes run the same command, with the distributed flags of `python -m
+flaxseg.train` (`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`) or,
+on a Cloud TPU VM and under SLURM / Open MPI, without (`flaxseg.train.distributed`);
 each process feeds its own rows of every batch, and process 0 prints and writes results.
 """
 
@@ -527,10 +528,11 @@ def plot_records(records: list[dict[str, Any]], path: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_devices(args.num_devices)
-    if args.coordinator_address or args.num_processes or args.process_id is not None:
-        from flaxseg.train import distributed
+    from flaxseg.train import distributed
 
-        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    given = (args.coordinator_address, args.num_processes, args.process_id)
+    if any(v is not None for v in given) or distributed.cluster_environment():
+        distributed.initialize(*given)
     import jax
 
     available = jax.local_device_count()

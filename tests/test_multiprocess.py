@@ -222,3 +222,28 @@ def test_one_process_checkpoint_resumes_in_two_under_pmap(one_by_four, tmp_path)
     out0, _ = _run(tmp_path, 2, 2, ("--config.parallel=pmap",))
     assert "Resuming from the checkpoint of step 4" in out0
     _assert_close_runs(tmp_path, one_by_four)
+
+
+def test_benchmark_scaling_runs_unchanged_in_two_processes(tmp_path):
+    out_dir = tmp_path / "bench"
+    port = _free_port()
+    args = ["--models=unet", "--image_sizes=32", "--batch_sizes=1", "--modes=train",
+            "--features=4", "--depth=2", "--steps=3", "--warmup=0", "--pipeline_batches=2",
+            "--num_devices=2", "--scaling", f"--out_dir={out_dir}",
+            f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.throughput", *args,
+                               f"--process_id={i}"], env=child_env(2), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    records = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
+    # One device per process, then two: the mesh grows on both hosts alike.
+    assert [(r["parallel"], r["num_devices"], r["num_processes"]) for r in records] == [
+        ("mesh", 2, 2), ("mesh", 4, 2)]
+    for r in records:
+        assert r["global_batch"] == r["num_devices"] and r["images_per_s"] > 0
+        assert r["images_per_s_per_device"] * r["num_devices"] == pytest.approx(
+            r["images_per_s"])
+    assert records[0]["weak_scaling_efficiency"] == pytest.approx(1.0)
+    assert "| cpu | unet | 32 |" in outs[0] and "| cpu | unet | 32 |" not in outs[1]
