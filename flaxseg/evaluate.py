@@ -251,12 +251,12 @@ def load_run(argv: list[str]) -> tuple[Any, Any, ml_collections.ConfigDict, dict
     """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --flag=value).")
-    distributed.initialize_from_flags()
     from flaxseg.train.checkpoint import load_for_inference
     from flaxseg.train.parallel import DataParallel
     from flaxseg.train.reporting import quiet_library_logs
 
     quiet_library_logs()
+    distributed.initialize_from_flags()
     model, variables, config = load_for_inference(
         flags.FLAGS.workdir, flags.FLAGS.step, sharding=DataParallel("mesh").replicated)
     return model, variables, config, inference_options(model, config)

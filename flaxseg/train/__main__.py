@@ -74,6 +74,9 @@ def default_workdir(config_path: str) -> str:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --flag=value).")
+    from flaxseg.train.reporting import quiet_library_logs
+
+    quiet_library_logs()
     try:  # before anything touches JAX
         distributed.initialize_from_flags()
     except ValueError as e:
@@ -82,9 +85,6 @@ def main(argv: list[str]) -> int:
     import jax
 
     from flaxseg.train.loop import train_and_evaluate
-    from flaxseg.train.reporting import quiet_library_logs
-
-    quiet_library_logs()
 
     workdir = _WORKDIR.value
     if workdir is None:
