@@ -247,3 +247,49 @@ def test_benchmark_scaling_runs_unchanged_in_two_processes(tmp_path):
             r["images_per_s"])
     assert records[0]["weak_scaling_efficiency"] == pytest.approx(1.0)
     assert "| cpu | unet | 32 |" in outs[0] and "| cpu | unet | 32 |" not in outs[1]
+
+
+def _cli_in_two_processes(module: str, *args: str) -> list[tuple[int, str]]:
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", module, *args, f"--coordinator_address=localhost:{port}",
+         "--num_processes=2", f"--process_id={i}"], env=child_env(2), cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    return [(proc.wait(timeout=300), proc.stdout.read()) for proc in procs]
+
+
+def test_evaluate_and_predict_split_the_work_over_two_processes(two_by_two, tmp_path):
+    from PIL import Image
+
+    from flaxseg import evaluate
+    from flaxseg.data import create_source
+
+    workdir, _ = two_by_two
+    scores_path = tmp_path / "scores.json"
+    (code0, out0), (code1, out1) = _cli_in_two_processes(
+        "flaxseg.evaluate", f"--workdir={workdir}", "--mode=pad",
+        f"--output_json={scores_path}")
+    assert code0 == code1 == 0, out0[-3000:] + out1[-3000:]
+    assert "mean IU" in out0 and "mean IU" not in out1
+    # Each process took every other image; the summed counts are one process's.
+    model, variables, config = load_for_inference(workdir)
+    expected = evaluate.evaluate(model, variables, create_source(config.dataset, "val"),
+                                 preprocess=evaluate.eval_preprocess(config, "native"),
+                                 mode="pad", batch_size=4)
+    scores = json.loads(scores_path.read_text())
+    assert scores["num_pixels"] == expected["num_pixels"] == 32 * 32 * 32
+    for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
+        assert scores[key] == expected[key], key
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 256, (40, 24, 3), dtype=np.uint8)).save(
+            inputs / f"{name}.png")
+    (code0, out0), (code1, _) = _cli_in_two_processes(
+        "flaxseg.predict", f"--workdir={workdir}", f"--input={inputs}",
+        f"--output={tmp_path / 'out'}")
+    assert code0 == code1 == 0, out0[-3000:]
+    assert "Segmented 3 of 3 images" in out0
+    assert sorted(os.listdir(tmp_path / "out" / "masks")) == ["a.png", "b.png", "c.png"]
