@@ -24,8 +24,6 @@ from flaxseg.train.config import build_model
 from flaxseg.train.distributed import StopRequest
 from flaxseg.train.reporting import Reporter, format_duration, json_safe, read_metrics
 
-pytestmark = pytest.mark.xdist_group("loop")  # one worker builds the shared runs
-
 STEPS = 6
 
 
@@ -36,7 +34,7 @@ def _config(**overrides):
     return config
 
 
-@pytest.fixture(scope="session")  # kept while xdist interleaves other modules
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished 6-step run on the 4-device mesh: (workdir, returned summary)."""
     workdir = tmp_path_factory.mktemp("run")

@@ -27,8 +27,6 @@ from conftest import child_env
 from flaxseg.train.checkpoint import Checkpointer, load_for_inference
 from flaxseg.train.reporting import read_metrics
 
-pytestmark = pytest.mark.xdist_group("multiprocess")  # one worker builds the shared runs
-
 STEPS = 8
 REPO = Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 10
@@ -142,7 +140,7 @@ def _assert_bitwise_runs(workdir: Path, reference: Path) -> None:
     assert read_metrics(workdir) == read_metrics(reference)
 
 
-@pytest.fixture(scope="session")  # kept while xdist interleaves other modules
+@pytest.fixture(scope="module")
 def one_by_four(tmp_path_factory) -> Path:
     """The reference: 1 process with 4 devices."""
     workdir = tmp_path_factory.mktemp("one_by_four")
@@ -150,7 +148,7 @@ def one_by_four(tmp_path_factory) -> Path:
     return workdir
 
 
-@pytest.fixture(scope="session")  # kept while xdist interleaves other modules
+@pytest.fixture(scope="module")
 def two_by_two(tmp_path_factory) -> tuple[Path, list[str]]:
     """2 processes with 2 devices each: (workdir, the two outputs)."""
     workdir = tmp_path_factory.mktemp("two_by_two")

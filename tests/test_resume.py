@@ -23,8 +23,6 @@ from conftest import child_env
 from flaxseg.train.checkpoint import Checkpointer, load_for_inference
 from flaxseg.train.reporting import read_metrics
 
-pytestmark = pytest.mark.xdist_group("resume")  # one worker builds the shared runs
-
 STEPS = 8
 OVERRIDES = {"num_train_steps": STEPS, "checkpoint_every_steps": 4, "eval_every_steps": 4,
              "log_every_steps": 2, "keep_checkpoints": 3}
@@ -93,7 +91,7 @@ def _assert_same_as_reference(workdir: Path, reference: Path) -> None:
     assert read_metrics(workdir) == read_metrics(reference)
 
 
-@pytest.fixture(scope="session")  # kept while xdist interleaves other modules
+@pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("reference")
     code, out = _run(workdir)
