@@ -269,8 +269,9 @@ def _say(text: str, **kwargs: Any) -> None:
 
 
 def _like_the_loop(options: dict[str, Any], input_size: str, limit: int | None) -> bool:
-    return options["mode"] == "whole" and input_size == "config" and not options["flip"] \
-        and limit is None
+    """Whether the flags ask for exactly the training loop's evaluation."""
+    return (options["mode"] == "whole" and input_size == "config" and not options["flip"]
+            and limit is None)
 
 
 def _loop_evaluation(model: Any, variables: Any, config: ml_collections.ConfigDict,

@@ -71,3 +71,25 @@ def child_env(num_devices: int, **extra: str) -> dict[str, str]:
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
             "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
             **extra}
+
+
+def final_params(workdir, step: int) -> list:
+    """The params and BatchNorm statistics of checkpoint `step` of a run, as NumPy."""
+    import numpy as np
+
+    from flaxseg.train.checkpoint import load_for_inference
+
+    _, variables, _ = load_for_inference(workdir, step=step)
+    return [np.asarray(x) for x in jax.tree.leaves(variables)]
+
+
+def assert_bitwise_same_run(workdir, reference, step: int) -> None:
+    """Checkpoint `step` holds bitwise the reference's arrays, and metrics.jsonl its lines."""
+    import numpy as np
+
+    from flaxseg.train.reporting import read_metrics
+
+    for got, want in zip(final_params(workdir, step), final_params(reference, step),
+                         strict=True):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert read_metrics(workdir) == read_metrics(reference)

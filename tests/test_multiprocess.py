@@ -19,10 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from conftest import child_env
+from conftest import assert_bitwise_same_run, child_env, final_params
 
 from flaxseg.train.checkpoint import Checkpointer, load_for_inference
 from flaxseg.train.reporting import read_metrics
@@ -108,13 +107,8 @@ def _run(workdir: Path, num_processes: int, devices: int,
     return [out for _, out in results]
 
 
-def _params(workdir: Path) -> list[np.ndarray]:
-    _, variables, _ = load_for_inference(workdir, step=STEPS)
-    return [np.asarray(x) for x in jax.tree.leaves(variables)]
-
-
 def _max_rel(workdir: Path, reference: Path) -> float:
-    got, want = _params(workdir), _params(reference)
+    got, want = final_params(workdir, STEPS), final_params(reference, STEPS)
     return (max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
             / max(float(np.abs(b).max()) for b in want))
 
@@ -132,12 +126,6 @@ def _assert_close_runs(workdir: Path, reference: Path) -> None:
     expected = json.loads((reference / "summary.json").read_text())
     for key in ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou", "loss"):
         assert summary[key] == pytest.approx(expected[key], rel=RTOL), key
-
-
-def _assert_bitwise_runs(workdir: Path, reference: Path) -> None:
-    for a, b in zip(_params(workdir), _params(reference), strict=True):
-        assert a.dtype == b.dtype and np.array_equal(a, b)
-    assert read_metrics(workdir) == read_metrics(reference)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +175,7 @@ def test_sigterm_stops_both_at_one_step_and_they_resume_bitwise(two_by_two, tmp_
     assert not (tmp_path / "summary.json").exists()
     out0, _ = _run(tmp_path, 2, 2)
     assert f"Resuming from the checkpoint of step {step}" in out0
-    _assert_bitwise_runs(tmp_path, two_by_two[0])
+    assert_bitwise_same_run(tmp_path, two_by_two[0], STEPS)
 
 
 def test_a_killed_process_stops_the_other_and_the_checkpoint_resumes_on_one_device(

@@ -15,12 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
-from conftest import child_env
+from conftest import assert_bitwise_same_run, child_env
 
-from flaxseg.train.checkpoint import Checkpointer, load_for_inference
+from flaxseg.train.checkpoint import Checkpointer
 from flaxseg.train.reporting import read_metrics
 
 STEPS = 8
@@ -80,17 +78,6 @@ def _run(workdir: Path, overrides: dict | None = None, **hooks) -> tuple[int, st
     return proc.returncode, out
 
 
-def _params(workdir: Path) -> list[np.ndarray]:
-    _, variables, _ = load_for_inference(workdir, step=STEPS)
-    return [np.asarray(x) for x in jax.tree.leaves(variables)]
-
-
-def _assert_same_as_reference(workdir: Path, reference: Path) -> None:
-    for got, want in zip(_params(workdir), _params(reference), strict=True):
-        assert got.dtype == want.dtype and np.array_equal(got, want)
-    assert read_metrics(workdir) == read_metrics(reference)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("reference")
@@ -112,7 +99,7 @@ def test_sigterm_saves_exits_0_and_resumes_bitwise(reference, tmp_path):
     code, out = _run(tmp_path)
     assert code == 0, out
     assert "Resuming from the checkpoint of step 3" in out
-    _assert_same_as_reference(tmp_path, reference)
+    assert_bitwise_same_run(tmp_path, reference, STEPS)
 
 
 def test_kill_9_after_the_first_checkpoint_loses_only_the_steps_since(
@@ -134,7 +121,7 @@ def test_kill_9_after_the_first_checkpoint_loses_only_the_steps_since(
     assert code == 0, out
     if latest == 4:
         assert "Resuming from the checkpoint of step 4" in out
-    _assert_same_as_reference(tmp_path, reference)
+    assert_bitwise_same_run(tmp_path, reference, STEPS)
 
 
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_restorable(
@@ -149,4 +136,4 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_restorable(
     ckpt.close()
     code, out = _run(tmp_path, every_2)
     assert code == 0, out
-    _assert_same_as_reference(tmp_path, reference)
+    assert_bitwise_same_run(tmp_path, reference, STEPS)
