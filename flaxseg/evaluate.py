@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from flaxseg import inference, metrics
+from flaxseg import cli, inference, metrics
 from flaxseg.train import distributed
 
 Example = dict[str, np.ndarray]
@@ -262,12 +262,6 @@ def load_run(argv: list[str]) -> tuple[Any, Any, ml_collections.ConfigDict, dict
     return model, variables, config, inference_options(model, config)
 
 
-def _say(text: str, **kwargs: Any) -> None:
-    """Prints from process 0 only."""
-    if jax.process_index() == 0:
-        print(text, flush=True, **kwargs)
-
-
 def _like_the_loop(options: dict[str, Any], input_size: str, limit: int | None) -> bool:
     """Whether the flags ask for exactly the training loop's evaluation."""
     return (options["mode"] == "whole" and input_size == "config" and not options["flip"]
@@ -297,33 +291,29 @@ def main(argv: list[str]) -> int:
     from flaxseg.train.reporting import json_safe
 
     values = flags.FLAGS
-    try:
-        model, variables, config, options = load_run(argv)
-        input_size = values.input_size
-        if input_size == "auto":
-            input_size = "config" if options["mode"] == "whole" else "native"
-        source = create_source(config.dataset, values.split)
-        _say(
-            f"Evaluating {values.workdir} on {config.dataset.name}/{values.split} "
-            f"({len(source)} images, mode={options['mode']}, flip={options['flip']}, "
-            f"input size: {input_size})"
+    model, variables, config, options = load_run(argv)
+    input_size = values.input_size
+    if input_size == "auto":
+        input_size = "config" if options["mode"] == "whole" else "native"
+    source = create_source(config.dataset, values.split)
+    distributed.say(
+        f"Evaluating {values.workdir} on {config.dataset.name}/{values.split} "
+        f"({len(source)} images, mode={options['mode']}, flip={options['flip']}, "
+        f"input size: {input_size})"
+    )
+    if _like_the_loop(options, input_size, values.limit):
+        scores = _loop_evaluation(model, variables, config, source, values.batch_size)
+    else:
+        scores = evaluate(
+            model,
+            DataParallel("mesh").local_copy(variables),
+            source,
+            preprocess=eval_preprocess(config, input_size),
+            limit=values.limit,
+            on_progress=_progress if jax.process_index() == 0 else None,
+            **options,
         )
-        if _like_the_loop(options, input_size, values.limit):
-            scores = _loop_evaluation(model, variables, config, source, values.batch_size)
-        else:
-            scores = evaluate(
-                model,
-                DataParallel("mesh").local_copy(variables),
-                source,
-                preprocess=eval_preprocess(config, input_size),
-                limit=values.limit,
-                on_progress=_progress if jax.process_index() == 0 else None,
-                **options,
-            )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"Error: {error}", file=sys.stderr)
-        return 2
-    _say(metrics.format_scores_table(scores))
+    distributed.say(metrics.format_scores_table(scores))
     if values.output_json and jax.process_index() == 0:
         record = {"split": values.split, "input_size": input_size, **options, **scores}
         with open(values.output_json, "w") as f:
@@ -344,4 +334,4 @@ if __name__ == "__main__":
     )
     flags.DEFINE_integer("limit", None, "Evaluate only the first N examples.")
     flags.DEFINE_string("output_json", None, "Also write the scores to this JSON file.")
-    app.run(main)
+    cli.run_absl(main)

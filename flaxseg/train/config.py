@@ -13,6 +13,7 @@ optimiser factories, the model constructor, the parallel mode), before anything 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
@@ -82,14 +83,18 @@ def build_model(config: ml_collections.ConfigDict):
             f"{', '.join(models.available_models())}."
         )
     kwargs = model_kwargs(config)
+    fixed = {"num_classes": int(config.dataset.num_classes), "dtype": jnp.dtype(config.dtype)}
     try:
-        return models.create_model(
-            name, num_classes=int(config.dataset.num_classes), dtype=jnp.dtype(config.dtype),
-            **kwargs)
+        return models.create_model(name, **fixed, **kwargs)
     except TypeError as e:
+        takes = sorted(f.name for f in dataclasses.fields(models.create_model(name, **fixed))
+                       if f.init and f.name not in ("parent", "name", *_MODEL_KEYS_SET_BY_PROGRAM))
+        unknown = sorted(set(kwargs) - set(takes))
+        if not unknown:
+            raise
         raise ValueError(
-            f"config.model has a key model {name!r} does not take ({e}); "
-            f"model keys given: {sorted(kwargs)}."
+            f"config.model.{unknown[0]}: model {name!r} takes no such key; its keys are "
+            f"{', '.join(takes)}."
         ) from e
 
 
