@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import child_env, file_mtimes
+from conftest import TRAIN_CHILD, child_env, file_mtimes
 
 from flaxseg.train.reporting import read_metrics
 from flaxseg.train.workdir import LOCK_FILE, WorkdirBusy, WorkdirLock
@@ -22,35 +22,8 @@ from flaxseg.train.workdir import LOCK_FILE, WorkdirBusy, WorkdirLock
 REPO = Path(__file__).resolve().parents[1]
 TEST_CONFIG = str(REPO / "flaxseg" / "configs" / "test.py")
 
-# The command line, optionally slowed down per batch, or with a full disk from a given
-# checkpoint on (orbax's save raising what tensorstore raises on ENOSPC, seen on a tmpfs).
-CHILD = r"""
-import os, runpy, sys, time
-delay = float(os.environ.get("FLAXSEG_TEST_BATCH_DELAY", "0"))
-if delay:
-    from flaxseg.data import pipeline
-    real_next = pipeline.TrainIterator.__next__
-    def slow_next(self):
-        time.sleep(delay)
-        return real_next(self)
-    pipeline.TrainIterator.__next__ = slow_next
-full_from = int(os.environ.get("FLAXSEG_TEST_DISK_FULL_FROM", "0"))
-if full_from:
-    import orbax.checkpoint as ocp
-    real_save = ocp.CheckpointManager.save
-    def save(self, step, *args, **kwargs):
-        if step >= full_from:
-            raise ValueError("RESOURCE_EXHAUSTED: Error writing ... Failed to write 4096 bytes "
-                             "to file 19: No space left on device [os_error_code='28']")
-        return real_save(self, step, *args, **kwargs)
-    ocp.CheckpointManager.save = save
-sys.argv = ["flaxseg.train", *sys.argv[1:]]
-runpy.run_module("flaxseg.train", run_name="__main__", alter_sys=True)
-"""
-
-
 def _train(*flags: str, env: dict | None = None, wait: bool = True):
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, f"--config={TEST_CONFIG}", *flags],
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN_CHILD, f"--config={TEST_CONFIG}", *flags],
                             env=env or child_env(1), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     if not wait:
