@@ -76,8 +76,7 @@ def evaluate(
     """FCN-paper scores of `model` on a data source (`flaxseg.data.create_source`).
 
     Args:
-      variables: on one device of this process (`DataParallel.local_copy` of a
-        replicated tree).
+      variables: on devices of this process only (`for_this_process`).
       source: `len(source)`, `source[i]` -> `{'image': uint8 [H, W, C], 'label': int
         [H, W]}` and `source.info` (`num_classes`, `class_names`, `ignore_index`).
       preprocess: example -> `{'image': float32 [h, w, C], 'label': int [h, w]}`
@@ -262,6 +261,28 @@ def load_run(argv: list[str]) -> tuple[Any, Any, ml_collections.ConfigDict, dict
     return model, variables, config, inference_options(model, config)
 
 
+def for_this_process(variables: Any, config: ml_collections.ConfigDict,
+                     options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(variables, `predict_logits` options) for inference by this process alone.
+
+    The variables on one local device; or, when the run split its images
+    (`config.spatial_partitions` > 1) and the mode predicts whole images ('whole', 'pad'),
+    replicated over that many local devices, with a `sharding` that splits each image's
+    rows over them: a large image in one pass, no tiling.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from flaxseg.train.parallel import SPACE_AXIS, DataParallel
+
+    local = DataParallel("mesh").local_copy(variables)
+    spatial = int(config.get("spatial_partitions", 1))
+    if spatial == 1 or options["mode"] not in ("whole", "pad"):
+        return local, options
+    par = DataParallel("mesh", devices=jax.local_devices()[:spatial], spatial_partitions=spatial)
+    sharding = NamedSharding(par.mesh, PartitionSpec(None, SPACE_AXIS))
+    return par.put_state(local), {**options, "sharding": sharding}
+
+
 def _like_the_loop(options: dict[str, Any], input_size: str, limit: int | None) -> bool:
     """Whether the flags ask for exactly the training loop's evaluation."""
     return (options["mode"] == "whole" and input_size == "config" and not options["flip"]
@@ -276,9 +297,9 @@ def _loop_evaluation(model: Any, variables: Any, config: ml_collections.ConfigDi
     from flaxseg.train.parallel import DataParallel
     from flaxseg.train.steps import make_eval_step
 
-    par = DataParallel("mesh")
+    par = DataParallel("mesh", spatial_partitions=config.get("spatial_partitions", 1))
     config = ml_collections.ConfigDict(config.to_dict())
-    config.batch_size = -(-batch_size // par.num_devices) * par.num_devices
+    config.batch_size = -(-batch_size // par.batch_splits) * par.batch_splits
     eval_step = make_eval_step(model, loss_from_config(config), source.info.num_classes,
                                parallel=par, ignore_index=source.info.ignore_index)
     scores = loop_evaluate(eval_step, variables, par, source, config)
@@ -287,7 +308,6 @@ def _loop_evaluation(model: Any, variables: Any, config: ml_collections.ConfigDi
 
 def main(argv: list[str]) -> int:
     from flaxseg.data import create_source
-    from flaxseg.train.parallel import DataParallel
     from flaxseg.train.reporting import json_safe
 
     values = flags.FLAGS
@@ -304,14 +324,15 @@ def main(argv: list[str]) -> int:
     if _like_the_loop(options, input_size, values.limit):
         scores = _loop_evaluation(model, variables, config, source, values.batch_size)
     else:
+        local_variables, local_options = for_this_process(variables, config, options)
         scores = evaluate(
             model,
-            DataParallel("mesh").local_copy(variables),
+            local_variables,
             source,
             preprocess=eval_preprocess(config, input_size),
             limit=values.limit,
             on_progress=_progress if jax.process_index() == 0 else None,
-            **options,
+            **local_options,
         )
     distributed.say(metrics.format_scores_table(scores))
     if values.output_json and jax.process_index() == 0:

@@ -61,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
       parallel: 'mesh' (data parallel: `jax.jit` over a device mesh spanning every
         process, the default), 'jit' (one device) or 'pmap' (`jax.pmap` over every
         device, explicit `psum`); see `flaxseg.train.parallel`.
+      spatial_partitions: devices each image is split over along H ('mesh' only; 1 = no
+        split): for images too large for one device's memory.
       dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
       nan_policy: 'raise' (stop, naming the step) or 'skip' (drop the update, count it).
       init_from: '' or a workdir whose latest checkpoint initialises matching parameters
@@ -77,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.log_every_steps = 50
     cfg.keep_checkpoints = 3
     cfg.parallel = "mesh"
+    cfg.spatial_partitions = 1
     cfg.dtype = "float32"
     cfg.nan_policy = "raise"
     cfg.init_from = ""

@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 
 from flaxseg import losses, models
-from flaxseg.data.config import augment_config, dataset_config
+from flaxseg.data.config import augment_config, dataset_config, normalize_image_size
 from flaxseg.optim import create_optimizer
 from flaxseg.run_config import base_config
 from flaxseg.train import parallel
@@ -101,8 +101,9 @@ def build_model(config: ml_collections.ConfigDict):
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks a config before anything is compiled; raises ValueError naming the fix.
 
-    `num_devices` is the number of devices the global batch is split over; by default the
-    count `config.parallel` uses here (every device of every process, or one for 'jit').
+    `num_devices` is the number of ways the global batch is split; by default the count
+    `config.parallel` uses here (every device of every process, or one for 'jit'), over
+    `config.spatial_partitions`.
     """
     base = base_config()
     _check_keys(config, base, "config.")
@@ -119,17 +120,19 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     for section in ("model", "dataset", "loss"):
         if "name" not in config[section]:
             raise ValueError(f"config.{section}.name is missing.")
+    spatial = parallel.check_spatial_partitions(config.parallel, config.spatial_partitions)
 
     # The dataset, augmentation, loss and optimizer sections are checked by their owners'
     # factories, which reject unknown names and keys with their own messages; none compiles.
     dataset = config.dataset.to_dict()
-    dataset_config(dataset.pop("name"), **dataset)
+    dataset = dataset_config(dataset.pop("name"), **dataset)
+    parallel.check_image_height(normalize_image_size(dataset.image_size)[0], spatial)
     augment_config(**config.augment.to_dict())
     loss_from_config(config)
     create_optimizer(config.optimizer, int(config.num_train_steps))
     build_model(config)
     if num_devices is None:
-        num_devices = parallel.num_devices(config.parallel)
+        num_devices = parallel.num_devices(config.parallel) // spatial
     parallel.check_divisible(int(config.batch_size), num_devices)
 
 

@@ -71,8 +71,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     wall_start = time.perf_counter()
     workdir = str(workdir)
     config = ml_collections.ConfigDict(config.to_dict())  # a private copy
-    par = DataParallel(config.parallel)
-    validate_config(config, num_devices=par.num_devices)
+    par = DataParallel(config.parallel, spatial_partitions=config.spatial_partitions)
+    validate_config(config, num_devices=par.batch_splits)
     train_source = data.create_source(config.dataset, "train")
     eval_source = data.create_source(config.dataset, config.eval_split)
     input_shape = _input_shape(config, train_source.info)
@@ -211,6 +211,8 @@ def _start_line(config: ml_collections.ConfigDict, state: TrainState, par: DataP
     processes = jax.process_count()
     where = f"{par.num_devices} device(s)" + (f" in {processes} processes" if processes > 1
                                               else "")
+    if par.spatial_partitions > 1:
+        where += f", each image split over {par.spatial_partitions}"
     return (f"Training {config.model.name} ({num_params:,} parameters) on "
             f"{config.dataset.name} {height}x{width}, batch {config.batch_size} over {where} "
             f"({config.parallel}), {config.num_train_steps} steps; workdir "
