@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from flaxseg.optim import DEFAULTS as OPTIMIZER_DEFAULTS
 
@@ -53,7 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     Top-level keys:
       seed: int, the one root of every PRNG key and every data shuffle.
-      batch_size: global batch (all devices, all processes).
+      batch_size: global batch (all devices, all processes), or 'auto': the largest that
+        fits the memory budget, asked of the compiler (`flaxseg.train.memory`).
+      memory_budget_gb: the device memory a run may use, for batch_size='auto' (0: what
+        the device reports; CPUs report none).
       num_train_steps, eval_every_steps, checkpoint_every_steps, log_every_steps: ints
         (eval / checkpoint / log also happen at the last step).
       keep_checkpoints: how many of the latest checkpoints to keep; the best by mIoU
@@ -72,7 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     """
     cfg = ml_collections.ConfigDict()
     cfg.seed = 0
-    cfg.batch_size = 8
+    # Any type, so that --config.batch_size=auto parses as well as --config.batch_size=16.
+    cfg.batch_size = config_dict.FieldReference(8, field_type=object)
+    cfg.memory_budget_gb = 0.0
     cfg.num_train_steps = 1000
     cfg.eval_every_steps = 500
     cfg.checkpoint_every_steps = 500

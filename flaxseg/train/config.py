@@ -50,7 +50,8 @@ def _check_keys(actual: ml_collections.ConfigDict, expected: ml_collections.Conf
 def _positive_int(config: ml_collections.ConfigDict, key: str) -> None:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"config.{key} must be a positive integer, got {value!r}.")
+        also = " or 'auto'" if key == "batch_size" else ""
+        raise ValueError(f"config.{key} must be a positive integer{also}, got {value!r}.")
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -108,9 +109,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     base = base_config()
     _check_keys(config, base, "config.")
     _check_keys(config.optimizer, base.optimizer, "config.optimizer.")
-    for key in ("batch_size", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
+    for key in ("num_train_steps", "eval_every_steps", "checkpoint_every_steps",
                 "log_every_steps", "keep_checkpoints", "num_grid_images"):
         _positive_int(config, key)
+    if config.batch_size != "auto":
+        _positive_int(config, "batch_size")
+    if not isinstance(config.memory_budget_gb, int | float) or config.memory_budget_gb < 0:
+        raise ValueError(f"config.memory_budget_gb must be a number >= 0 (0: the device's own "
+                         f"memory), got {config.memory_budget_gb!r}.")
     if not isinstance(config.seed, int):
         raise ValueError(f"config.seed must be an integer, got {config.seed!r}.")
     for key, allowed in (("parallel", parallel.MODES), ("dtype", DTYPES),
@@ -133,7 +139,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     build_model(config)
     if num_devices is None:
         num_devices = parallel.num_devices(config.parallel) // spatial
-    parallel.check_divisible(int(config.batch_size), num_devices)
+    if config.batch_size != "auto":
+        parallel.check_divisible(int(config.batch_size), num_devices)
 
 
 def loss_from_config(config: ml_collections.ConfigDict) -> losses.LossFn:

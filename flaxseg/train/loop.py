@@ -40,7 +40,7 @@ import numpy as np
 from flaxseg import data
 from flaxseg.metrics import MetricSums, sum_batches
 from flaxseg.optim import create_learning_rate_schedule, create_optimizer
-from flaxseg.train import checkpoint
+from flaxseg.train import checkpoint, memory
 from flaxseg.train.config import build_model, loss_from_config, validate_config
 from flaxseg.train.distributed import StopRequest, say
 from flaxseg.train.parallel import DataParallel
@@ -70,7 +70,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     wall_start = time.perf_counter()
     workdir = str(workdir)
-    config = ml_collections.ConfigDict(config.to_dict())  # a private copy
+    # A private copy, untyped: batch_size='auto' becomes the batch it chooses.
+    config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
     par = DataParallel(config.parallel, spatial_partitions=config.spatial_partitions)
     validate_config(config, num_devices=par.batch_splits)
     train_source = data.create_source(config.dataset, "train")
@@ -80,6 +81,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = build_model(config)
     tx = create_optimizer(config.optimizer, num_steps)
     schedule = jax.jit(create_learning_rate_schedule(config.optimizer, num_steps))
+    if config.batch_size == "auto":
+        config.batch_size = _auto_batch_size(config, model, tx, par, input_shape)
 
     with contextlib.ExitStack() as stack:  # everything below is released on any exit
         stack.enter_context(lock_workdir(workdir, warn=say))
@@ -157,6 +160,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if not stopped_by:
             reporter.summary(summary)
         return summary
+
+
+def _auto_batch_size(config: ml_collections.ConfigDict, model: Any, tx: Any,
+                     par: DataParallel, input_shape: tuple[int, ...]) -> int:
+    """The largest global batch whose compiled train step fits the memory budget."""
+    budget, where = memory.memory_budget(float(config.memory_budget_gb))
+    step = make_train_step(model, loss_from_config(config), int(config.dataset.num_classes),
+                           parallel=par, ignore_index=int(config.dataset.ignore_index),
+                           nan_policy=config.nan_policy)
+    state = par.abstract(abstract_train_state(model, tx, input_shape))
+    batch, why = memory.fit_batch_size(
+        lambda b: memory.train_step_bytes(step, state, par, b, input_shape), budget,
+        step=par.batch_splits)
+    say(f"{why}, the budget from {where}.")
+    return batch
 
 
 def _skip_limit(num_steps: int) -> int:
