@@ -29,6 +29,8 @@ from flaxseg.models.encoder_decoder import EncoderDecoder
 from flaxseg.models.fcn import FCN
 from flaxseg.models.fcn_resnet import FCNResNet
 from flaxseg.models.geometry import Geometry, model_geometry
+from flaxseg.models.nnx_bridge import linen_variables, load_variables, to_nnx
+from flaxseg.models.pretrained import from_torchvision
 from flaxseg.models.registry import (
     ModelSpec,
     available_models,
@@ -39,6 +41,7 @@ from flaxseg.models.registry import (
     split_outputs,
 )
 from flaxseg.models.unet import UNet, unet_output_size, unet_valid_input_sizes
+from flaxseg.models.weights import WeightsError
 
 # Every module of the package, so that a model file's registration runs with the package.
 for _module in pkgutil.iter_modules(__path__):
@@ -79,15 +82,20 @@ __all__ = [
     "Geometry",
     "ModelSpec",
     "UNet",
+    "WeightsError",
     "available_models",
     "create_model",
     "forward_flops",
+    "from_torchvision",
+    "linen_variables",
+    "load_variables",
     "logits_of",
     "model_geometry",
     "model_spec",
     "param_count",
     "register_model",
     "split_outputs",
+    "to_nnx",
     "unet_output_size",
     "unet_valid_input_sizes",
 ]

@@ -179,5 +179,6 @@ def init_backbone(state: TrainState, model: Any, path: str) -> tuple[TrainState,
     count = sum(np.size(x) for x in jax.tree.leaves(pretrained.variables.get("params", {})))
     message = (f"Initialised the backbone from {path}: {count:,} parameters; the weights "
                f"expect {pretrained.normalization.description}.")
-    return state.replace(params=loaded["params"], batch_stats=loaded["batch_stats"],
+    return state.replace(params=loaded["params"],
+                         batch_stats=loaded.get("batch_stats", state.batch_stats),
                          opt_state=state.tx.init(loaded["params"])), message
