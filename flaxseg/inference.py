@@ -40,6 +40,8 @@ import numpy as np
 from PIL import Image
 
 from flaxseg import visualize
+from flaxseg.models import logits_of
+from flaxseg.normalization import Normalization
 
 MODES = ("whole", "pad", "sliding", "overlap_tile")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
@@ -56,7 +58,7 @@ def _pair(value: Size, name: str) -> tuple[int, int]:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
-    return model.apply(variables, images, train=False).astype(jnp.float32)
+    return logits_of(model.apply(variables, images, train=False)).astype(jnp.float32)
 
 
 def _output_shape(
@@ -258,15 +260,7 @@ def normalizer(
 ) -> Callable[[np.ndarray], np.ndarray]:
     """uint8 `[H, W, C]` -> float32 `(image / 255 - mean) / std`, per channel (`mean` and
     `std` in [0, 1] units, 1 or C values): the training data's normalisation."""
-    mean32 = np.asarray(mean, np.float32)
-    std32 = np.asarray(std, np.float32)
-    if np.any(std32 <= 0):
-        raise ValueError(f"std must be positive, got {std}")
-
-    def preprocess(image: np.ndarray) -> np.ndarray:
-        return (np.asarray(image, np.float32) / 255.0 - mean32) / std32
-
-    return preprocess
+    return Normalization(tuple(np.ravel(mean)), tuple(np.ravel(std)))
 
 
 def predict_logits(

@@ -3,6 +3,12 @@ SGD, momentum 0.9, weight decay 5e-4 (not on biases), minibatch 20 images, fixed
 learning rate 1e-4, 21 classes, void pixels (255) ignored, no augmentation ("we found
 no improvement from mirroring and jittering"), dropout 0.5 after fc6 and fc7.
 
+Start from ImageNet VGG-16 weights as the paper does with
+`--config.model.backbone_weights=FILE` (torchvision's `vgg16-397923af.pth`, Keras's
+`vgg16_weights_tf_dim_ordering_tf_kernels.h5`, or the .npz of `python -m flaxseg.models
+convert-vgg16`); the images are then normalised as those weights expect
+(`augment.normalize='pretrained'`; ImageNet's mean/std without weights).
+
 The data is a folder in VOC's layout of class-index PNG masks (SegmentationClass: values
 0-20, 255 = void), with train/ and val/ subfolders holding images/ and masks/:
 
@@ -27,7 +33,8 @@ VOC_CLASS_NAMES = (
 def voc_config(model_name: str, init_from: str = "") -> ml_collections.ConfigDict:
     """The FCN paper's VOC training setup for `model_name` ('fcn32s' | 'fcn16s' | 'fcn8s')."""
     config = base_config()
-    config.model = ml_collections.ConfigDict(dict(name=model_name, dropout_rate=0.5))
+    config.model = ml_collections.ConfigDict(
+        dict(name=model_name, dropout_rate=0.5, backbone_weights=""))
     config.dataset = dataset_config(
         "folder",
         num_classes=len(VOC_CLASS_NAMES),
@@ -39,7 +46,7 @@ def voc_config(model_name: str, init_from: str = "") -> ml_collections.ConfigDic
     )
     config.augment = augment_config(
         scale_range=(1.0, 1.0), hflip=False, brightness=0.0, contrast=0.0, saturation=0.0,
-        normalize="imagenet",
+        normalize="pretrained",
     )
     config.optimizer = optimizer_config(
         name="sgd", learning_rate=1e-4, momentum=0.9, weight_decay=5e-4

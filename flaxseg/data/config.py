@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from flaxseg.data.base import DEFAULT_IGNORE_INDEX
+from flaxseg.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (used by transforms)
 
 ISBI_DIR_ENV = "FLAXSEG_ISBI_DIR"
 
@@ -213,10 +214,6 @@ def normalize_image_size(image_size: Any) -> tuple[int, int]:
     return (h, w)
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def augment_config(**overrides: Any) -> ml_collections.ConfigDict:
     """Defaults for the joint image/mask transforms (`flaxseg.data.transforms`).
 
@@ -227,7 +224,9 @@ def augment_config(**overrides: Any) -> ml_collections.ConfigDict:
       brightness, contrast, saturation: maximum relative jitter (0 turns each off).
       pad_value: 'zero' or 'mean' (the normalisation mean) for image padding; masks
         are always padded with ignore_index.
-      normalize: 'unit' (x / 255), 'imagenet' (ImageNet mean/std) or 'custom' (`mean`, `std`).
+      normalize: 'unit' (x / 255), 'imagenet' (ImageNet mean/std) or 'custom' (`mean`, `std`);
+        a training config may say 'pretrained', which `flaxseg.train.config` turns into the
+        mean/std that `model.backbone_weights` expect.
       mean, std: per-channel statistics in [0, 1] units, for normalize='custom'.
       eval_resize: how eval images reach image_size: 'pad' (pad with ignore_index,
         centre-crop if larger) or 'resize' (bilinear image, nearest mask).

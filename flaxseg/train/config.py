@@ -20,6 +20,7 @@ import ml_collections
 
 from flaxseg import losses, models
 from flaxseg.data.config import augment_config, dataset_config, normalize_image_size
+from flaxseg.normalization import IMAGENET
 from flaxseg.optim import create_optimizer
 from flaxseg.run_config import base_config
 from flaxseg.train import parallel
@@ -27,8 +28,10 @@ from flaxseg.train.steps import NAN_POLICIES
 
 DTYPES = ("float32", "bfloat16")
 
-# Keys of the model section that the program sets itself (from the dataset and the run).
+# Keys of the model section that the program sets itself (from the dataset and the run),
+# and those it reads itself rather than passing them to the model.
 _MODEL_KEYS_SET_BY_PROGRAM = ("num_classes", "dtype", "axis_name")
+_MODEL_KEYS_READ_BY_PROGRAM = ("backbone_weights",)
 
 
 def _check_keys(actual: ml_collections.ConfigDict, expected: ml_collections.ConfigDict,
@@ -55,9 +58,12 @@ def _positive_int(config: ml_collections.ConfigDict, key: str) -> None:
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The keyword arguments for `create_model`, less `name` and the keys the program sets."""
+    """The keyword arguments for `create_model`, less `name`, the keys the program sets
+    and those it reads itself (`backbone_weights`)."""
     kwargs = config.model.to_dict()
     kwargs.pop("name")
+    for key in _MODEL_KEYS_READ_BY_PROGRAM:
+        kwargs.pop(key, None)
     for key in _MODEL_KEYS_SET_BY_PROGRAM:
         if key in kwargs:
             raise ValueError(
@@ -71,22 +77,21 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def build_model(config: ml_collections.ConfigDict):
     """Creates the Linen module a config describes.
 
-    `num_classes` comes from `config.dataset.num_classes` and the compute dtype from
-    `config.dtype`; BatchNorm's cross-device axis is left unset (the pmap step sets it).
-    Unknown model names or keyword arguments raise ValueError.
+    `config.model.name` is a registered model or `package.module:Attr` (see
+    `flaxseg.models.registry`); `num_classes` comes from `config.dataset.num_classes`
+    and the compute dtype from `config.dtype`; BatchNorm's cross-device axis is left
+    unset (the pmap step sets it). Unknown model names or keyword arguments raise
+    ValueError.
     """
     import jax.numpy as jnp
 
     name = config.model.name
-    if name not in models.available_models():
-        raise ValueError(
-            f"Unknown model {name!r} in config.model.name; available models: "
-            f"{', '.join(models.available_models())}."
-        )
     kwargs = model_kwargs(config)
     fixed = {"num_classes": int(config.dataset.num_classes), "dtype": jnp.dtype(config.dtype)}
     try:
         return models.create_model(name, **fixed, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"config.model.name: {e}") from e
     except TypeError as e:
         takes = sorted(f.name for f in dataclasses.fields(models.create_model(name, **fixed))
                        if f.init and f.name not in ("parent", "name", *_MODEL_KEYS_SET_BY_PROGRAM))
@@ -97,6 +102,49 @@ def build_model(config: ml_collections.ConfigDict):
             f"config.model.{unknown[0]}: model {name!r} takes no such key; its keys are "
             f"{', '.join(takes)}."
         ) from e
+
+
+def backbone_weights(config: ml_collections.ConfigDict) -> str:
+    """`config.model.backbone_weights`: a weights file for the model's backbone, or ''."""
+    return str(config.model.get("backbone_weights", "") or "")
+
+
+def resolve_normalization(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with `augment.normalize='pretrained'` made concrete, checked against the
+    backbone weights' expectation.
+
+    'pretrained' becomes 'custom' with the mean/std that `model.backbone_weights` expect
+    (read from the file: torchvision's ImageNet mean/std, Keras's Caffe mean, or what a
+    flaxseg .npz records), or ImageNet's without weights. Any other `normalize` must
+    agree with the weights'; a mismatch raises ValueError saying which is which. The
+    resolved config is the one saved with checkpoints, so evaluation normalises alike.
+    """
+    path = backbone_weights(config)
+    expected = IMAGENET
+    if path:
+        from flaxseg.models.weights import WeightsError, weights_normalization
+
+        try:
+            expected = weights_normalization(path)
+        except WeightsError as e:
+            raise ValueError(f"config.model.backbone_weights: {e}") from e
+    augment = config.augment
+    if augment.get("normalize") == "pretrained":
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.augment.update(normalize="custom", mean=expected.mean, std=expected.std)
+        return config
+    if path:
+        from flaxseg.data.transforms import normalization_stats
+
+        mean, std = normalization_stats(augment, len(expected.mean))
+        if not expected.matches(mean, std):
+            raise ValueError(
+                f"config.augment.normalize={augment.normalize!r} gives mean "
+                f"{tuple(round(float(m), 4) for m in mean)} / std "
+                f"{tuple(round(float(v), 4) for v in std)}, but the weights in "
+                f"config.model.backbone_weights={path!r} expect {expected.description}. Set "
+                "--config.augment.normalize=pretrained to use the weights' normalisation.")
+    return config
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -133,10 +181,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     dataset = config.dataset.to_dict()
     dataset = dataset_config(dataset.pop("name"), **dataset)
     parallel.check_image_height(normalize_image_size(dataset.image_size)[0], spatial)
+    config = resolve_normalization(config)
     augment_config(**config.augment.to_dict())
     loss_from_config(config)
     create_optimizer(config.optimizer, int(config.num_train_steps))
-    build_model(config)
+    model = build_model(config)
+    height, width = normalize_image_size(config.dataset.image_size)
+    models.model_geometry(model).output_shape(
+        height, width, model=f"Model {config.model.name!r} (config.dataset.image_size)")
     if num_devices is None:
         num_devices = parallel.num_devices(config.parallel) // spatial
     if config.batch_size != "auto":

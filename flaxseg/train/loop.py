@@ -39,13 +39,25 @@ import numpy as np
 
 from flaxseg import data
 from flaxseg.metrics import MetricSums, sum_batches
+from flaxseg.models import logits_of
 from flaxseg.optim import create_learning_rate_schedule, create_optimizer
 from flaxseg.train import checkpoint, memory
-from flaxseg.train.config import build_model, loss_from_config, validate_config
+from flaxseg.train.config import (
+    backbone_weights,
+    build_model,
+    loss_from_config,
+    resolve_normalization,
+    validate_config,
+)
 from flaxseg.train.distributed import StopRequest, say
 from flaxseg.train.parallel import DataParallel
 from flaxseg.train.reporting import SUMMARY_FILE, Reporter, Throughput
-from flaxseg.train.state import TrainState, abstract_train_state, create_train_state
+from flaxseg.train.state import (
+    TrainState,
+    abstract_train_state,
+    create_train_state,
+    init_backbone,
+)
 from flaxseg.train.steps import (
     NonFiniteGuard,
     TrainMetrics,
@@ -70,8 +82,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     wall_start = time.perf_counter()
     workdir = str(workdir)
-    # A private copy, untyped: batch_size='auto' becomes the batch it chooses.
-    config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+    # A private copy, untyped (batch_size='auto' becomes the batch it chooses), with the
+    # normalisation the backbone weights expect made concrete.
+    config = resolve_normalization(ml_collections.ConfigDict(config.to_dict(), type_safe=False))
     par = DataParallel(config.parallel, spatial_partitions=config.spatial_partitions)
     validate_config(config, num_devices=par.batch_splits)
     train_source = data.create_source(config.dataset, "train")
@@ -206,8 +219,11 @@ def _restore_or_create(ckpt: checkpoint.Checkpointer, par: DataParallel, model: 
                             on_corrupt=lambda text: say(f"WARNING: {text}"))
     if restored is not None:
         return restored.state, restored.step, restored.loop
-    state = par.put_state(create_train_state(model, tx, jax.random.key(int(config.seed)),
-                                             input_shape))
+    state = create_train_state(model, tx, jax.random.key(int(config.seed)), input_shape)
+    if backbone_weights(config):  # from a file every process reads: before replicating
+        state, message = init_backbone(state, model, backbone_weights(config))
+        say(message)
+    state = par.put_state(state)
     if config.init_from:
         state, message = checkpoint.init_from(state, config.init_from)
         say(message)
@@ -266,7 +282,7 @@ def evaluate(eval_step, variables: dict[str, Any], par: DataParallel, source: An
 @functools.partial(jax.jit, static_argnums=0)
 def _predict_classes(model: Any, variables: dict[str, Any], images: jax.Array) -> jax.Array:
     """Class ids `[B, H', W']` from images `[B, H, W, C]` (compiled once per model)."""
-    return jnp.argmax(model.apply(variables, images, train=False), axis=-1)
+    return jnp.argmax(logits_of(model.apply(variables, images, train=False)), axis=-1)
 
 
 def _grid(model: Any, state: TrainState, par: DataParallel, source: Any,

@@ -50,10 +50,14 @@ from jax import lax
 from flaxseg.losses import LossFn
 from flaxseg.metrics import MetricSums, confusion_matrix
 from flaxseg.models.layers import center_crop
+from flaxseg.models.registry import logits_of, split_outputs
 from flaxseg.train.parallel import DataParallel
 from flaxseg.train.state import TrainState
 
 NAN_POLICIES = ("raise", "skip")
+# The weight of an auxiliary head's loss (a model returning {'out', 'aux'}), as in
+# torchvision's segmentation references: loss = loss(out) + 0.5 * loss(aux).
+AUX_LOSS_WEIGHT = 0.5
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -170,11 +174,14 @@ def train_step_fn(
 
         def objective(params):
             variables = {**variables_of(state), "params": params}
-            logits, updates = model.apply(
+            outputs, updates = model.apply(
                 variables, images, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
             )
+            logits, aux = split_outputs(outputs)
             cropped = _crop_labels(labels, logits, num_classes)
             loss_sum, weight_sum = loss_fn(logits, cropped)
+            if aux is not None:
+                loss_sum = loss_sum + AUX_LOSS_WEIGHT * loss_fn(aux, cropped)[0]
             # The global pixel weight does not depend on the params; dividing by it (not by
             # a device's own weight) makes the summed gradient that of the global mean loss.
             total_weight = lax.stop_gradient(weight_sum)
@@ -229,7 +236,7 @@ def eval_step_fn(
 
     def eval_step(variables: dict[str, Any], batch: Batch) -> Metrics:
         images, labels = _check_batch(batch, num_classes)
-        logits = model.apply(variables, images, train=False)
+        logits = logits_of(model.apply(variables, images, train=False))
         cropped = _crop_labels(labels, logits, num_classes)
         loss_sum, weight_sum = loss_fn(logits, cropped)
         return _summed_metrics(
