@@ -130,7 +130,7 @@ def resolve_normalization(config: ml_collections.ConfigDict) -> ml_collections.C
             raise ValueError(f"config.model.backbone_weights: {e}") from e
     augment = config.augment
     if augment.get("normalize") == "pretrained":
-        config = ml_collections.ConfigDict(config.to_dict())
+        config = ml_collections.ConfigDict(config.to_dict(), type_safe=config.is_type_safe)
         config.augment.update(normalize="custom", mean=expected.mean, std=expected.std)
         return config
     if path:
