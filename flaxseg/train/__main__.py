@@ -37,17 +37,38 @@ _DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default
 
 def _unknown_config_key(error: Exception) -> None:
     """Exits 2 with one line for a `--config.key=value` naming no key of the config."""
+    from flaxseg.data.config import switch_dataset_hint
+
     # ml_collections nests the message, e.g. "'batch_sise'\nDid you mean "batch_size" ...?"
     text = str(error)
     key = re.search(r"'([^'\\]+)\\?'", text)
     hint = re.search(r'Did you mean \\?"(\w+)\\?"', text)
+    key = key.group(1) if key else text
+    # A dataset's keys depend on its kind: --config.dataset.path on a synthetic dataset.
+    dataset_value = next((arg.split("=", 1)[1] for arg in sys.argv
+                          if arg.startswith(f"--config.dataset.{key}=")), None)
+    if dataset_value is not None:
+        print(f"Error: the config's dataset has no key {key!r}: its keys are those of its "
+              f"kind, and --config.dataset.name does not switch the kind. "
+              f"{switch_dataset_hint(dataset_value if key == 'path' else None)}",
+              file=sys.stderr)
+        sys.exit(2)
     print(
-        f"Error: the config has no key {key.group(1) if key else text!r}"
+        f"Error: the config has no key {key!r}"
         + (f"; did you mean {hint.group(1)!r}?" if hint else ".")
         + " A --config.key=value override must name a key of the config file.",
         file=sys.stderr,
     )
     sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an unknown `--config.key` as one error line (with a
+    `--config` file the overrides are applied here, not when the flag is defined)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        _unknown_config_key(e)
 
 
 try:  # config_flags resolves the --config.key overrides when the flag is defined
@@ -101,4 +122,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

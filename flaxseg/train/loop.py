@@ -1,7 +1,8 @@
 """`train_and_evaluate(config, workdir)`: the training program behind `python -m flaxseg.train`.
 
 One run, in order:
-  1. check the config (unknown keys, names, batch split) before anything compiles;
+  1. resolve what the data decides (a folder's layout and classes), then check the config
+     (unknown keys, names, batch split) before anything compiles;
   2. build the sources, the model, the optimiser and the steps for `config.parallel`
      (`flaxseg.train.parallel`: a device mesh over every process by default);
   3. resume from the workdir's latest readable checkpoint (state, data position, the metric
@@ -40,7 +41,12 @@ from flaxseg import data
 from flaxseg.metrics import MetricSums, sum_batches
 from flaxseg.optim import create_learning_rate_schedule, create_optimizer
 from flaxseg.train import checkpoint
-from flaxseg.train.config import build_model, loss_from_config, validate_config
+from flaxseg.train.config import (
+    build_model,
+    loss_from_config,
+    resolve_class_weights,
+    validate_config,
+)
 from flaxseg.train.distributed import StopRequest
 from flaxseg.train.parallel import DataParallel
 from flaxseg.train.reporting import SUMMARY_FILE, Reporter, Throughput
@@ -64,9 +70,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = str(workdir)
     config = ml_collections.ConfigDict(config.to_dict())  # a private copy
     par = DataParallel(config.parallel)
+    # What the data decides (a folder's layout and classes) is filled in first, so the
+    # config is checked, and saved with every checkpoint, as it trains.
+    config.dataset = data.resolve_dataset_config(config.dataset)
     validate_config(config, num_devices=par.num_devices)
     train_source = data.create_source(config.dataset, "train")
     eval_source = data.create_source(config.dataset, config.eval_split)
+    config.loss = resolve_class_weights(config, train_source, workdir)
     input_shape = _input_shape(config, train_source.info)
     num_steps = int(config.num_train_steps)
     model = build_model(config)
@@ -195,15 +205,19 @@ def _saved_sums(saved_loop: dict | None, num_classes: int) -> MetricSums | None:
 
 def _start_line(config: ml_collections.ConfigDict, state: TrainState, par: DataParallel,
                 start_step: int, workdir: str, ckpt: checkpoint.Checkpointer) -> str:
+    dataset = config.dataset.name
+    if config.dataset.get("layout"):
+        dataset += f" (layout {config.dataset.layout} in {config.dataset.path})"
     if start_step:
-        return f"Resuming from the checkpoint of step {start_step} in {ckpt.directory}."
+        return (f"Resuming from the checkpoint of step {start_step} in {ckpt.directory}; "
+                f"dataset {dataset}.")
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     height, width = config.dataset.image_size
     processes = jax.process_count()
     where = f"{par.num_devices} device(s)" + (f" in {processes} processes" if processes > 1
                                               else "")
     return (f"Training {config.model.name} ({num_params:,} parameters) on "
-            f"{config.dataset.name} {height}x{width}, batch {config.batch_size} over {where} "
+            f"{dataset} {height}x{width}, batch {config.batch_size} over {where} "
             f"({config.parallel}), {config.num_train_steps} steps; workdir "
             f"{Path(workdir).absolute()}")
 
