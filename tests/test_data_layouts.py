@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import file_mtimes
+from conftest import child_env, file_mtimes
 from layout_trees import WRITERS, write_cityscapes, write_images_by_split, write_plain
 from PIL import Image
 
@@ -310,6 +310,23 @@ def test_a_config_read_back_from_json_is_the_config_that_trained(name, tmp_path)
         assert config.dataset.image_size == (500, 500)  # --config.dataset.image_size=500
 
 
+def test_a_folder_config_saved_before_layouts_still_reads_its_dataset_json(tmp_path):
+    """Such a run saved `"void_values": []` meaning "from dataset.json" (issue 14's case)."""
+    from flaxseg import configs
+    from flaxseg.train.config import restored_config
+
+    tree = _tree("images_by_split", tmp_path)
+    saved = configs.get_config("folder").to_dict()
+    saved["dataset"] = {key: value for key, value in saved["dataset"].items() if key not in
+                        ("layout", "image_suffix", "mask_suffix", "reduce_zero_label")}
+    saved["dataset"].update(path=tree.path, void_values=[], num_channels=3,
+                            images_dir="images", masks_dir="masks")
+    restored = restored_config(json.loads(json.dumps(saved)))
+    resolved = resolve_dataset_config(restored.dataset)
+    assert resolved.void_values == (11,) and resolved.num_classes == 11
+    assert resolved.layout == "images_by_split"
+
+
 def test_switching_the_dataset_on_the_command_line_says_what_to_write(tmp_path):
     from flaxseg import configs
     from flaxseg.train.config import validate_config
@@ -318,7 +335,7 @@ def test_switching_the_dataset_on_the_command_line_says_what_to_write(tmp_path):
         result = subprocess.run(
             [sys.executable, "-m", "flaxseg.train", *args, "--config.dataset.name=folder",
              f"--config.dataset.path={tmp_path}", f"--workdir={tmp_path / 'run'}"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+            cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
         assert ("Error: the config's dataset has no key 'path'" in result.stderr
                 and "--config=flaxseg/configs/folder.py --config.dataset.path="
@@ -374,7 +391,7 @@ def test_evaluate_reads_a_layout_run_on_its_own_data(layout_run):
     root, _ = layout_run
     result = subprocess.run(
         [sys.executable, "-m", "flaxseg.evaluate", f"--workdir={root / 'run'}", "--split=test"],
-        cwd=str(root), capture_output=True, text=True, timeout=300)
+        cwd=str(root), env=child_env(1), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "on folder/test (2 images" in result.stdout
     assert "pixel acc  mean acc  mean IU  f.w. IU" in result.stdout
@@ -392,7 +409,7 @@ def test_a_truncated_mask_ends_training_with_one_line_naming_it(tmp_path):
          "--config.model.depth=2", "--config.parallel=jit", "--config.batch_size=2",
          "--config.num_train_steps=2", "--config.optimizer.warmup_steps=0",
          f"--workdir={tmp_path / 'run'}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert error == [f"Error: {mask}: cannot decode this mask file (OSError: image file is "

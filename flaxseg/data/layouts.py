@@ -87,7 +87,10 @@ class Listing:
 
 
 def describe_folder(path: str, suffix: str = "") -> str:
-    """What `path` holds, in words: '<path> holds 3 folders and no image files'."""
+    """What `path` holds, in words: '<path> holds 3 folder(s), no image files'."""
+    if os.path.isfile(path):  # a split's list of ids
+        with open(path) as f:
+            return f"{path} lists {sum(1 for line in f if line.strip())} id(s)"
     if not os.path.isdir(path):
         return f"{path} does not exist"
     entries = [e for e in os.listdir(path) if not e.startswith(".")]

@@ -174,6 +174,10 @@ def restored_config(saved: dict[str, Any]) -> ml_collections.ConfigDict:
     """
     values = _tuples(saved)
     dataset = dict(values["dataset"])
+    if dataset.get("source") == "folder" and "layout" not in dataset and not dataset.get(
+            "void_values"):
+        # Saved before layouts, when an empty void_values meant "from dataset.json".
+        dataset["void_values"] = None
     values["dataset"] = dataset_config(dataset.pop("name"), **dataset)
     return ml_collections.ConfigDict(values)
 
