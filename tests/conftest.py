@@ -93,3 +93,30 @@ def assert_bitwise_same_run(workdir, reference, step: int) -> None:
                          strict=True):
         assert got.dtype == want.dtype and np.array_equal(got, want)
     assert read_metrics(workdir) == read_metrics(reference)
+
+
+# The command line, optionally slowed down per batch, or with a full disk from a given
+# checkpoint on (orbax's save raising what tensorstore raises on ENOSPC, seen on a tmpfs).
+TRAIN_CHILD = r"""
+import os, runpy, sys, time
+delay = float(os.environ.get("FLAXSEG_TEST_BATCH_DELAY", "0"))
+if delay:
+    from flaxseg.data import pipeline
+    real_next = pipeline.TrainIterator.__next__
+    def slow_next(self):
+        time.sleep(delay)
+        return real_next(self)
+    pipeline.TrainIterator.__next__ = slow_next
+full_from = int(os.environ.get("FLAXSEG_TEST_DISK_FULL_FROM", "0"))
+if full_from:
+    import orbax.checkpoint as ocp
+    real_save = ocp.CheckpointManager.save
+    def save(self, step, *args, **kwargs):
+        if step >= full_from:
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing ... Failed to write 4096 bytes "
+                             "to file 19: No space left on device [os_error_code='28']")
+        return real_save(self, step, *args, **kwargs)
+    ocp.CheckpointManager.save = save
+sys.argv = ["flaxseg.train", *sys.argv[1:]]
+runpy.run_module("flaxseg.train", run_name="__main__", alter_sys=True)
+"""

@@ -13,7 +13,8 @@ from flaxseg.train.config import build_model, validate_config
 
 SCHEMA_KEYS = {
     "seed", "batch_size", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
-    "log_every_steps", "keep_checkpoints", "parallel", "dtype", "nan_policy", "init_from",
+    "log_every_steps", "keep_checkpoints", "parallel", "spatial_partitions", "memory_budget_gb",
+    "dtype", "nan_policy", "init_from",
     "eval_split", "num_grid_images", "model", "dataset", "augment", "loss", "optimizer",
 }  # fmt: skip
 OPTIMIZER_KEYS = {

@@ -17,6 +17,7 @@ filled in by the training program (`flaxseg.data.resolve_dataset_config`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import ml_collections
 
 from flaxseg import losses, models
 from flaxseg.data.balance import class_balance
-from flaxseg.data.config import augment_config, dataset_config
+from flaxseg.data.config import augment_config, dataset_config, normalize_image_size
 from flaxseg.optim import create_optimizer
 from flaxseg.run_config import base_config
 from flaxseg.train import parallel
@@ -58,7 +59,8 @@ def _check_keys(actual: ml_collections.ConfigDict, expected: ml_collections.Conf
 def _positive_int(config: ml_collections.ConfigDict, key: str) -> None:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"config.{key} must be a positive integer, got {value!r}.")
+        also = " or 'auto'" if key == "batch_size" else ""
+        raise ValueError(f"config.{key} must be a positive integer{also}, got {value!r}.")
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -95,29 +97,39 @@ def build_model(config: ml_collections.ConfigDict):
         raise ValueError(
             "config.dataset.num_classes is not set; the training program fills it from the "
             "dataset (flaxseg.data.resolve_dataset_config), or set it yourself.")
-    num_classes = int(config.dataset.num_classes)
+    fixed = {"num_classes": int(config.dataset.num_classes), "dtype": jnp.dtype(config.dtype)}
     try:
-        return models.create_model(name, num_classes=num_classes, dtype=jnp.dtype(config.dtype),
-                                   **kwargs)
+        return models.create_model(name, **fixed, **kwargs)
     except TypeError as e:
+        takes = sorted(f.name for f in dataclasses.fields(models.create_model(name, **fixed))
+                       if f.init and f.name not in ("parent", "name", *_MODEL_KEYS_SET_BY_PROGRAM))
+        unknown = sorted(set(kwargs) - set(takes))
+        if not unknown:
+            raise
         raise ValueError(
-            f"config.model has a key model {name!r} does not take ({e}); "
-            f"model keys given: {sorted(kwargs)}."
+            f"config.model.{unknown[0]}: model {name!r} takes no such key; its keys are "
+            f"{', '.join(takes)}."
         ) from e
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks a config before anything is compiled; raises ValueError naming the fix.
 
-    `num_devices` is the number of devices the global batch is split over; by default the
-    count `config.parallel` uses here (every device of every process, or one for 'jit').
+    `num_devices` is the number of ways the global batch is split; by default the count
+    `config.parallel` uses here (every device of every process, or one for 'jit'), over
+    `config.spatial_partitions`.
     """
     base = base_config()
     _check_keys(config, base, "config.")
     _check_keys(config.optimizer, base.optimizer, "config.optimizer.")
-    for key in ("batch_size", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
+    for key in ("num_train_steps", "eval_every_steps", "checkpoint_every_steps",
                 "log_every_steps", "keep_checkpoints", "num_grid_images"):
         _positive_int(config, key)
+    if config.batch_size != "auto":
+        _positive_int(config, "batch_size")
+    if not isinstance(config.memory_budget_gb, int | float) or config.memory_budget_gb < 0:
+        raise ValueError(f"config.memory_budget_gb must be a number >= 0 (0: the device's own "
+                         f"memory), got {config.memory_budget_gb!r}.")
     if not isinstance(config.seed, int):
         raise ValueError(f"config.seed must be an integer, got {config.seed!r}.")
     for key, allowed in (("parallel", parallel.MODES), ("dtype", DTYPES),
@@ -127,19 +139,22 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     for section in ("model", "dataset", "loss"):
         if "name" not in config[section]:
             raise ValueError(f"config.{section}.name is missing.")
+    spatial = parallel.check_spatial_partitions(config.parallel, config.spatial_partitions)
 
     # The dataset, augmentation, loss and optimizer sections are checked by their owners'
     # factories, which reject unknown names and keys with their own messages; none compiles.
     dataset = config.dataset.to_dict()
-    dataset_config(dataset.pop("name"), **dataset)
+    dataset = dataset_config(dataset.pop("name"), **dataset)
+    parallel.check_image_height(normalize_image_size(dataset.image_size)[0], spatial)
     augment_config(**config.augment.to_dict())
     checkable = _with_stand_ins(config)
     loss_from_config(checkable)
     create_optimizer(config.optimizer, int(config.num_train_steps))
     build_model(checkable)
     if num_devices is None:
-        num_devices = parallel.num_devices(config.parallel)
-    parallel.check_divisible(int(config.batch_size), num_devices)
+        num_devices = parallel.num_devices(config.parallel) // spatial
+    if config.batch_size != "auto":
+        parallel.check_divisible(int(config.batch_size), num_devices)
 
 
 def _with_stand_ins(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
