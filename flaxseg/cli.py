@@ -43,9 +43,27 @@ def unknown_config_key_message(error: BaseException) -> str | None:
         return None
     key = re.search(r"'([^'\\]+)\\?'", text)
     hint = re.search(r'Did you mean \\?"(\w+)\\?"', text)
+    dataset = _dataset_key_message(key.group(1)) if key else None
+    if dataset:
+        return dataset
     return (f"the config has no key {key.group(1) if key else text!r}"
             + (f"; did you mean {hint.group(1)!r}?" if hint else ".")
             + " A --config.key=value override must name a key of the config file.")
+
+
+def _dataset_key_message(key: str) -> str | None:
+    """For `--config.dataset.KEY=VALUE` naming no key of the config's dataset: a dataset's
+    keys are those of its kind (`--config.dataset.path` on a synthetic one), and what to
+    write instead."""
+    value = next((arg.split("=", 1)[1] for arg in sys.argv
+                  if arg.startswith(f"--config.dataset.{key}=")), None)
+    if value is None:
+        return None
+    from flaxseg.data.config import switch_dataset_hint
+
+    return (f"the config's dataset has no key {key!r}: its keys are those of its kind, and "
+            "--config.dataset.name does not switch the kind. "
+            + switch_dataset_hint(value if key == "path" else None))
 
 
 def describe(error: BaseException) -> tuple[str, int] | None:

@@ -41,9 +41,12 @@ def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 def loss_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The loss section: `name` plus keyword arguments of `flaxseg.losses.get_loss_fn`."""
-    cfg = ml_collections.ConfigDict(
-        {"name": "cross_entropy", "class_weights": None, "label_smoothing": 0.0}
-    )
+    # class_weights: None, one weight per class, or 'median_frequency' (computed from the
+    # training split by the training program); a typed None keeps it overridable from
+    # the command line (--config.loss.class_weights=median_frequency).
+    cfg = ml_collections.ConfigDict({"name": "cross_entropy",
+                                     "class_weights": config_dict.placeholder(object),
+                                     "label_smoothing": 0.0})
     # Loss-specific keywords (e.g. a focal gamma) may be added; get_loss_fn checks them.
     cfg.update(overrides)
     return cfg

@@ -96,7 +96,7 @@ def test_a_live_holder_is_respected_even_where_flock_does_nothing(tmp_path):
     (["--config=missing.py"], "missing.py"),
     (["--config.batch_sise=4"], "no key 'batch_sise'; did you mean 'batch_size'?"),
     (["--config.model.widht=4"], "no key 'widht'"),
-    (["--config.batch_size=abc"], "--config.batch_size=abc: invalid literal for int()"),
+    (["--config.num_train_steps=abc"], "--config.num_train_steps=abc: invalid literal for int()"),
     (["--config.optimizer.name=lamb"], "Unknown optimizer 'lamb'"),
 ])
 def test_config_mistakes_are_one_line_and_exit_2(tmp_path, flags, message):

@@ -442,7 +442,7 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
     `step=None` takes the latest readable checkpoint. Raises FileNotFoundError for a
     missing workdir or one without checkpoints.
     """
-    from flaxseg.train.config import build_model
+    from flaxseg.train.config import build_model, restored_config
 
     workdir = Path(workdir)
     if not workdir.is_dir():
@@ -464,7 +464,7 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
         errors = []
         for candidate in candidates:
             try:
-                config = ml_collections.ConfigDict(ckpt.saved_config(candidate))
+                config = restored_config(ckpt.saved_config(candidate))
                 model = build_model(config)
                 abstract = abstract_state_for(model, config,
                                               ckpt.saved_loop(candidate)["input_shape"])

@@ -9,16 +9,23 @@
 The schema (`flaxseg.run_config.base_config`) is data; this module is the behaviour: every
 key and section is checked by the code that owns it (the dataset, augmentation, loss and
 optimiser factories, the model constructor, the parallel mode), before anything compiles.
+Values the data decides (a folder's classes, `loss.class_weights='median_frequency'`) are
+filled in by the training program (`flaxseg.data.resolve_dataset_config`,
+`resolve_class_weights`), and the config it saves with a checkpoint reads back as it was
+(`restored_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import ml_collections
 
 from flaxseg import losses, models
+from flaxseg.data.balance import class_balance
 from flaxseg.data.config import augment_config, dataset_config, normalize_image_size
 from flaxseg.normalization import IMAGENET
 from flaxseg.optim import create_optimizer
@@ -27,6 +34,8 @@ from flaxseg.train import parallel
 from flaxseg.train.steps import NAN_POLICIES
 
 DTYPES = ("float32", "bfloat16")
+MEDIAN_FREQUENCY = "median_frequency"  # loss.class_weights computed from the train split
+CLASS_WEIGHTS_FILE = "class_weights.json"  # their cache, in the run's workdir
 
 # Keys of the model section that the program sets itself (from the dataset and the run),
 # and those it reads itself rather than passing them to the model.
@@ -87,6 +96,10 @@ def build_model(config: ml_collections.ConfigDict):
 
     name = config.model.name
     kwargs = model_kwargs(config)
+    if config.dataset.num_classes is None:
+        raise ValueError(
+            "config.dataset.num_classes is not set; the training program fills it from the "
+            "dataset (flaxseg.data.resolve_dataset_config), or set it yourself.")
     fixed = {"num_classes": int(config.dataset.num_classes), "dtype": jnp.dtype(config.dtype)}
     try:
         return models.create_model(name, **fixed, **kwargs)
@@ -183,9 +196,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     parallel.check_image_height(normalize_image_size(dataset.image_size)[0], spatial)
     config = resolve_normalization(config)
     augment_config(**config.augment.to_dict())
-    loss_from_config(config)
+    checkable = _with_stand_ins(config)
+    loss_from_config(checkable)
     create_optimizer(config.optimizer, int(config.num_train_steps))
-    model = build_model(config)
+    model = build_model(checkable)
     height, width = normalize_image_size(config.dataset.image_size)
     models.model_geometry(model).output_shape(
         height, width, model=f"Model {config.model.name!r} (config.dataset.image_size)")
@@ -193,6 +207,80 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         num_devices = parallel.num_devices(config.parallel) // spatial
     if config.batch_size != "auto":
         parallel.check_divisible(int(config.batch_size), num_devices)
+
+
+def _with_stand_ins(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy in which what the data decides later holds a stand-in, so the model and the
+    loss can be checked without reading the data: an unset `dataset.num_classes` (a folder
+    or tfds dataset's classes) and `loss.class_weights='median_frequency'`."""
+    values = config.to_dict()
+    if values["dataset"].get("num_classes") is None:
+        values["dataset"]["num_classes"] = 2  # sizes only the classifier
+    if values["loss"].get("class_weights") == MEDIAN_FREQUENCY:
+        values["loss"]["class_weights"] = None
+    return ml_collections.ConfigDict(values)
+
+
+def _tuples(value: Any) -> Any:
+    """JSON's lists back to the tuples configs hold, recursively."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def restored_config(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+    """The config a run saved with its checkpoint (JSON), as the run had it.
+
+    JSON turns tuples into lists, int dict keys into strings and typed Nones into plain
+    ones; here sequences become tuples again and the dataset section goes through
+    `dataset_config`, which gives every value its one form. The run saved its resolved
+    dataset (absolute path, layout, classes), so the restored config reads the same data
+    the same way.
+    """
+    values = _tuples(saved)
+    dataset = dict(values["dataset"])
+    if dataset.get("source") == "folder" and "layout" not in dataset and not dataset.get(
+            "void_values"):
+        # Saved before layouts, when an empty void_values meant "from dataset.json".
+        dataset["void_values"] = None
+    values["dataset"] = dataset_config(dataset.pop("name"), **dataset)
+    return ml_collections.ConfigDict(values)
+
+
+def resolve_class_weights(config: ml_collections.ConfigDict, train_source: Any,
+                          workdir: str) -> ml_collections.ConfigDict:
+    """`config.loss`, with `class_weights='median_frequency'` replaced by the weights of the
+    training split (`flaxseg.data.balance`).
+
+    They are computed once per dataset and cached in `<workdir>/class_weights.json` (with
+    the class pixel counts and frequencies, and the resolved dataset config they belong to);
+    the config the run saves holds the numbers. Every process computes or reads the same
+    numbers; process 0 writes the cache.
+    """
+    loss = config.loss.to_dict()
+    if loss.get("class_weights") != MEDIAN_FREQUENCY:
+        return config.loss
+    import jax
+
+    from flaxseg.train.reporting import json_safe
+
+    dataset = json.loads(json.dumps(json_safe(config.dataset.to_dict())))
+    path = Path(workdir) / CLASS_WEIGHTS_FILE
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if cached.get("dataset") == dataset:
+        weights = cached["weights"]
+    else:
+        balance = class_balance(train_source)
+        weights = [float(w) for w in balance.median_frequency_weights()]
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({
+                "dataset": dataset, "class_pixels": balance.pixels.tolist(),
+                "frequencies": balance.frequencies().tolist(), "weights": weights}, indent=1))
+    loss["class_weights"] = tuple(weights)
+    return ml_collections.ConfigDict(loss)
 
 
 def loss_from_config(config: ml_collections.ConfigDict) -> losses.LossFn:

@@ -1,7 +1,8 @@
 """`train_and_evaluate(config, workdir)`: the training program behind `python -m flaxseg.train`.
 
 One run, in order:
-  1. check the config (unknown keys, names, batch split) before anything compiles;
+  1. resolve what the data decides (a folder's layout and classes), then check the config
+     (unknown keys, names, batch split) before anything compiles;
   2. build the sources, the model, the optimiser and the steps for `config.parallel`
      (`flaxseg.train.parallel`: a device mesh over every process by default);
   3. resume from the workdir's latest readable checkpoint (state, data position, the metric
@@ -46,6 +47,7 @@ from flaxseg.train.config import (
     backbone_weights,
     build_model,
     loss_from_config,
+    resolve_class_weights,
     resolve_normalization,
     validate_config,
 )
@@ -86,6 +88,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # normalisation the backbone weights expect made concrete.
     config = resolve_normalization(ml_collections.ConfigDict(config.to_dict(), type_safe=False))
     par = DataParallel(config.parallel, spatial_partitions=config.spatial_partitions)
+    # What the data decides (a folder's layout and classes) is filled in first, so the
+    # config is checked, and saved with every checkpoint, as it trains.
+    config.dataset = data.resolve_dataset_config(config.dataset)
     validate_config(config, num_devices=par.batch_splits)
     train_source = data.create_source(config.dataset, "train")
     eval_source = data.create_source(config.dataset, config.eval_split)
@@ -99,6 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     with contextlib.ExitStack() as stack:  # everything below is released on any exit
         stack.enter_context(lock_workdir(workdir, warn=say))
+        config.loss = resolve_class_weights(config, train_source, workdir)  # may write a cache
         ckpt = stack.enter_context(
             contextlib.closing(checkpoint.Checkpointer(workdir, keep=int(config.keep_checkpoints))))
         state, start_step, saved_loop = _restore_or_create(ckpt, par, model, tx, config,
@@ -238,8 +244,12 @@ def _saved_sums(saved_loop: dict | None, num_classes: int) -> MetricSums | None:
 
 def _start_line(config: ml_collections.ConfigDict, state: TrainState, par: DataParallel,
                 start_step: int, workdir: str, ckpt: checkpoint.Checkpointer) -> str:
+    dataset = config.dataset.name
+    if config.dataset.get("layout"):
+        dataset += f" (layout {config.dataset.layout} in {config.dataset.path})"
     if start_step:
-        return f"Resuming from the checkpoint of step {start_step} in {ckpt.directory}."
+        return (f"Resuming from the checkpoint of step {start_step} in {ckpt.directory}; "
+                f"dataset {dataset}.")
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     height, width = config.dataset.image_size
     processes = jax.process_count()
@@ -248,7 +258,7 @@ def _start_line(config: ml_collections.ConfigDict, state: TrainState, par: DataP
     if par.spatial_partitions > 1:
         where += f", each image split over {par.spatial_partitions}"
     return (f"Training {config.model.name} ({num_params:,} parameters) on "
-            f"{config.dataset.name} {height}x{width}, batch {config.batch_size} over {where} "
+            f"{dataset} {height}x{width}, batch {config.batch_size} over {where} "
             f"({config.parallel}), {config.num_train_steps} steps; workdir "
             f"{Path(workdir).absolute()}")
 
