@@ -4,6 +4,9 @@
     python -m benchmarks.throughput --models=unet,fcn8s --image_sizes=256 \
         --batch_sizes=1,2,4,8 --dtype=bfloat16 --modes=train,infer
     python -m benchmarks.throughput --models=unet --scaling --num_devices=8
+    python -m benchmarks.throughput --models=unet --features=64 --image_sizes=572 \
+        --batch_sizes=1 --remat=none,block,save_convs --spatial_partitions=1,2,4 \
+        --num_devices=4 --memory_only
 
 Per configuration (model x image size x per-device batch x dtype x mode) it compiles the
 real step once (`lower().compile()`, timed apart), runs `--warmup` steps, then times
@@ -23,6 +26,13 @@ process at a fixed per-device batch and reports global and per-device images/s a
 weak-scaling efficiency img/s(n) / (n / n0 x img/s(n0)), n0 the smallest count. The
 input pipeline's images/s (synthetic source plus the default augmentation, on this host)
 is measured beside every configuration, so the slower of the two is visible.
+
+`--remat=none,block,save_convs` runs each configuration with each rematerialisation policy
+(`config.remat`); every record has the compiled program's bytes per device
+(`compiled_memory_bytes`, XLA's memory analysis) and the activations the backward pass
+keeps from the forward for one device's batch (`saved_activation_bytes`: what remat
+trades; the same on every backend). `--memory_only` compiles and reports memory without
+running a step: the memory report for sizes too slow to time here.
 
 Several processes run the same command, with the distributed flags of `python -m
 flaxseg.train` (`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`) or,
@@ -52,6 +62,8 @@ MODELS = ("unet", "unet_valid", "fcn8s", "fcn16s", "fcn32s", "encoder_decoder")
 MODES = ("train", "infer")
 PARALLEL = ("jit", "mesh", "pmap")
 DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "block", "save_convs")  # flaxseg.models.layers; not imported
+# here, so that --help and parsing stay free of JAX
 
 # --quick: a CPU smoke run of every code path: jit train and infer at two batch sizes,
 # then mesh training on 1 and 2 forced host devices (scaling), and the input pipeline.
@@ -68,9 +80,11 @@ QUICK = dict(
     pipeline_batches=4,
 )
 
+ENV_FIELDS = ("device_kind", "platform", "jax_version", "jaxlib_version", "flax_version",
+              "xla_flags", "jax_flags")
 JSON_FIELDS = (
     "model", "image_size", "per_device_batch", "global_batch", "num_devices", "num_processes",
-    "spatial_partitions", "dtype", "mode",
+    "spatial_partitions", "dtype", "mode", "remat", "saved_activation_bytes",
     "parallel", "model_kwargs", "num_params", "compile_s", "step_ms_median", "step_ms_p10",
     "step_ms_p90", "images_per_s", "images_per_s_per_device", "flops_per_image",
     "flops_per_step_per_device", "tflops_per_s_per_device", "peak_tflops_per_device",
@@ -113,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="devices per process; on CPU, the number of forced host devices")
     add("--scaling", action="store_true",
         help="the mesh step on 1, 2, 4, ... num_devices per process")
+    add("--remat", type=_csv(str, REMAT_POLICIES), default=["none"],
+        help=f"rematerialisation policies, from {REMAT_POLICIES} (flaxseg.models.layers)")
+    add("--memory_only", action="store_true",
+        help="compile and report memory per device; run no step")
     add("--spatial_partitions", type=_csv(int), default=None,
         help="split each image's rows over S devices (the mesh on S devices, per process), "
              "for each S given: memory per device against step time")
@@ -183,6 +201,7 @@ class Case:
     per_device_batch: int
     dtype: str
     mode: str
+    remat: str
     parallel: str
     num_devices: int
     spatial_partitions: int = 1
@@ -336,6 +355,8 @@ def _prepare(case: Case, args: argparse.Namespace):
     from flaxseg.train.steps import variables_of
 
     kwargs = _model_kwargs(case.model, args)
+    if case.remat != "none":
+        kwargs["remat"] = case.remat
     model, state = _initial_state(case.model, case.dtype,
                                   (args.num_classes, tuple(sorted(kwargs.items()))),
                                   args.in_channels)
@@ -362,7 +383,19 @@ def _prepare(case: Case, args: argparse.Namespace):
 
         fn = par.compile(infer, sharded_output=True)
         operands = [par.put_state(variables_of(state)), batch]
-    return fn, operands, int(num_params), kwargs
+    return fn, operands, int(num_params), kwargs, _saved_activations(case, args, model, state)
+
+
+def _saved_activations(case: Case, args: argparse.Namespace, model, state) -> int | None:
+    """Bytes one device keeps for the backward pass (train only): its batch's residuals,
+    split over the devices that share each image."""
+    if case.mode != "train":
+        return None
+    from flaxseg.train.memory import residual_bytes
+    from flaxseg.train.steps import variables_of
+
+    shape = (case.per_device_batch, case.image_size, case.image_size, args.in_channels)
+    return residual_bytes(model, variables_of(state), shape) // case.spatial_partitions
 
 
 def run_case(case: Case, args: argparse.Namespace, env: dict[str, Any],
@@ -370,11 +403,19 @@ def run_case(case: Case, args: argparse.Namespace, env: dict[str, Any],
     """Compiles, warms up and times one configuration; returns its JSON record."""
     import jax
 
-    fn, operands, num_params, kwargs = _prepare(case, args)
+    fn, operands, num_params, kwargs, saved_activations = _prepare(case, args)
     start = time.perf_counter()
     compiled = fn.lower(*operands).compile()
     compile_s = time.perf_counter() - start
     flops_per_step, compiled_memory = _compiled_costs(compiled)
+    record: dict[str, Any] = {**asdict(case), "global_batch": case.global_batch,
+                              "num_processes": jax.process_count(),
+                              "model_kwargs": kwargs, "num_params": num_params,
+                              "compile_s": compile_s, "compiled_memory_bytes": compiled_memory,
+                              "saved_activation_bytes": saved_activations,
+                              **{k: env[k] for k in ENV_FIELDS}}
+    if args.memory_only:
+        return record
 
     def call(operands):
         out = compiled(*operands)
@@ -391,10 +432,6 @@ def run_case(case: Case, args: argparse.Namespace, env: dict[str, Any],
         times.append(time.perf_counter() - begin)
 
     global_batch = case.global_batch
-    record: dict[str, Any] = {**asdict(case), "global_batch": global_batch,
-                              "num_processes": jax.process_count(),
-                              "model_kwargs": kwargs, "num_params": num_params,
-                              "compile_s": compile_s}
     record.update(step_statistics(times, global_batch, case.num_devices))
     step_s = record["step_ms_median"] / 1e3
     record.update(
@@ -407,15 +444,12 @@ def run_case(case: Case, args: argparse.Namespace, env: dict[str, Any],
         mfu=peaks.mfu(flops_per_step, step_s, peak.tflops) if peak else None,
         peak_memory_bytes=_peak_memory([d for d in case_devices(case.num_devices)
                                         if d.process_index == jax.process_index()]),
-        compiled_memory_bytes=compiled_memory,
         pipeline_images_per_s=pipeline_images_per_s,
         weak_scaling_efficiency=None,
         timed_steps=args.steps,
         warmup_steps=args.warmup,
         load_average=os.getloadavg()[0],
         timestamp=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        **{k: env[k] for k in ("device_kind", "platform", "jax_version", "jaxlib_version",
-                               "flax_version", "xla_flags", "jax_flags")},
     )
     return record
 
@@ -461,12 +495,13 @@ def cases(args: argparse.Namespace, max_devices: int, num_processes: int = 1) ->
     per process.
     """
     grid = [
-        (model, size, batch, dtype, mode)
+        (model, size, batch, dtype, mode, remat)
         for model in args.models
         for size in args.image_sizes
         for dtype in args.dtype
         for mode in args.modes
         for batch in args.batch_sizes
+        for remat in args.remat
     ]
     counts = scaling_counts(max_devices, num_processes)
     if args.quick:  # every code path, with few (slow-to-compile) training cases
@@ -505,22 +540,23 @@ def _fmt(value: Any, spec: str) -> str:
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
     """The results as a GitHub markdown table (device kind in the first column)."""
-    header = ("| device | model | size | batch/dev | devices | split | dtype | mode | compile s | "
-              "step ms (p10-p90) | img/s | img/s/dev | GFLOP/img | TFLOP/s/dev | MFU | "
-              "scaling eff. | peak mem MiB | pipeline img/s |")
+    header = ("| device | model | size | batch/dev | devices | split | remat | dtype | mode | "
+              "compile s | step ms (p10-p90) | img/s | img/s/dev | GFLOP/img | TFLOP/s/dev | "
+              "MFU | scaling eff. | peak mem MiB | saved act. MiB | pipeline img/s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in records:
         memory = r["peak_memory_bytes"] or r["compiled_memory_bytes"]
         lines.append(
             f"| {r['device_kind']} | {r['model']} | {r['image_size']} | {r['per_device_batch']} "
-            f"| {r['num_devices']} | {r['spatial_partitions']} | {r['dtype']} | {r['mode']} "
-            f"| {r['compile_s']:.1f} "
+            f"| {r['num_devices']} | {r['spatial_partitions']} | {r['remat']} | {r['dtype']} "
+            f"| {r['mode']} | {r['compile_s']:.1f} "
             f"| {r['step_ms_median']:.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f}) "
             f"| {r['images_per_s']:.1f} | {r['images_per_s_per_device']:.1f} "
             f"| {r['flops_per_image'] / 1e9:.2f} | {r['tflops_per_s_per_device']:.3f} "
             f"| {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% "
             f"| {_fmt(r['weak_scaling_efficiency'], '.2f')} "
             f"| {_fmt(memory and memory / 2**20, '.0f')} "
+            f"| {_fmt(r['saved_activation_bytes'] and r['saved_activation_bytes'] / 2**20, '.1f')} "
             f"| {_fmt(r['pipeline_images_per_s'], '.0f')} |"
         )
     notes = {r["peak_source"] for r in records}
@@ -529,6 +565,21 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     if any(r["peak_memory_bytes"] is None for r in records):
         lines.append("peak mem: compiled program size (arguments + outputs + temporaries) "
                      "where the device reports no memory statistics.")
+    return "\n".join(lines)
+
+
+def memory_table(records: list[dict[str, Any]]) -> str:
+    """`--memory_only` results: per-device compiled memory and saved activations."""
+    header = ("| device | model | size | batch/dev | devices | split | remat | dtype | mode | "
+              "compile s | compiled MiB/dev | saved act. MiB/dev |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in records:
+        compiled, saved = r["compiled_memory_bytes"], r["saved_activation_bytes"]
+        lines.append(
+            f"| {r['device_kind']} | {r['model']} | {r['image_size']} | {r['per_device_batch']} "
+            f"| {r['num_devices']} | {r['spatial_partitions']} | {r['remat']} | {r['dtype']} "
+            f"| {r['mode']} | {r['compile_s']:.1f} | {_fmt(compiled and compiled / 2**20, '.1f')} "
+            f"| {_fmt(saved and saved / 2**20, '.1f')} |")
     return "\n".join(lines)
 
 
@@ -573,25 +624,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         if pipe_key not in pipeline:
             pipeline[pipe_key] = (pipeline_throughput(case.image_size, global_batch,
                                                       args.in_channels, args.pipeline_batches)
-                                  if args.pipeline_batches else None)
+                                  if args.pipeline_batches and not args.memory_only else None)
         if chief:
             print(f"[{i + 1}/{len(todo)}] {case}", file=sys.stderr, flush=True)
         records.append(run_case(case, args, env, device_peaks[case.dtype], pipeline[pipe_key]))
-    add_scaling_efficiency(records)
     if not chief:
         return 0
+    return write_results(records, args)
+
+
+def write_results(records: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    """results.jsonl, results.md (printed) and, for timed runs, images_per_s.png."""
     os.makedirs(args.out_dir, exist_ok=True)
-    jsonl = os.path.join(args.out_dir, "results.jsonl")
-    with open(jsonl, "w") as f:
+    written = [os.path.join(args.out_dir, "results.jsonl"),
+               os.path.join(args.out_dir, "results.md")]
+    if args.memory_only:
+        table = memory_table(records)
+    else:
+        add_scaling_efficiency(records)
+        table = markdown_table(records)
+        written.append(os.path.join(args.out_dir, "images_per_s.png"))
+        plot_records(records, written[2])
+    with open(written[0], "w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
-    table = markdown_table(records)
-    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
+    with open(written[1], "w") as f:
         f.write(table + "\n")
-    plot_path = os.path.join(args.out_dir, "images_per_s.png")
-    plot_records(records, plot_path)
     print(table)
-    print(f"\nwrote {jsonl}, {os.path.join(args.out_dir, 'results.md')}, {plot_path}")
+    print(f"\nwrote {', '.join(written)}")
     return 0
 
 

@@ -71,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
       spatial_partitions: devices each image is split over along H ('mesh' only; 1 = no
         split): for images too large for one device's memory.
       dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
+      remat: what the backward pass recomputes instead of storing: 'none', 'block' (each
+        conv block / bottleneck keeps only its input) or 'save_convs' (only norms and
+        ReLUs recomputed); same numbers, less memory, slower steps. Passed to the model
+        as its `remat` field (`flaxseg.models.layers.REMAT_POLICIES`).
       nan_policy: 'raise' (stop, naming the step) or 'skip' (drop the update, count it).
       init_from: '' or a workdir whose latest checkpoint initialises matching parameters
         (FCN-16s from FCN-32s, FCN-8s from FCN-16s).
@@ -90,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.parallel = "mesh"
     cfg.spatial_partitions = 1
     cfg.dtype = "float32"
+    cfg.remat = "none"
     cfg.nan_policy = "raise"
     cfg.init_from = ""
     cfg.eval_split = "val"

@@ -58,6 +58,9 @@ def test_quick_writes_every_field(quick_run):
         assert math.isclose(r["mfu"], r["tflops_per_s_per_device"] / r["peak_tflops_per_device"],
                             rel_tol=1e-9)
         assert r["pipeline_images_per_s"] > 0 and r["compiled_memory_bytes"] > 0
+        assert r["remat"] == "none"
+        assert (r["saved_activation_bytes"] or 0) > 0 if r["mode"] == "train" else (
+            r["saved_activation_bytes"] is None)
     train = {(r["parallel"], r["num_devices"]): r for r in records if r["mode"] == "train"}
     # A training step costs more than a forward pass: backward + optimiser.
     infer2 = next(r for r in records if r["mode"] == "infer" and r["per_device_batch"] == 2)
@@ -72,6 +75,29 @@ def test_quick_writes_every_field(quick_run):
     assert (out / "images_per_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
     assert table.count("\n| cpu | unet | 32 |") == len(records) and table.strip() in stdout
+
+
+def test_memory_only_reports_each_remat_policy_and_partition_count(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--models=unet", "--features=4",
+         "--depth=2", "--image_sizes=32", "--batch_sizes=2", "--remat=none,block",
+         "--spatial_partitions=1,2", "--num_devices=2", "--memory_only",
+         f"--out_dir={tmp_path}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "results.jsonl") as f:
+        records = {(r["remat"], r["spatial_partitions"]): r for r in map(json.loads, f)}
+    assert sorted(records) == [("block", 1), ("block", 2), ("none", 1), ("none", 2)]
+    for (remat, split), r in records.items():
+        assert r["compiled_memory_bytes"] > 0 and "step_ms_median" not in r
+        # Each of the `split` devices keeps its share of the image's activations.
+        assert r["saved_activation_bytes"] == records[remat, 1]["saved_activation_bytes"] // split
+    saved = {key: r["saved_activation_bytes"] for key, r in records.items()}
+    assert saved["block", 1] < saved["none", 1]
+    assert not (tmp_path / "images_per_s.png").exists()
+    assert (tmp_path / "results.md").read_text().count("| cpu | unet | 32 |") == 4
 
 
 def test_mfu_arithmetic():

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax.numpy as jnp
 import pytest
 
@@ -14,7 +15,7 @@ from flaxseg.train.config import build_model, validate_config
 SCHEMA_KEYS = {
     "seed", "batch_size", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
     "log_every_steps", "keep_checkpoints", "parallel", "spatial_partitions", "memory_budget_gb",
-    "dtype", "nan_policy", "init_from",
+    "dtype", "remat", "nan_policy", "init_from",
     "eval_split", "num_grid_images", "model", "dataset", "augment", "loss", "optimizer",
 }  # fmt: skip
 OPTIMIZER_KEYS = {
@@ -109,7 +110,8 @@ def test_unknown_names_are_errors():
 
 
 @pytest.mark.parametrize("key, value", [("parallel", "pjit"), ("dtype", "float16"),
-                                        ("nan_policy", "ignore"), ("num_train_steps", 0),
+                                        ("nan_policy", "ignore"), ("remat", "all"),
+                                        ("num_train_steps", 0),
                                         ("log_every_steps", -1), ("keep_checkpoints", 0)])
 def test_bad_values_are_errors(key, value):
     config = configs.get_config("test")
@@ -137,6 +139,31 @@ def test_build_model_takes_classes_and_dtype_from_the_config():
     assert model.num_classes == config.dataset.num_classes
     assert jnp.dtype(model.dtype) == jnp.bfloat16
     assert model.axis_name is None  # the pmap step sets BatchNorm's axis itself
+    assert model.remat == "none"
+    config.remat = "block"
+    assert build_model(config).remat == "block"
+
+
+class ContractOnly(nn.Module):
+    """A user's model with the contract's fields and no `remat`."""
+
+    num_classes: int
+    dtype: object = jnp.float32
+    param_dtype: object = jnp.float32
+    axis_name: str | None = None
+
+    def __call__(self, x, train: bool = False):
+        return x
+
+
+def test_remat_on_a_model_without_the_field_says_so():
+    config = configs.get_config("test")
+    config.model = {"name": "test_configs:ContractOnly"}
+    build_model(config)  # remat 'none': not passed, the model builds
+    config.remat = "block"
+    with pytest.raises(ValueError, match=r"config.remat='block': model 'test_configs:"
+                                         r"ContractOnly' has no `remat` field.*'none'"):
+        build_model(config)
 
 
 def test_configs_and_the_training_program_do_not_import_each_other():

@@ -109,7 +109,9 @@ class FCN(nn.Module):
     AlexNet). Dropout (after fc6 and fc7) is active only with `train=True` and reads the
     `'dropout'` rng stream. The model has no BatchNorm; `axis_name` is accepted for a
     uniform interface. `widths` (the backbone's convolution channels) and `fc_features`
-    default to the backbone's; smaller values give a cheap variant for tests.
+    default to the backbone's; smaller values give a cheap variant for tests. `remat`:
+    each backbone convolution with its ReLU recomputed in the backward pass ('block',
+    'save_convs'; see `flaxseg.models.layers`).
     """
 
     num_classes: int
@@ -121,6 +123,7 @@ class FCN(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
+    remat: str = "none"
 
     backbone_scope: ClassVar[tuple[str, ...]] = ()  # the backbone's variables: top level
 
@@ -135,7 +138,7 @@ class FCN(nn.Module):
         return create_backbone(
             self.backbone, input_pad=INPUT_PAD, ceil_mode=True, fc_features=self.fc_features,
             dropout_rate=self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype,
-            **widths)
+            remat=self.remat, **widths)
 
     @nn.nowrap
     def geometry(self) -> Geometry:

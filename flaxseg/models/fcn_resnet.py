@@ -66,6 +66,8 @@ class FCNResNet(nn.Module):
     `depth` 50 or 101; `blocks` / `base_width` make cheap test variants (see `ResNet`).
     Dropout (0.1, in the heads) runs only with `train=True` and reads the `'dropout'` rng
     stream; BatchNorm statistics live in `batch_stats`, synchronised over `axis_name`.
+    `remat`: each backbone bottleneck recomputed in the backward pass ('block',
+    'save_convs'; see `flaxseg.models.layers`).
     """
 
     num_classes: int
@@ -77,6 +79,7 @@ class FCNResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
+    remat: str = "none"
 
     backbone_scope: ClassVar[tuple[str, ...]] = ("backbone",)  # where the backbone's variables sit
 
@@ -85,7 +88,8 @@ class FCNResNet(nn.Module):
         """The dilated ResNet of this model."""
         return ResNet(depth=self.depth, dilation=DILATION, blocks=self.blocks,
                       base_width=self.base_width, dtype=self.dtype,
-                      param_dtype=self.param_dtype, axis_name=self.axis_name, name=name)
+                      param_dtype=self.param_dtype, axis_name=self.axis_name,
+                      remat=self.remat, name=name)
 
     @nn.nowrap
     def geometry(self) -> Geometry:

@@ -25,11 +25,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 NORMS = (None, "batch", "group")
+# Rematerialisation policies (`remat` of every model): what the backward pass recomputes.
+#   'none': every activation is stored.
+#   'block': each block (U-Net conv block, VGG / AlexNet conv+ReLU, ResNet bottleneck)
+#     keeps only its input; its inner activations are recomputed in the backward pass.
+#   'save_convs': as 'block', but convolution outputs are kept (named `CONV_OUTPUT`):
+#     only the cheap norms and ReLUs are recomputed.
+REMAT_POLICIES = ("none", "block", "save_convs")
+CONV_OUTPUT = "conv_output"
 
 
 def check_image_batch(x: jax.Array, model: str) -> None:
@@ -295,6 +304,31 @@ class ConvTranspose(nn.Module):
         return y if bias is None else y + bias
 
 
+def check_remat(remat: str, model: str) -> None:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"{model}.remat must be one of {REMAT_POLICIES}; got {remat!r}.")
+
+
+def rematerialized(module: type[nn.Module], remat: str,
+                   static_argnums: tuple[int, ...] = (2,)) -> type[nn.Module]:
+    """`module`, or `module` under `flax.linen.remat` with the policy `remat` names.
+
+    `static_argnums` count `self` as 0: the default (2,) is `__call__(self, x, train)`'s
+    Python bool. Parameter names are unchanged, so weights load the same either way.
+    """
+    check_remat(remat, module.__name__)
+    if remat == "none":
+        return module
+    policy = (jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
+              if remat == "save_convs" else None)
+    return nn.remat(module, policy=policy, static_argnums=static_argnums)
+
+
+def conv_output(x: jax.Array) -> jax.Array:
+    """Names a convolution's output for the 'save_convs' policy (identity otherwise)."""
+    return checkpoint_name(x, CONV_OUTPUT)
+
+
 def group_count(features: int, max_groups: int = 32) -> int:
     """GroupNorm's group count: the largest divisor of `features` up to `max_groups`."""
     return math.gcd(features, max_groups)
@@ -328,6 +362,7 @@ class ConvBlock(nn.Module):
                 param_dtype=self.param_dtype,
                 name=f"conv{i}",
             )(x)
+            x = conv_output(x)
             if self.norm == "batch":
                 x = nn.BatchNorm(
                     use_running_average=not train,

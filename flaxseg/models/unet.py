@@ -36,7 +36,9 @@ from flaxseg.models.layers import (
     Dtype,
     center_crop,
     check_image_batch,
+    check_remat,
     max_pool_2x2,
+    rematerialized,
 )
 from flaxseg.models.registry import register_model
 
@@ -117,6 +119,10 @@ class UNet(nn.Module):
     the decoder stage at that stride (none where the backbone has no map, e.g. ResNet at
     stride 1) and whose stride-`2**depth` map replaces the bottleneck. Its variables sit
     under 'encoder', as `flaxseg.models.weights` loads them; it needs padding='SAME'.
+
+    `remat`: what the backward pass recomputes instead of storing (`REMAT_POLICIES` in
+    `flaxseg.models.layers`: 'none', 'block' — each conv block — or 'save_convs');
+    outputs and gradients are the same, memory lower, steps slower.
     """
 
     num_classes: int
@@ -130,6 +136,7 @@ class UNet(nn.Module):
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
     encoder: str | None = None
+    remat: str = "none"
 
     skip_connections: ClassVar[bool] = True
     backbone_scope: ClassVar[tuple[str, ...]] = ("encoder",)
@@ -155,8 +162,8 @@ class UNet(nn.Module):
         kw = dict(max_stride=2**self.depth, dtype=self.dtype, param_dtype=self.param_dtype,
                   name=name)
         if self.encoder == "vgg16":
-            return create_backbone("vgg16", fc=False, **kw)
-        return create_backbone(self.encoder, axis_name=self.axis_name, **kw)
+            return create_backbone("vgg16", fc=False, remat=self.remat, **kw)
+        return create_backbone(self.encoder, axis_name=self.axis_name, remat=self.remat, **kw)
 
     def _check_fields(self) -> None:
         name = type(self).__name__
@@ -169,6 +176,7 @@ class UNet(nn.Module):
                 f"{name}.upsample must be one of {UPSAMPLES}; got {self.upsample!r}."
             )
         _check_depth(self.depth)
+        check_remat(self.remat, name)
         for field in ("num_classes", "features"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -179,7 +187,7 @@ class UNet(nn.Module):
             )
 
     def _block(self, features: int, name: str) -> ConvBlock:
-        return ConvBlock(
+        return rematerialized(ConvBlock, self.remat)(
             features,
             padding=self.padding,
             norm=self.norm,

@@ -27,6 +27,7 @@ import ml_collections
 from flaxseg import losses, models
 from flaxseg.data.balance import class_balance
 from flaxseg.data.config import augment_config, dataset_config, normalize_image_size
+from flaxseg.models.layers import REMAT_POLICIES
 from flaxseg.normalization import IMAGENET
 from flaxseg.optim import create_optimizer
 from flaxseg.run_config import base_config
@@ -39,7 +40,7 @@ CLASS_WEIGHTS_FILE = "class_weights.json"  # their cache, in the run's workdir
 
 # Keys of the model section that the program sets itself (from the dataset and the run),
 # and those it reads itself rather than passing them to the model.
-_MODEL_KEYS_SET_BY_PROGRAM = ("num_classes", "dtype", "axis_name")
+_MODEL_KEYS_SET_BY_PROGRAM = ("num_classes", "dtype", "axis_name", "remat")
 _MODEL_KEYS_READ_BY_PROGRAM = ("backbone_weights",)
 
 
@@ -77,8 +78,8 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
         if key in kwargs:
             raise ValueError(
                 f"config.model.{key} is set by the training program (num_classes from "
-                f"config.dataset.num_classes, dtype from config.dtype, axis_name from "
-                f"config.parallel); remove config.model.{key}."
+                f"config.dataset.num_classes, dtype and remat from config.dtype and "
+                f"config.remat, axis_name from config.parallel); remove config.model.{key}."
             )
     return kwargs
 
@@ -101,13 +102,20 @@ def build_model(config: ml_collections.ConfigDict):
             "config.dataset.num_classes is not set; the training program fills it from the "
             "dataset (flaxseg.data.resolve_dataset_config), or set it yourself.")
     fixed = {"num_classes": int(config.dataset.num_classes), "dtype": jnp.dtype(config.dtype)}
+    remat = config.get("remat", "none")  # runs saved before the key existed: 'none'
+    if remat != "none":  # a user's model without the field still builds without remat
+        fixed["remat"] = remat
     try:
         return models.create_model(name, **fixed, **kwargs)
     except ValueError as e:
         raise ValueError(f"config.model.name: {e}") from e
     except TypeError as e:
-        takes = sorted(f.name for f in dataclasses.fields(models.create_model(name, **fixed))
-                       if f.init and f.name not in ("parent", "name", *_MODEL_KEYS_SET_BY_PROGRAM))
+        plain = models.create_model(name, num_classes=fixed["num_classes"], dtype=fixed["dtype"])
+        fields = {f.name for f in dataclasses.fields(plain) if f.init}
+        if "remat" in fixed and "remat" not in fields:
+            raise ValueError(f"config.remat={remat!r}: model {name!r} has no `remat` field "
+                             "(flaxseg's models do); set config.remat='none'.") from e
+        takes = sorted(fields - {"parent", "name", *_MODEL_KEYS_SET_BY_PROGRAM})
         unknown = sorted(set(kwargs) - set(takes))
         if not unknown:
             raise
@@ -181,7 +189,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     if not isinstance(config.seed, int):
         raise ValueError(f"config.seed must be an integer, got {config.seed!r}.")
     for key, allowed in (("parallel", parallel.MODES), ("dtype", DTYPES),
-                         ("nan_policy", NAN_POLICIES)):
+                         ("remat", REMAT_POLICIES), ("nan_policy", NAN_POLICIES)):
         if config[key] not in allowed:
             raise ValueError(f"config.{key} must be one of {allowed}, got {config[key]!r}.")
     for section in ("model", "dataset", "loss"):

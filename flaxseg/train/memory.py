@@ -9,10 +9,18 @@
 finds the largest global batch under a budget with a handful of compiles (no trial run,
 no out-of-memory): it fits a line through the memory of two batch sizes (a step's memory
 grows linearly with the batch), then checks the predicted batch and the one above it.
+
+`residual_bytes` counts what a train step's backward pass keeps from its forward (the
+activations, and the weights it reads): the quantity `config.remat` trades for
+recomputation. It is read from the program's structure (`jax.vjp` under
+`jax.eval_shape`), so it is the same on every backend; XLA:CPU's compiled-memory figure
+does not fall with remat (its scheduler runs the recomputation early), GPU's and TPU's
+memory-aware schedulers' does.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -99,3 +107,26 @@ def fit_batch_size(bytes_for: Callable[[int], int], budget: int, step: int,
     return batch, (f"batch_size='auto' chose {batch}: its compiled train step needs "
                    f"{format_bytes(used(batch))} per device of the {format_bytes(budget)} "
                    f"budget; {above} ({len(cache)} compiles)")
+
+
+def residual_bytes(model: Any, variables: Any, input_shape: tuple[int, ...]) -> int:
+    """Bytes the backward pass of `model`'s training forward keeps from the forward, for a
+    float32 image batch `[B, H, W, C]` of `input_shape`; nothing is computed.
+
+    The residuals of `jax.vjp` with respect to the params (BatchNorm in training mode,
+    dropout on), under `jax.eval_shape`: the activations each remat policy keeps or
+    recomputes, plus the weights the backward pass reads (the same for every policy).
+    """
+    from flaxseg.models import logits_of
+
+    def forward(params, images):
+        outputs, _ = model.apply({**variables, "params": params}, images, train=True,
+                                 rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
+        return jnp.sum(logits_of(outputs))
+
+    def vjp_function(params, images):
+        return jax.vjp(functools.partial(forward, images=images), params)[1]
+
+    images = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+    kept = jax.eval_shape(vjp_function, variables["params"], images)
+    return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(kept)))

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxseg.models.layers import check_remat, conv_output, rematerialized
+
 
 @dataclasses.dataclass(frozen=True)
 class Coords:
@@ -61,13 +63,22 @@ class Layer(NamedTuple):
     returned: bool  # the layer's output is one of the backbone's maps
 
 
+class ConvReLU(nn.Conv):
+    """`nn.Conv` then ReLU, one module (one remat unit) with the convolution's own names."""
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        return nn.relu(conv_output(super().__call__(inputs)))
+
+
 class PlainBackbone(nn.Module):
     """A chain of convolutions (each followed by ReLU; the `fc*` ones also by dropout)
     and max pools, as `layers()` lists them; subclasses give the layers and the pool.
 
     Fields shared by VGG-16 and AlexNet: `widths` (the convolutions' channels, one per
     stage or layer), `fc_features` (fc6, fc7), `input_pad` (the first convolution's
-    padding), `ceil_mode` (Caffe's pooling), `dropout_rate`, `dtype`, `param_dtype`.
+    padding), `ceil_mode` (Caffe's pooling), `dropout_rate`, `dtype`, `param_dtype`,
+    `remat` (each convolution with its ReLU is one remat unit; `flaxseg.models.layers`).
     """
 
     widths: tuple[int, ...] = ()
@@ -77,6 +88,7 @@ class PlainBackbone(nn.Module):
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str = "none"
 
     default_widths: ClassVar[tuple[int, ...]] = ()
 
@@ -99,6 +111,7 @@ class PlainBackbone(nn.Module):
             )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"{name}.dropout_rate must be in [0, 1); got {self.dropout_rate!r}.")
+        check_remat(self.remat, name)
 
     @nn.nowrap
     def coords(self) -> dict[str, Coords]:
@@ -120,14 +133,15 @@ class PlainBackbone(nn.Module):
         self.check()
         maps = {}
         x = x.astype(self.dtype)
+        conv_relu = rematerialized(ConvReLU, self.remat, static_argnums=())
         for layer in self.layers():
             if not layer.features:
                 x = self.pool(x)
             else:
-                x = nn.relu(nn.Conv(
+                x = conv_relu(
                     layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
                     padding=layer.pad, kernel_init=nn.initializers.he_normal(),
-                    dtype=self.dtype, param_dtype=self.param_dtype, name=layer.name)(x))
+                    dtype=self.dtype, param_dtype=self.param_dtype, name=layer.name)(x)
                 if layer.name.startswith("fc") and self.dropout_rate > 0.0:
                     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
             if layer.returned:

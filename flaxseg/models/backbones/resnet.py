@@ -21,7 +21,13 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.models.backbones.base import Coords
-from flaxseg.models.layers import Dtype, max_pool_3x3
+from flaxseg.models.layers import (
+    Dtype,
+    check_remat,
+    conv_output,
+    max_pool_3x3,
+    rematerialized,
+)
 
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 EXPANSION = 4
@@ -77,7 +83,7 @@ class Bottleneck(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         def norm(name: str, y: jax.Array) -> jax.Array:
             bn = batch_norm(name, self.dtype, self.param_dtype, self.axis_name)
-            return bn(y, use_running_average=not train)
+            return bn(conv_output(y), use_running_average=not train)
 
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         out = nn.relu(norm("bn1", _conv(self.planes, 1, "conv1", **kw)(x)))
@@ -102,14 +108,16 @@ class ResLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.axis_name)
-        x = Bottleneck(self.planes, self.stride, self.first_dilation, self.downsample,
-                       name="0", **kw)(x, train)
+        block = rematerialized(Bottleneck, self.remat)
+        x = block(self.planes, self.stride, self.first_dilation, self.downsample,
+                  name="0", **kw)(x, train)
         for i in range(1, self.blocks):
-            x = Bottleneck(self.planes, dilation=self.dilation, name=str(i), **kw)(x, train)
+            x = block(self.planes, dilation=self.dilation, name=str(i), **kw)(x, train)
         return x
 
 
@@ -121,6 +129,7 @@ class ResNet(nn.Module):
     or 101 picks the block counts; `blocks` and `base_width` (planes of layer1, default
     64) override them for cheap test variants. Layers past `max_stride` are not built.
     BatchNorm statistics live in `batch_stats`, synchronised over `axis_name` under pmap.
+    `remat`: each bottleneck is one remat unit (see `flaxseg.models.layers`).
     """
 
     depth: int = 50
@@ -131,6 +140,7 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
+    remat: str = "none"
 
     @nn.nowrap
     def _blocks(self) -> tuple[int, ...]:
@@ -177,6 +187,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         blocks = self._blocks()
+        check_remat(self.remat, type(self).__name__)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = _conv(self.base_width, 7, "conv1", 2, **kw)(x.astype(self.dtype))
         x = batch_norm("bn1", self.dtype, self.param_dtype, self.axis_name)(
@@ -188,7 +199,7 @@ class ResNet(nn.Module):
             planes = self.base_width * 2**i
             x = ResLayer(planes, blocks[i], step, dilation, first,
                          downsample=step != 1 or channels != planes * EXPANSION,
-                         axis_name=self.axis_name, name=name, **kw)(x, train)
+                         axis_name=self.axis_name, remat=self.remat, name=name, **kw)(x, train)
             channels = planes * EXPANSION
             maps[name] = x
         return maps
