@@ -95,6 +95,22 @@ JSON_FIELDS = (
 )  # fmt: skip
 
 
+def image_size(text: str) -> int | str:
+    """'572' -> 572 (square); '512x1024' -> '512x1024' (H x W)."""
+    parts = text.strip().lower().split("x")
+    if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"image size {text!r}: give N or HxW with positive integers")
+    return int(parts[0]) if len(parts) == 1 else f"{int(parts[0])}x{int(parts[1])}"
+
+
+def height_width(size: int | str) -> tuple[int, int]:
+    """(H, W) of an `image_size` value."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size.split("x")
+    return int(h), int(w)
+
+
 def _csv(kind: type, choices: Sequence[str] | None = None):
     def parse(text: str) -> list:
         items = [kind(item) for item in text.split(",") if item.strip()]
@@ -117,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--models", type=_csv(str, MODELS), default=["unet"], help=f"from {MODELS}")
-    add("--image_sizes", type=_csv(int), default=[128], help="square input sizes")
+    add("--image_sizes", type=_csv(image_size), default=[128],
+        help="input sizes: N (N x N) or HxW, e.g. 572,512x1024")
     add("--batch_sizes", type=_csv(int), default=[1, 2, 4, 8], help="per-device batch sizes")
     add("--dtype", type=_csv(str, DTYPES), default=["float32"], help="compute dtype(s)")
     add("--modes", type=_csv(str, MODES), default=["train"], help="train and/or infer")
@@ -159,9 +176,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         for key, value in QUICK.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
-    for name in ("image_sizes", "batch_sizes"):
-        if min(getattr(args, name)) < 1:
-            parser.error(f"--{name} must be positive.")
+    if min(args.batch_sizes) < 1:
+        parser.error("--batch_sizes must be positive.")
     if args.steps < 3 or args.warmup < 0 or args.pipeline_batches < 0:
         parser.error("--steps must be >= 3 (for p10/p90), --warmup and --pipeline_batches >= 0.")
     if args.num_devices is not None and args.num_devices < 1:
@@ -197,7 +213,7 @@ class Case:
     `spatial_partitions` devices that split each image's rows."""
 
     model: str
-    image_size: int
+    image_size: int | str  # N (square) or 'HxW'
     per_device_batch: int
     dtype: str
     mode: str
@@ -263,17 +279,6 @@ def _model_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if kwargs and name.startswith("fcn"):
         raise ValueError(f"--features / --depth do not apply to {name} (VGG-16 is fixed).")
     return kwargs
-
-
-def _random_batch(key, batch: int, size: int, in_channels: int, num_classes: int):
-    import jax
-    import jax.numpy as jnp
-
-    image_key, label_key = jax.random.split(key)
-    return {
-        "image": jax.random.uniform(image_key, (batch, size, size, in_channels), jnp.float32),
-        "label": jax.random.randint(label_key, (batch, size, size), 0, num_classes, jnp.int32),
-    }
 
 
 def _compiled_costs(compiled) -> tuple[float, int | None]:
@@ -365,11 +370,12 @@ def _prepare(case: Case, args: argparse.Namespace):
                        spatial_partitions=case.spatial_partitions)
     rows = par.process_rows(case.global_batch)
     rng = np.random.default_rng(1)
-    size = case.image_size
+    height, width = height_width(case.image_size)
     # This process's rows of the batch, placed before timing (no host transfer per step).
     batch = par.put_batch({
-        "image": rng.random((rows.stop - rows.start, size, size, args.in_channels), np.float32),
-        "label": rng.integers(0, args.num_classes, (rows.stop - rows.start, size, size),
+        "image": rng.random((rows.stop - rows.start, height, width, args.in_channels),
+                            np.float32),
+        "label": rng.integers(0, args.num_classes, (rows.stop - rows.start, height, width),
                               dtype=np.int32),
     })
     if case.mode == "train":
@@ -394,7 +400,7 @@ def _saved_activations(case: Case, args: argparse.Namespace, model, state) -> in
     from flaxseg.train.memory import residual_bytes
     from flaxseg.train.steps import variables_of
 
-    shape = (case.per_device_batch, case.image_size, case.image_size, args.in_channels)
+    shape = (case.per_device_batch, *height_width(case.image_size), args.in_channels)
     return residual_bytes(model, variables_of(state), shape) // case.spatial_partitions
 
 
@@ -454,7 +460,7 @@ def run_case(case: Case, args: argparse.Namespace, env: dict[str, Any],
     return record
 
 
-def pipeline_throughput(image_size: int, batch_size: int, in_channels: int,
+def pipeline_throughput(image_size: int | str, batch_size: int, in_channels: int,
                         num_batches: int) -> float:
     """Images/s of flaxseg's training loader on this process (its rows of each global batch
     of `batch_size`): synthetic scenes + default augmentation.
@@ -465,13 +471,14 @@ def pipeline_throughput(image_size: int, batch_size: int, in_channels: int,
     from flaxseg.data import augment_config, create_source, dataset_config
     from flaxseg.data.pipeline import create_train_iterator
 
-    config = dataset_config("synthetic", image_size=(image_size, image_size),
+    config = dataset_config("synthetic", image_size=height_width(image_size),
                             num_channels=in_channels,
                             num_train=max(256, 2 * batch_size))
     source = create_source(config, "train")
     start, images = time.perf_counter(), 0
     with create_train_iterator(source, batch_size=batch_size, seed=0,
-                               augment=augment_config(), image_size=image_size) as iterator:
+                               augment=augment_config(),
+                               image_size=height_width(image_size)) as iterator:
         for _ in range(num_batches):
             images += len(next(iterator)["image"])  # this process's rows
         return images / (time.perf_counter() - start)

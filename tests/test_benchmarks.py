@@ -190,3 +190,12 @@ def test_torch_twin_equals_flaxseg():
         pair.torch_model.upconvs[0].weight[0, 0, 0, 1] += 0.5
     with pytest.raises(AssertionError, match="differ"):
         compare_torch.check_equal(pair, batch)
+
+
+def test_image_sizes_are_square_or_height_by_width():
+    args = throughput.parse_args(["--image_sizes=572,512x1024"])
+    assert args.image_sizes == [572, "512x1024"]
+    assert [throughput.height_width(s) for s in args.image_sizes] == [(572, 572), (512, 1024)]
+    for bad in ("0", "512x", "1x2x3", "big"):
+        with pytest.raises(SystemExit):
+            throughput.parse_args([f"--image_sizes={bad}"])
