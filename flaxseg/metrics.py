@@ -336,5 +336,5 @@ def format_scores_table(scores: dict[str, Any]) -> str:
         lines.append(f"{name:<{width}}  {cells}")
     if all(key in scores for key in ISBI_KEYS):
         errors = "  ".join(f"{scores[key]:11.6f}" for key in ISBI_KEYS)
-        lines += ["", "pixel error   Rand error   (ISBI 2012 challenge)", errors]
+        lines += ["", "pixel error   Rand error  (ISBI 2012 challenge)", errors]
     return "\n".join(lines)
