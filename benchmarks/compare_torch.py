@@ -411,4 +411,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from flaxseg import cli
+
+    sys.exit(cli.run(main))

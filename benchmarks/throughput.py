@@ -70,7 +70,7 @@ QUICK = dict(
 
 JSON_FIELDS = (
     "model", "image_size", "per_device_batch", "global_batch", "num_devices", "num_processes",
-    "dtype", "mode",
+    "spatial_partitions", "dtype", "mode",
     "parallel", "model_kwargs", "num_params", "compile_s", "step_ms_median", "step_ms_p10",
     "step_ms_p90", "images_per_s", "images_per_s_per_device", "flops_per_image",
     "flops_per_step_per_device", "tflops_per_s_per_device", "peak_tflops_per_device",
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="devices per process; on CPU, the number of forced host devices")
     add("--scaling", action="store_true",
         help="the mesh step on 1, 2, 4, ... num_devices per process")
+    add("--spatial_partitions", type=_csv(int), default=None,
+        help="split each image's rows over S devices (the mesh on S devices, per process), "
+             "for each S given: memory per device against step time")
     add("--coordinator_address", default=None, help="several processes: HOST:PORT of process 0")
     add("--num_processes", type=int, default=None, help="several processes: how many")
     add("--process_id", type=int, default=None, help="several processes: this one's index")
@@ -145,6 +148,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--steps must be >= 3 (for p10/p90), --warmup and --pipeline_batches >= 0.")
     if args.num_devices is not None and args.num_devices < 1:
         parser.error("--num_devices must be >= 1.")
+    if args.spatial_partitions and (args.scaling or args.quick
+                                    or min(args.spatial_partitions) < 1):
+        parser.error("--spatial_partitions takes positive counts, without --scaling/--quick.")
     for name in ("features", "depth"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1.")
@@ -169,7 +175,8 @@ def configure_devices(num_devices: int | None) -> None:
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark configuration; batch is per device."""
+    """One benchmark configuration; the batch is per device, or per group of
+    `spatial_partitions` devices that split each image's rows."""
 
     model: str
     image_size: int
@@ -178,6 +185,11 @@ class Case:
     mode: str
     parallel: str
     num_devices: int
+    spatial_partitions: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_device_batch * self.num_devices // self.spatial_partitions
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -328,8 +340,9 @@ def _prepare(case: Case, args: argparse.Namespace):
                                   (args.num_classes, tuple(sorted(kwargs.items()))),
                                   args.in_channels)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    par = DataParallel(case.parallel, devices=case_devices(case.num_devices))
-    rows = par.process_rows(case.per_device_batch * case.num_devices)
+    par = DataParallel(case.parallel, devices=case_devices(case.num_devices),
+                       spatial_partitions=case.spatial_partitions)
+    rows = par.process_rows(case.global_batch)
     rng = np.random.default_rng(1)
     size = case.image_size
     # This process's rows of the batch, placed before timing (no host transfer per step).
@@ -377,7 +390,7 @@ def run_case(case: Case, args: argparse.Namespace, env: dict[str, Any],
         operands = call(operands)
         times.append(time.perf_counter() - begin)
 
-    global_batch = case.per_device_batch * case.num_devices
+    global_batch = case.global_batch
     record: dict[str, Any] = {**asdict(case), "global_batch": global_batch,
                               "num_processes": jax.process_count(),
                               "model_kwargs": kwargs, "num_params": num_params,
@@ -386,7 +399,8 @@ def run_case(case: Case, args: argparse.Namespace, env: dict[str, Any],
     step_s = record["step_ms_median"] / 1e3
     record.update(
         flops_per_step_per_device=flops_per_step,
-        flops_per_image=flops_per_step / case.per_device_batch,
+        # A device holds 1/spatial_partitions of each of its group's images.
+        flops_per_image=flops_per_step * case.spatial_partitions / case.per_device_batch,
         tflops_per_s_per_device=peaks.achieved_tflops(flops_per_step, step_s),
         peak_tflops_per_device=peak.tflops if peak else None,
         peak_source=peak.source if peak else "unknown device: add it to benchmarks/peaks.py",
@@ -440,9 +454,11 @@ def scaling_counts(max_devices: int, num_processes: int = 1) -> list[int]:
 def cases(args: argparse.Namespace, max_devices: int, num_processes: int = 1) -> list[Case]:
     """Every configuration the flags ask for, in run order.
 
-    `--scaling` runs each configuration's mesh step on `scaling_counts` devices. `--quick`
-    runs jit inference at every batch and jit training at the largest, then mesh training
-    at the largest batch on 1..N devices. `max_devices` is per process.
+    `--scaling` runs each configuration's mesh step on `scaling_counts` devices;
+    `--spatial_partitions=S,...` runs it with each image split over S devices (the mesh on
+    S devices per process). `--quick` runs jit inference at every batch and jit training at
+    the largest, then mesh training at the largest batch on 1..N devices. `max_devices` is
+    per process.
     """
     grid = [
         (model, size, batch, dtype, mode)
@@ -462,6 +478,9 @@ def cases(args: argparse.Namespace, max_devices: int, num_processes: int = 1) ->
         return todo + [Case(*g, "mesh", n) for g in scaled for n in counts]
     if args.scaling:
         return [Case(*g, "mesh", n) for g in grid for n in counts]
+    if args.spatial_partitions:
+        return [Case(*g, "mesh", num_processes * p, p) for g in grid
+                for p in args.spatial_partitions]
     return [Case(*g, args.parallel, counts[-1] if args.parallel != "jit" else 1)
             for g in grid]
 
@@ -470,7 +489,7 @@ def add_scaling_efficiency(records: list[dict[str, Any]]) -> None:
     """Sets `weak_scaling_efficiency` = img/s(n) / (n / n0 * img/s(n0)) on mesh and pmap
     records, n0 the fewest devices the same configuration ran on (None for jit)."""
     key = ("model", "image_size", "per_device_batch", "dtype", "mode", "parallel")
-    spread = [r for r in records if r["parallel"] != "jit"]
+    spread = [r for r in records if r["parallel"] != "jit" and r["spatial_partitions"] == 1]
     fewest: dict[tuple, dict[str, Any]] = {}
     for r in sorted(spread, key=lambda r: r["num_devices"]):
         fewest.setdefault(tuple(r[k] for k in key), r)
@@ -486,7 +505,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
     """The results as a GitHub markdown table (device kind in the first column)."""
-    header = ("| device | model | size | batch/dev | devices | dtype | mode | compile s | "
+    header = ("| device | model | size | batch/dev | devices | split | dtype | mode | compile s | "
               "step ms (p10-p90) | img/s | img/s/dev | GFLOP/img | TFLOP/s/dev | MFU | "
               "scaling eff. | peak mem MiB | pipeline img/s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -494,7 +513,8 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
         memory = r["peak_memory_bytes"] or r["compiled_memory_bytes"]
         lines.append(
             f"| {r['device_kind']} | {r['model']} | {r['image_size']} | {r['per_device_batch']} "
-            f"| {r['num_devices']} | {r['dtype']} | {r['mode']} | {r['compile_s']:.1f} "
+            f"| {r['num_devices']} | {r['spatial_partitions']} | {r['dtype']} | {r['mode']} "
+            f"| {r['compile_s']:.1f} "
             f"| {r['step_ms_median']:.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f}) "
             f"| {r['images_per_s']:.1f} | {r['images_per_s_per_device']:.1f} "
             f"| {r['flops_per_image'] / 1e9:.2f} | {r['tflops_per_s_per_device']:.3f} "
@@ -548,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = []
     todo = cases(args, num_devices, jax.process_count())
     for i, case in enumerate(todo):
-        global_batch = case.per_device_batch * case.num_devices
+        global_batch = case.global_batch
         pipe_key = (case.image_size, global_batch)
         if pipe_key not in pipeline:
             pipeline[pipe_key] = (pipeline_throughput(case.image_size, global_batch,
@@ -576,4 +596,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from flaxseg import cli
+
+    sys.exit(cli.run(main))

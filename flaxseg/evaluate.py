@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from flaxseg import inference, metrics
+from flaxseg import cli, inference, metrics
 from flaxseg.train import distributed
 
 Example = dict[str, np.ndarray]
@@ -80,8 +80,7 @@ def evaluate(
     """FCN-paper scores of `model` on a data source (`flaxseg.data.create_source`).
 
     Args:
-      variables: on one device of this process (`DataParallel.local_copy` of a
-        replicated tree).
+      variables: on devices of this process only (`for_this_process`).
       source: `len(source)`, `source[i]` -> `{'image': uint8 [H, W, C], 'label': int
         [H, W]}` and `source.info` (`num_classes`, `class_names`, `ignore_index`).
       preprocess: example -> `{'image': float32 [h, w, C], 'label': int [h, w]}`
@@ -281,10 +280,26 @@ def load_run(argv: list[str]) -> tuple[Any, Any, ml_collections.ConfigDict, dict
     return model, variables, config, inference_options(model, config)
 
 
-def _say(text: str, **kwargs: Any) -> None:
-    """Prints from process 0 only."""
-    if jax.process_index() == 0:
-        print(text, flush=True, **kwargs)
+def for_this_process(variables: Any, config: ml_collections.ConfigDict,
+                     options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(variables, `predict_logits` options) for inference by this process alone.
+
+    The variables on one local device; or, when the run split its images
+    (`config.spatial_partitions` > 1) and the mode predicts whole images ('whole', 'pad'),
+    replicated over that many local devices, with a `sharding` that splits each image's
+    rows over them: a large image in one pass, no tiling.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from flaxseg.train.parallel import SPACE_AXIS, DataParallel
+
+    local = DataParallel("mesh").local_copy(variables)
+    spatial = int(config.get("spatial_partitions", 1))
+    if spatial == 1 or options["mode"] not in ("whole", "pad"):
+        return local, options
+    par = DataParallel("mesh", devices=jax.local_devices()[:spatial], spatial_partitions=spatial)
+    sharding = NamedSharding(par.mesh, PartitionSpec(None, SPACE_AXIS))
+    return par.put_state(local), {**options, "sharding": sharding}
 
 
 def membrane_class_of(dataset: ml_collections.ConfigDict) -> int | None:
@@ -315,9 +330,9 @@ def _loop_evaluation(model: Any, variables: Any, config: ml_collections.ConfigDi
     from flaxseg.train.parallel import DataParallel
     from flaxseg.train.steps import make_eval_step
 
-    par = DataParallel("mesh")
+    par = DataParallel("mesh", spatial_partitions=config.get("spatial_partitions", 1))
     config = ml_collections.ConfigDict(config.to_dict())
-    config.batch_size = -(-batch_size // par.num_devices) * par.num_devices
+    config.batch_size = -(-batch_size // par.batch_splits) * par.batch_splits
     eval_step = make_eval_step(model, loss_from_config(config), source.info.num_classes,
                                parallel=par, ignore_index=source.info.ignore_index)
     scores = loop_evaluate(eval_step, variables, par, source, config)
@@ -326,39 +341,35 @@ def _loop_evaluation(model: Any, variables: Any, config: ml_collections.ConfigDi
 
 def main(argv: list[str]) -> int:
     from flaxseg.data import create_source
-    from flaxseg.train.parallel import DataParallel
     from flaxseg.train.reporting import json_safe
 
     values = flags.FLAGS
-    try:
-        model, variables, config, options = load_run(argv)
-        input_size = values.input_size
-        if input_size == "auto":
-            input_size = "config" if options["mode"] == "whole" else "native"
-        source = create_source(config.dataset, values.split)
-        _say(
-            f"Evaluating {values.workdir} on {config.dataset.name}/{values.split} "
-            f"({len(source)} images, mode={options['mode']}, flip={options['flip']}, "
-            f"input size: {input_size})"
+    model, variables, config, options = load_run(argv)
+    input_size = values.input_size
+    if input_size == "auto":
+        input_size = "config" if options["mode"] == "whole" else "native"
+    source = create_source(config.dataset, values.split)
+    distributed.say(
+        f"Evaluating {values.workdir} on {config.dataset.name}/{values.split} "
+        f"({len(source)} images, mode={options['mode']}, flip={options['flip']}, "
+        f"input size: {input_size})"
+    )
+    membrane_class = membrane_class_of(config.dataset)
+    if _like_the_loop(options, input_size, values.limit, membrane_class):
+        scores = _loop_evaluation(model, variables, config, source, values.batch_size)
+    else:
+        local_variables, local_options = for_this_process(variables, config, options)
+        scores = evaluate(
+            model,
+            local_variables,
+            source,
+            preprocess=eval_preprocess(config, input_size),
+            limit=values.limit,
+            on_progress=_progress if jax.process_index() == 0 else None,
+            membrane_class=membrane_class,
+            **local_options,
         )
-        membrane_class = membrane_class_of(config.dataset)
-        if _like_the_loop(options, input_size, values.limit, membrane_class):
-            scores = _loop_evaluation(model, variables, config, source, values.batch_size)
-        else:
-            scores = evaluate(
-                model,
-                DataParallel("mesh").local_copy(variables),
-                source,
-                preprocess=eval_preprocess(config, input_size),
-                limit=values.limit,
-                on_progress=_progress if jax.process_index() == 0 else None,
-                membrane_class=membrane_class,
-                **options,
-            )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"Error: {error}", file=sys.stderr)
-        return 2
-    _say(metrics.format_scores_table(scores))
+    distributed.say(metrics.format_scores_table(scores))
     if values.output_json and jax.process_index() == 0:
         record = {"split": values.split, "input_size": input_size, **options, **scores}
         with open(values.output_json, "w") as f:
@@ -379,4 +390,4 @@ if __name__ == "__main__":
     )
     flags.DEFINE_integer("limit", None, "Evaluate only the first N examples.")
     flags.DEFINE_string("output_json", None, "Also write the scores to this JSON file.")
-    app.run(main)
+    cli.run_absl(main)

@@ -40,6 +40,8 @@ import numpy as np
 from PIL import Image
 
 from flaxseg import visualize
+from flaxseg.models import logits_of
+from flaxseg.normalization import Normalization
 
 MODES = ("whole", "pad", "sliding", "overlap_tile")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
@@ -56,7 +58,7 @@ def _pair(value: Size, name: str) -> tuple[int, int]:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
-    return model.apply(variables, images, train=False).astype(jnp.float32)
+    return logits_of(model.apply(variables, images, train=False)).astype(jnp.float32)
 
 
 def _output_shape(
@@ -83,11 +85,14 @@ def output_size(
 
 
 def _forward(
-    model: nn.Module, variables: Any, images: np.ndarray, batch_size: int, flip: bool
+    model: nn.Module, variables: Any, images: np.ndarray, batch_size: int, flip: bool,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> np.ndarray:
     """Logits of `images` `[N, h, w, C]` in batches of `batch_size` (the last batch is
     padded, so one compiled shape serves all); with `flip`, averaged with the
-    mirrored-back logits of the mirrored images."""
+    mirrored-back logits of the mirrored images. The batches are placed with `sharding`
+    when given (e.g. split along H over several devices)."""
+    place = jnp.asarray if sharding is None else (lambda x: jax.device_put(x, sharding))
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
@@ -95,9 +100,9 @@ def _forward(
         if count < batch_size:
             filler = np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)
             batch = np.concatenate([batch, filler])
-        logits = _apply(model, variables, jnp.asarray(batch))
+        logits = _apply(model, variables, place(batch))
         if flip:
-            mirrored = _apply(model, variables, jnp.asarray(batch[:, :, ::-1]))
+            mirrored = _apply(model, variables, place(np.ascontiguousarray(batch[:, :, ::-1])))
             logits = 0.5 * (logits + mirrored[:, :, ::-1])
         outputs.append(np.asarray(logits[:count]))
     return np.concatenate(outputs)
@@ -132,9 +137,18 @@ def _mirror_pad(images: np.ndarray, top: int, bottom: int, left: int, right: int
     return np.pad(images, ((0, 0), (top, bottom), (left, right), (0, 0)), mode=mode)
 
 
-def _predict_pad(model, variables, images, multiple, batch_size, flip):
+def _space_devices(sharding: jax.sharding.Sharding | None) -> int:
+    """How many devices `sharding` splits an image's H over (1 without one)."""
+    if sharding is None:
+        return 1
+    probe = math.lcm(*range(1, 17))  # divisible by any split of up to 16 devices
+    return probe // sharding.shard_shape((1, probe, 1, 1))[1]
+
+
+def _predict_pad(model, variables, images, multiple, batch_size, flip, sharding=None):
     _, height, width, channels = images.shape
     mh, mw = _pair(multiple, "multiple")
+    mh = math.lcm(mh, _space_devices(sharding))  # every device gets whole rows
     pad_h, pad_w = -height % mh, -width % mw
     top, left = pad_h // 2, pad_w // 2
     padded = _mirror_pad(images, top, pad_h - top, left, pad_w - left)
@@ -143,7 +157,7 @@ def _predict_pad(model, variables, images, multiple, batch_size, flip):
             "mode='pad' needs a net whose output has its input's size; for the VALID "
             "U-Net use mode='overlap_tile'"
         )
-    logits = _forward(model, variables, padded, min(batch_size, len(padded)), flip)
+    logits = _forward(model, variables, padded, min(batch_size, len(padded)), flip, sharding)
     return logits[:, top : top + height, left : left + width]
 
 
@@ -246,15 +260,7 @@ def normalizer(
 ) -> Callable[[np.ndarray], np.ndarray]:
     """uint8 `[H, W, C]` -> float32 `(image / 255 - mean) / std`, per channel (`mean` and
     `std` in [0, 1] units, 1 or C values): the training data's normalisation."""
-    mean32 = np.asarray(mean, np.float32)
-    std32 = np.asarray(std, np.float32)
-    if np.any(std32 <= 0):
-        raise ValueError(f"std must be positive, got {std}")
-
-    def preprocess(image: np.ndarray) -> np.ndarray:
-        return (np.asarray(image, np.float32) / 255.0 - mean32) / std32
-
-    return preprocess
+    return Normalization(tuple(np.ravel(mean)), tuple(np.ravel(std)))
 
 
 def predict_logits(
@@ -269,6 +275,7 @@ def predict_logits(
     stride: Size | None = None,
     align: Size | None = None,
     batch_size: int = 4,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> np.ndarray:
     """Logits for a batch of images: float `[B, H, W, C]` (or one `[H, W, C]`) ->
     float32 NumPy `[B, H, W, K]` (no batch axis for a single image).
@@ -286,6 +293,10 @@ def predict_logits(
       align: `'overlap_tile'` pooling stride the tile steps must be multiples of;
         default `2**model.depth`.
       batch_size: tiles (or images) per forward pass.
+      sharding: modes 'whole' and 'pad': how to place each batch `[b, H, W, C]`, e.g.
+        `NamedSharding(mesh, P(None, 'space'))` to split a large image's rows over the
+        devices of a mesh and predict it in one pass (`variables` replicated on the same
+        devices). 'pad' pads H to a multiple of the devices too.
     """
     images = np.asarray(images)
     single = images.ndim == 3
@@ -305,12 +316,16 @@ def predict_logits(
             f"mode={mode!r} needs a net whose output has its input's size; for the VALID "
             "U-Net use mode='overlap_tile'"
         )
+    if sharding is not None and mode not in ("whole", "pad"):
+        raise ValueError(f"sharding splits whole images over devices (modes 'whole' and "
+                         f"'pad'); mode {mode!r} predicts tiles")
     if mode == "whole":
         output_size(model, variables, *images.shape[1:])  # a clear error for a bad size
-        logits = _forward(model, variables, images, min(batch_size, len(images)), flip)
+        logits = _forward(model, variables, images, min(batch_size, len(images)), flip,
+                          sharding)
     elif mode == "pad":
         multiple = _model_stride(model) if multiple is None else multiple
-        logits = _predict_pad(model, variables, images, multiple, batch_size, flip)
+        logits = _predict_pad(model, variables, images, multiple, batch_size, flip, sharding)
     elif mode in ("sliding", "overlap_tile"):
         if tile_size is None:
             raise ValueError(f"mode={mode!r} needs tile_size=(height, width)")

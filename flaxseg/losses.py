@@ -242,6 +242,11 @@ def get_loss_fn(
             f"label_smoothing is only defined for cross_entropy and ce_dice, not {name!r}; "
             "set loss.label_smoothing=0."
         )
+    if isinstance(class_weights, str):
+        raise ValueError(
+            f"class_weights must hold one weight per class, got {class_weights!r} (only the "
+            "training program takes 'median_frequency', which it turns into weights)."
+        )
     if class_weights is not None:
         class_weights = tuple(float(w) for w in class_weights)
         if any(w < 0 for w in class_weights) or not any(w > 0 for w in class_weights):

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxseg.extras import require
+
 SUMMARY_KEYS = ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")
 ISBI_KEYS = ("pixel_error", "rand_error")
 
@@ -263,7 +265,7 @@ def rand_pair_counts(
     sum_j (sum_i n_ij)^2, n]`: pairs together in both maps, in the truth, in the
     prediction, and the counted pixels.
     """
-    from scipy import ndimage
+    ndimage = require("scipy.ndimage", "The Rand error's connected components")
 
     labels, preds = np.asarray(labels), np.asarray(preds)
     if labels.ndim != 2 or labels.shape != preds.shape:

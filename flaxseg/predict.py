@@ -12,7 +12,9 @@ mask. A file that cannot be segmented (unreadable, wrong channel count, a size t
 model cannot take) is reported by name, the others are still written, and the exit
 status is 1. The library function is `flaxseg.inference.predict`.
 
-Several processes (the distributed flags of `python -m flaxseg.train`) split the files:
+A run trained with `spatial_partitions` > 1 predicts each image in one pass split over that
+many devices (modes 'whole' and 'pad'). Several processes (the distributed flags of
+`python -m flaxseg.train`) split the files:
 each segments every `process_count()`-th one on its own device; process 0 reports the
 totals.
 """
@@ -23,32 +25,29 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from flaxseg import evaluate, inference
+from flaxseg import cli, evaluate, inference
 
 
 def main(argv: list[str]) -> int:
-    from flaxseg.train.parallel import DataParallel, sum_over_processes
+    from flaxseg.train.parallel import sum_over_processes
 
     values = flags.FLAGS
-    try:
-        model, variables, config, options = evaluate.load_run(argv)
-        palette = config.dataset.get("palette")
-        results = inference.predict(
-            model,
-            DataParallel("mesh").local_copy(variables),
-            values.input,
-            values.output,
-            shard=(jax.process_index(), jax.process_count()),
-            palette=None if palette is None else np.asarray(palette, np.uint8),
-            num_channels=int(config.dataset.num_channels),
-            preprocess=evaluate.image_normalizer(config),
-            **options,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"Error: {error}", file=sys.stderr)
-        return 2
+    model, variables, config, options = evaluate.load_run(argv)
+    variables, local_options = evaluate.for_this_process(variables, config, options)
+    palette = config.dataset.get("palette")
+    results = inference.predict(
+        model,
+        variables,
+        values.input,
+        values.output,
+        shard=(jax.process_index(), jax.process_count()),
+        palette=None if palette is None else np.asarray(palette, np.uint8),
+        num_channels=int(config.dataset.num_channels),
+        preprocess=evaluate.image_normalizer(config),
+        **local_options,
+    )
     failed = [r for r in results if not r.ok]
     num_ok, num_failed = sum_over_processes(np.array([len(results) - len(failed), len(failed)]))
     if jax.process_index() == 0:
@@ -66,4 +65,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("input", None, "An image file or a directory of images.")
     flags.DEFINE_string("output", None, "Directory for masks/ and overlays/.")
     flags.mark_flags_as_required(["input", "output"])
-    app.run(main)
+    cli.run_absl(main)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from flaxseg.optim import DEFAULTS as OPTIMIZER_DEFAULTS
 
@@ -40,9 +41,12 @@ def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 def loss_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The loss section: `name` plus keyword arguments of `flaxseg.losses.get_loss_fn`."""
-    cfg = ml_collections.ConfigDict(
-        {"name": "cross_entropy", "class_weights": None, "label_smoothing": 0.0}
-    )
+    # class_weights: None, one weight per class, or 'median_frequency' (computed from the
+    # training split by the training program); a typed None keeps it overridable from
+    # the command line (--config.loss.class_weights=median_frequency).
+    cfg = ml_collections.ConfigDict({"name": "cross_entropy",
+                                     "class_weights": config_dict.placeholder(object),
+                                     "label_smoothing": 0.0})
     # Loss-specific keywords (e.g. a focal gamma) may be added; get_loss_fn checks them.
     cfg.update(overrides)
     return cfg
@@ -53,7 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     Top-level keys:
       seed: int, the one root of every PRNG key and every data shuffle.
-      batch_size: global batch (all devices, all processes).
+      batch_size: global batch (all devices, all processes), or 'auto': the largest that
+        fits the memory budget, asked of the compiler (`flaxseg.train.memory`).
+      memory_budget_gb: the device memory a run may use, for batch_size='auto' (0: what
+        the device reports; CPUs report none).
       num_train_steps, eval_every_steps, checkpoint_every_steps, log_every_steps: ints
         (eval / checkpoint / log also happen at the last step).
       keep_checkpoints: how many of the latest checkpoints to keep; the best by mIoU
@@ -61,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
       parallel: 'mesh' (data parallel: `jax.jit` over a device mesh spanning every
         process, the default), 'jit' (one device) or 'pmap' (`jax.pmap` over every
         device, explicit `psum`); see `flaxseg.train.parallel`.
+      spatial_partitions: devices each image is split over along H ('mesh' only; 1 = no
+        split): for images too large for one device's memory.
       dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
       nan_policy: 'raise' (stop, naming the step) or 'skip' (drop the update, count it).
       init_from: '' or a workdir whose latest checkpoint initialises matching parameters
@@ -70,13 +79,16 @@ def base_config() -> ml_collections.ConfigDict:
     """
     cfg = ml_collections.ConfigDict()
     cfg.seed = 0
-    cfg.batch_size = 8
+    # Any type, so that --config.batch_size=auto parses as well as --config.batch_size=16.
+    cfg.batch_size = config_dict.FieldReference(8, field_type=object)
+    cfg.memory_budget_gb = 0.0
     cfg.num_train_steps = 1000
     cfg.eval_every_steps = 500
     cfg.checkpoint_every_steps = 500
     cfg.log_every_steps = 50
     cfg.keep_checkpoints = 3
     cfg.parallel = "mesh"
+    cfg.spatial_partitions = 1
     cfg.dtype = "float32"
     cfg.nan_policy = "raise"
     cfg.init_from = ""

@@ -15,8 +15,15 @@ import os
 _FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
+import math  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from flaxseg.models import create_model, model_geometry, model_spec  # noqa: E402
 
 NUM_TEST_DEVICES = 4
 
@@ -93,3 +100,112 @@ def assert_bitwise_same_run(workdir, reference, step: int) -> None:
                          strict=True):
         assert got.dtype == want.dtype and np.array_equal(got, want)
     assert read_metrics(workdir) == read_metrics(reference)
+
+
+@pytest.fixture(scope="session")
+def torchvision():
+    """torchvision's model definitions, beside the CPU torch wheel (the `torch` extra).
+
+    PyPI's torchvision 0.28 is a CUDA build whose compiled ops do not load beside the CPU
+    torch 2.13.0 wheel, and its fake-op registrations then raise at import. The model
+    definitions are pure Python: tolerate those registrations (both the call and the
+    decorator `torch.library.register_fake` returns), import, restore. Skips without torch.
+    """
+    torch = pytest.importorskip("torch")
+    original = torch.library.register_fake
+
+    def tolerant(*args, **kwargs):
+        try:
+            decorate = original(*args, **kwargs)
+        except RuntimeError:
+            return lambda fn: fn
+
+        def apply(fn):
+            try:
+                return decorate(fn)
+            except RuntimeError:
+                return fn
+
+        return apply
+
+    torch.library.register_fake = tolerant
+    try:
+        import torchvision
+    except ImportError:
+        pytest.skip("torchvision is not installed (pip install -e '.[torch]')")
+    finally:
+        torch.library.register_fake = original
+    return torchvision
+
+
+# ----------------------------------------------------------------------------- tiny models
+# Variables come from `random_variables` (NumPy draws into `jax.eval_shape`'d structures):
+# it skips the init's random-number compilation, which dominates a tiny model's test time.
+
+
+def random_variables(model: nn.Module, shape, seed: int = 0, bias_scale: float = 0.1):
+    """Variables shaped as `model.init` makes them, drawn with NumPy (He-scaled kernels)."""
+    spec = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), spec)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            std = math.sqrt(2.0 / math.prod(leaf.shape[:-1]))
+            value = rng.normal(0.0, std, leaf.shape)
+        elif name in ("bias", "mean"):
+            value = rng.normal(0.0, bias_scale, leaf.shape)
+        else:  # norm scales, running variances
+            value = np.ones(leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def uniform_images(seed: int, shape) -> jax.Array:
+    """Float32 images in [0, 1), drawn with NumPy."""
+    return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
+
+
+def out_shape(model: nn.Module, shape):
+    """The output of `model` on inputs of `shape`, as ShapeDtypeStructs (nothing runs)."""
+    spec = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    return jax.eval_shape(model.init_with_output, jax.random.key(0), spec)[0]
+
+
+def tiny_model(name: str, **kwargs) -> nn.Module:
+    """The registered model `name` at its registration's tiny width, 3 classes."""
+    return create_model(name, num_classes=3, **{**model_spec(name).tiny, **kwargs})
+
+
+def tiny_size(name: str, at_least: int = 32) -> int:
+    """The smallest input size >= `at_least` the tiny model `name` takes."""
+    return model_geometry(tiny_model(name)).smallest_input(at_least)
+
+
+# The command line, optionally slowed down per batch, or with a full disk from a given
+# checkpoint on (orbax's save raising what tensorstore raises on ENOSPC, seen on a tmpfs).
+TRAIN_CHILD = r"""
+import os, runpy, sys, time
+delay = float(os.environ.get("FLAXSEG_TEST_BATCH_DELAY", "0"))
+if delay:
+    from flaxseg.data import pipeline
+    real_next = pipeline.TrainIterator.__next__
+    def slow_next(self):
+        time.sleep(delay)
+        return real_next(self)
+    pipeline.TrainIterator.__next__ = slow_next
+full_from = int(os.environ.get("FLAXSEG_TEST_DISK_FULL_FROM", "0"))
+if full_from:
+    import orbax.checkpoint as ocp
+    real_save = ocp.CheckpointManager.save
+    def save(self, step, *args, **kwargs):
+        if step >= full_from:
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing ... Failed to write 4096 bytes "
+                             "to file 19: No space left on device [os_error_code='28']")
+        return real_save(self, step, *args, **kwargs)
+    ocp.CheckpointManager.save = save
+sys.argv = ["flaxseg.train", *sys.argv[1:]]
+runpy.run_module("flaxseg.train", run_name="__main__", alter_sys=True)
+"""

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 from conftest import file_mtimes
 
-from flaxseg.train.checkpoint import Checkpointer, load_for_inference
+from flaxseg.train.checkpoint import (
+    Checkpointer,
+    CheckpointMismatch,
+    CheckpointWriteError,
+    load_for_inference,
+)
 
 
 def _state(value: float, shape=(3, 4)) -> dict:
@@ -27,8 +32,7 @@ def _save_all(workdir, steps_metrics, keep=2):
     ckpt = Checkpointer(workdir, keep=keep)
     for step, miou in steps_metrics:
         ckpt.save(step, _state(step), loop={"data_iterator": {"pos": step}},
-                  config={"model": {"name": "unet"}, "dataset": {"num_classes": 2}},
-                  metrics=None if miou is None else {"mean_iou": miou})
+                  config=SAVED_CONFIG, metrics=None if miou is None else {"mean_iou": miou})
     ckpt.wait()
     return ckpt
 
@@ -87,16 +91,67 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     ckpt.close()
 
 
-def test_other_model_raises_naming_both_and_writes_nothing(tmp_path):
+SAVED_CONFIG = {"model": {"name": "unet"}, "dataset": {"num_classes": 2}}
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model": {"name": "fcn8s"}, "dataset": {"num_classes": 2}},
+     r"config.model.name was 'unet' when step 1 was saved; this run asks for 'fcn8s'"),
+    ({**SAVED_CONFIG, "optimizer": {"name": "sgd"}},
+     r"config.optimizer was None when step 1 .*asks for \{'name': 'sgd'\}"),
+    (SAVED_CONFIG,  # the same config, other shapes (the code of the model changed)
+     r"parameter 'params/conv/kernel' has shape \(3, 4\) in step 1 and \(3, 5\)"),
+])
+def test_another_run_is_named_by_its_first_difference_and_nothing_is_written(
+        tmp_path, config, message):
     _save_all(tmp_path, [(1, None)]).close()
     before = file_mtimes(tmp_path)
     ckpt = Checkpointer(tmp_path)
-    with pytest.raises(ValueError, match=r"different model or shape.*name.: .unet.*fcn8s.*"
-                                         r"params/conv/kernel.*\(3, 4\).*\(3, 5\)"):
-        ckpt.restore(_abstract((3, 5)), config={"model": {"name": "fcn8s"},
-                                                 "dataset": {"num_classes": 21}})
+    with pytest.raises(CheckpointMismatch, match=message) as error:
+        ckpt.restore(_abstract((3, 5)), config=config)
     ckpt.close()
+    assert "init_from" in str(error.value) and "delete" not in str(error.value)
     assert file_mtimes(tmp_path) == before
+
+
+def test_a_tuple_saved_as_a_json_list_is_the_same_run(tmp_path):
+    _save_all(tmp_path, [(1, None)]).close()
+    ckpt = Checkpointer(tmp_path)
+    config = {"model": {"name": "unet", "widths": (4, 8)}, "dataset": {"num_classes": 2}}
+    ckpt.save(2, _state(2.0), loop={}, config=config)
+    ckpt.wait()
+    assert ckpt.restore(_abstract(), config=config).step == 2  # tuple vs saved list: equal
+    ckpt.close()
+
+
+def test_missing_state_metadata_is_set_aside_not_called_another_model(tmp_path):
+    _save_all(tmp_path, [(1, None), (2, None)], keep=3).close()
+    (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").unlink()
+    warnings = []
+    ckpt = Checkpointer(tmp_path, keep=3)
+    restored = ckpt.restore(_abstract(), config=SAVED_CONFIG, on_corrupt=warnings.append)
+    ckpt.close()
+    assert restored.step == 1
+    assert len(warnings) == 1 and "step 2" in warnings[0] and "metadata" in warnings[0]
+    assert (tmp_path / "checkpoints_corrupt" / "2").is_dir()
+
+
+def test_a_failed_write_names_the_intact_checkpoints_and_leaves_no_partial_save(
+        tmp_path, monkeypatch):
+    ckpt = _save_all(tmp_path, [(1, None), (2, None)], keep=3)
+
+    def full_disk(*args, **kwargs):  # what tensorstore reports on a full disk (seen here)
+        (ckpt.directory / "3.orbax-checkpoint-tmp").mkdir()
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing ... Failed to write 132490 bytes "
+                         "to file 19: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ckpt._manager, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"^no space left on device while saving "
+                                                   r"checkpoint 3 in .*; checkpoints 1, 2 are "
+                                                   r"intact\.$"):
+        ckpt.save(3, _state(3.0), loop={}, config=SAVED_CONFIG)
+    ckpt.close()  # the failure is reported once, not again on close
+    assert sorted(p.name for p in ckpt.directory.iterdir()) == ["1", "2"]
 
 
 def test_save_rejects_metrics_without_mean_iou(tmp_path):

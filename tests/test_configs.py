@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import pytest
 
 from flaxseg import configs
-from flaxseg.configs import fcn32s_voc
+from flaxseg.data.classes import VOC_CLASS_NAMES
 from flaxseg.train.__main__ import default_workdir
 from flaxseg.train.config import build_model, validate_config
 
 SCHEMA_KEYS = {
     "seed", "batch_size", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
-    "log_every_steps", "keep_checkpoints", "parallel", "dtype", "nan_policy", "init_from",
+    "log_every_steps", "keep_checkpoints", "parallel", "spatial_partitions", "memory_budget_gb",
+    "dtype", "nan_policy", "init_from",
     "eval_split", "num_grid_images", "model", "dataset", "augment", "loss", "optimizer",
 }  # fmt: skip
 OPTIMIZER_KEYS = {
@@ -41,7 +42,7 @@ def test_fcn_configs_follow_the_paper():
         assert (opt.name, opt.learning_rate, opt.momentum, opt.weight_decay, opt.schedule) == (
             "sgd", 1e-4, 0.9, 5e-4, "constant")
         assert config.batch_size == 20
-        assert config.dataset.num_classes == 21 == len(fcn32s_voc.VOC_CLASS_NAMES)
+        assert config.dataset.num_classes == 21 == len(VOC_CLASS_NAMES)
         assert config.dataset.ignore_index == 255
     assert configs.get_config("fcn16s_voc").init_from == "runs/fcn32s"
     assert configs.get_config("fcn8s_voc").init_from == "runs/fcn16s"

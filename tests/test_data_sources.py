@@ -163,7 +163,8 @@ def test_folder_subfolder_splits_palette_masks_and_metadata(tmp_path):
     assert train.info.class_names == ("bg", "red", "green") and train.info.num_classes == 3
     label = train[0]["label"]
     assert label[0, 0] == 255 and set(np.unique(label)) <= {0, 1, 2, 255}
-    with pytest.raises(ValueError, match="no test/ folder"):
+    with pytest.raises(ValueError, match=r"\(split_subfolders layout\) has no 'test' split; it "
+                       "has train, val"):
         create_source(config, "test")
 
 
@@ -183,11 +184,13 @@ def test_palette_mode_masks_are_class_indices(tmp_path):
     [
         ("no_mask", r"1 image\(s\) without a mask.*img4.png"),
         ("no_image", r"1 mask\(s\) without an image.*img4.png"),
-        ("size", r"size mismatch: .*img1.png"),
+        ("size", r"size mismatch \(WxH\): .*images/img1.png is 16x12, .*masks/img1.png is 5x5"),
         ("channels", r"img2.png has 3 channel\(s\).*num_channels=3"),
         ("unreadable", r"unreadable file.*img3.png"),
         ("missing_dir", "does not exist"),
-        ("no_classes", "Unknown number of classes"),
+        ("no_classes", r"No class information .*values 0 \(\d+ px\), 255 \(\d+ px\); e.g. "
+                       r"--config.dataset.num_classes=2 "
+                       r"--config.dataset.value_map='\{0: 0, 255: 1\}'"),
     ],
 )
 def test_folder_errors_name_the_files(tmp_path, breakage, message):
@@ -225,7 +228,7 @@ def test_label_mapper_for_presets():
     pets = dataset_config("oxford_iiit_pet")
     mapper = LabelMapper(3, 255, parse_value_map(pets.value_map), pets.void_values)
     np.testing.assert_array_equal(mapper(np.array([[1, 2, 3]])), [[0, 1, 2]])
-    city = dataset_config("cityscapes")
+    city = dataset_config("cityscapes_tfds")
     mapper = LabelMapper(19, 255, parse_value_map(city.value_map), city.void_values)
     # road, sky, bicycle; unlabeled and parking are void.
     np.testing.assert_array_equal(mapper(np.array([7, 23, 33, 0, 9])), [0, 10, 18, 255, 255])
@@ -285,7 +288,7 @@ def test_tfds_round_trip_matches_the_folder(tmp_path):
     "name, message",
     [
         ("oxford_iiit_pet", "tfds build oxford_iiit_pet"),
-        ("cityscapes", "gtFine_trainvaltest.zip"),
+        ("cityscapes_tfds", "gtFine_trainvaltest.zip"),
         ("not_prepared_here", "python -m flaxseg.data prepare"),
     ],
 )
@@ -301,7 +304,7 @@ def test_unprepared_tfds_dataset_fails_with_instructions(tmp_path, name, message
         # Pets' trimap: 1 pet, 2 background, 3 border.
         ("oxford_iiit_pet", "image", "segmentation_mask", [1, 2, 3, 2], [0, 1, 2, 1]),
         # Cityscapes labelIds -> trainIds: road, car, unlabeled (void), bicycle.
-        ("cityscapes", "image_left", "segmentation_label", [7, 26, 0, 33], [0, 13, 255, 18]),
+        ("cityscapes_tfds", "image_left", "segmentation_label", [7, 26, 0, 33], [0, 13, 255, 18]),
     ],
 )
 def test_registered_tfds_dataset_maps_its_labels(
@@ -328,7 +331,7 @@ def test_registered_tfds_dataset_maps_its_labels(
         mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True),
     ):
         source = create_source(dataset_config(name, data_dir=str(tmp_path)), "val")
-    assert splits == [{"oxford_iiit_pet": "test", "cityscapes": "validation"}[name]]
+    assert splits == [{"oxford_iiit_pet": "test", "cityscapes_tfds": "validation"}[name]]
     assert len(source) == 3 and source.info.ignore_index == 255
     np.testing.assert_array_equal(source[2]["image"], records[2][image_key])
     np.testing.assert_array_equal(source[0]["label"], np.tile(expected, (3, 1)))
@@ -391,7 +394,8 @@ def test_check_reports_every_problem_without_touching_files(tmp_path, capsys):
     assert "mask(s) without an image" in out and "extra.png" in out
     assert "size mismatch" in out and "img1.png" in out
     assert "mask values [77] are not in the value mapping" in out and "img2.png" in out
-    assert "unreadable or truncated" in out and "img3.png" in out
+    assert ("images/img3.png: cannot decode this image file (OSError: image file is truncated)"
+            in out)
     assert sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
 
 
@@ -408,10 +412,10 @@ def test_check_counts_and_histogram(tmp_path):
 
 def test_check_channel_mismatch_and_missing_mapping(tmp_path, capsys):
     make_folder(tmp_path, n=2)
-    assert cli_main(["check", str(tmp_path)]) == 1
+    assert cli_main(["check", str(tmp_path), "--num-channels", "3"]) == 1
     out = capsys.readouterr().out
     assert "have 1 channel(s) but the config says num_channels=3" in out
-    assert "no class mapping" in out and "Raw mask values (value: pixels): 0:" in out
+    assert "No class information" in out and "Raw mask values (value: pixels): 0:" in out
 
 
 def test_check_synthetic_and_unknown_target(capsys):

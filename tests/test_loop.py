@@ -117,9 +117,11 @@ def test_second_run_in_the_same_workdir_finishes_at_once(trained, capsys):
 def test_workdir_of_another_model_is_an_error_and_nothing_is_written(trained):
     workdir, _ = trained
     before = file_mtimes(workdir)
-    with pytest.raises(ValueError, match=r"different model or shape.*features.: 4.*"
-                                         r"features.: 8"):
+    with pytest.raises(ValueError, match=r"config.model.features was 4 when step 6 was saved; "
+                                         r"this run asks for 8"):
         loop.train_and_evaluate(_config(**{"model.features": 8}), str(workdir))
+    with pytest.raises(ValueError, match=r"config.optimizer.name was 'adam' .*asks for 'sgd'"):
+        loop.train_and_evaluate(_config(**{"optimizer.name": "sgd"}), str(workdir))
     assert file_mtimes(workdir) == before
 
 

@@ -1,18 +1,18 @@
 """flaxseg.models: shapes, paper parameter counts, alignment, dropout, dtypes, round trips.
 
-Models are tiny (features 4-8, 32-64 px). Variables mostly come from
-`_random_variables` (NumPy draws into `jax.eval_shape`'d structures): it skips the
-init's random-number compilation, which dominates a tiny model's test time on CPU.
+Models are tiny (features 4-8, 32-64 px); variables mostly come from conftest's
+`random_variables`. Every registered model's shapes, jit, bfloat16 and serialisation:
+test_models_zoo.py.
 """
 
 import math
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import out_shape, random_variables, tiny_model, tiny_size, uniform_images
 
 from flaxseg import models
 from flaxseg.models import (
@@ -31,45 +31,16 @@ from flaxseg.models.layers import bilinear_init
 TINY_FCN = {"widths": (4, 4, 8, 8, 8), "fc_features": 16}
 
 
-def _random_variables(model: nn.Module, shape, seed: int = 0, bias_scale: float = 0.1):
-    """Variables shaped as `model.init` makes them, drawn with NumPy (He-scaled kernels)."""
-    spec = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), spec)
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            std = math.sqrt(2.0 / math.prod(leaf.shape[:-1]))
-            value = rng.normal(0.0, std, leaf.shape)
-        elif name in ("bias", "mean"):
-            value = rng.normal(0.0, bias_scale, leaf.shape)
-        else:  # norm scales, running variances
-            value = np.ones(leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract)
-
-
-def _images(seed: int, shape) -> jax.Array:
-    return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
-
-
-def _out_shape(model: nn.Module, shape):
-    spec = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-    return jax.eval_shape(model.init_with_output, jax.random.key(0), spec)[0]
-
-
 # ----------------------------------------------------------------------------- U-Net
 
 
 @pytest.mark.parametrize("cls", [UNet, EncoderDecoder])
 def test_same_padding_takes_any_size(cls):
     model = cls(num_classes=3, features=4, depth=3)
-    variables = _random_variables(model, (1, 16, 16, 2))  # parameters do not depend on H, W
+    variables = random_variables(model, (1, 16, 16, 2))  # parameters do not depend on H, W
     apply = jax.jit(model.apply)
     for h, w in [(37, 53), (5, 7), (1, 1)]:
-        logits = apply(variables, _images(h, (2, h, w, 2)))
+        logits = apply(variables, uniform_images(h, (2, h, w, 2)))
         assert logits.shape == (2, h, w, 3)
         assert logits.dtype == jnp.float32
         assert bool(jnp.all(jnp.isfinite(logits)))
@@ -77,9 +48,9 @@ def test_same_padding_takes_any_size(cls):
 
 def test_valid_unet_572_to_388():
     assert unet_output_size(572) == 388
-    out = _out_shape(UNet(num_classes=2, padding="VALID"), (1, 572, 572, 1))
+    out = out_shape(UNet(num_classes=2, padding="VALID"), (1, 572, 572, 1))
     assert out.shape == (1, 388, 388, 2) and out.dtype == jnp.float32
-    out = _out_shape(create_model("unet_valid", num_classes=2), (1, 572, 588, 1))
+    out = out_shape(create_model("unet_valid", num_classes=2), (1, 572, 588, 1))
     assert out.shape == (1, 388, 404, 2)
 
 
@@ -90,7 +61,7 @@ def test_valid_input_sizes():
     small = unet_valid_input_sizes(1, 60, depth=2)
     for size in range(1, 61):
         if size in small:
-            out = _out_shape(UNet(2, features=4, depth=2, padding="VALID"), (1, size, size, 1))
+            out = out_shape(UNet(2, features=4, depth=2, padding="VALID"), (1, size, size, 1))
             assert out.shape[1] == unet_output_size(size, depth=2) > 0
         else:
             with pytest.raises(ValueError, match="Nearest valid sizes"):
@@ -100,7 +71,7 @@ def test_valid_input_sizes():
 def test_invalid_valid_size_names_nearest_sizes():
     model = UNet(2, features=4, padding="VALID")
     with pytest.raises(ValueError, match=r"size 570.*Nearest valid sizes: 556 or 572"):
-        _out_shape(model, (1, 572, 570, 1))
+        out_shape(model, (1, 572, 570, 1))
     with pytest.raises(ValueError, match=r"Nearest valid sizes: 188 \("):
         unet_output_size(100)
     with pytest.raises(ValueError, match="depth must be a positive integer"):
@@ -112,8 +83,8 @@ def test_valid_unet_is_translation_equivariant():
     # depth 2) shifts the output by as much, exactly.
     model = UNet(2, features=4, depth=2, padding="VALID", dropout_rate=0.0)
     size = unet_valid_input_sizes(40, 60, depth=2)[0]
-    variables = _random_variables(model, (1, size, size, 1))
-    big = _images(0, (1, size + 8, size + 8, 1))
+    variables = random_variables(model, (1, size, size, 1))
+    big = uniform_images(0, (1, size + 8, size + 8, 1))
     out_a = model.apply(variables, big[:, :size, :size])
     out_b = model.apply(variables, big[:, 8 : 8 + size, 4 : 4 + size])
     assert out_a.shape[1] == unet_output_size(size, depth=2)
@@ -143,22 +114,12 @@ def test_unet_init_is_he_normal_with_zero_bias():
     assert params["upconv_0"]["kernel"].shape == (2, 2, 16, 8)
 
 
-def _tiny(name: str, **kwargs) -> nn.Module:
-    if name.startswith("fcn"):
-        return create_model(name, num_classes=3, **TINY_FCN, **kwargs)
-    return create_model(name, num_classes=3, features=4, depth=2, **kwargs)
-
-
-def _tiny_size(name: str) -> int:
-    return unet_valid_input_sizes(40, 60, depth=2)[0] if name == "unet_valid" else 32
-
-
 @pytest.mark.parametrize("name", ["unet", "fcn8s"])
 def test_dropout_only_in_training_and_keyed(name):
-    model = _tiny(name, dropout_rate=0.5)
-    size = _tiny_size(name)
-    variables = _random_variables(model, (2, size, size, 1))
-    x = _images(1, (2, size, size, 1))
+    model = tiny_model(name, dropout_rate=0.5)
+    size = tiny_size(name)
+    variables = random_variables(model, (2, size, size, 1))
+    x = uniform_images(1, (2, size, size, 1))
     apply = jax.jit(model.apply, static_argnames="train")
     k1, k2 = jax.random.split(jax.random.key(7))
     evaluated = apply(variables, x)
@@ -169,29 +130,16 @@ def test_dropout_only_in_training_and_keyed(name):
     assert not np.allclose(first, evaluated)
     with pytest.raises(flax.errors.InvalidRngError):
         model.apply(variables, x, train=True)
-    no_dropout = _tiny(name, dropout_rate=0.0)
+    no_dropout = tiny_model(name, dropout_rate=0.0)
     np.testing.assert_allclose(
         no_dropout.apply(variables, x, train=True), evaluated, rtol=1e-6, atol=1e-6
     )
 
 
-@pytest.mark.parametrize("name", ["unet", "fcn32s"])
-def test_bfloat16_compute_returns_float32_logits(name):
-    size = _tiny_size(name)
-    x = _images(2, (2, size, size, 1))
-    variables = _random_variables(_tiny(name), x.shape)
-    full = _tiny(name).apply(variables, x)
-    half = _tiny(name, dtype=jnp.bfloat16).apply(variables, x)
-    assert half.dtype == jnp.float32
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
-    scale = float(jnp.abs(full).max())
-    np.testing.assert_allclose(half, full, atol=0.05 * scale)
-
-
 def test_batch_norm_under_pmap_matches_the_global_batch(num_devices):
     model = UNet(3, features=4, depth=1, norm="batch", dropout_rate=0.0)
-    variables = _random_variables(model, (1, 16, 16, 1))
-    x = _images(3, (2 * num_devices, 16, 16, 1))
+    variables = random_variables(model, (1, 16, 16, 1))
+    x = uniform_images(3, (2 * num_devices, 16, 16, 1))
 
     def step(model, variables, x):
         return model.apply(variables, x, train=True, mutable=["batch_stats"])
@@ -214,12 +162,12 @@ def test_batch_norm_under_pmap_matches_the_global_batch(num_devices):
 def test_group_norm_and_bilinear_upsampling():
     for padding, size, out in [("SAME", 21, 21), ("VALID", 44, 4)]:
         model = UNet(2, features=8, depth=2, norm="group", upsample="bilinear", padding=padding)
-        variables = _random_variables(model, (1, size, size, 1))
+        variables = random_variables(model, (1, size, size, 1))
         params = variables["params"]
         assert set(params["encoder_0"]) == {"conv1", "norm1", "conv2", "norm2"}
         assert "bias" not in params["encoder_0"]["conv1"]  # the norm's shift replaces it
         assert params["upconv_0"]["kernel"].shape == (1, 1, 16, 8)
-        logits = model.apply(variables, _images(4, (1, size, size, 1)))
+        logits = model.apply(variables, uniform_images(4, (1, size, size, 1)))
         assert logits.shape == (1, out, out, 2)
         assert bool(jnp.all(jnp.isfinite(logits)))
 
@@ -237,31 +185,16 @@ def test_group_norm_and_bilinear_upsampling():
 )
 def test_unet_rejects_bad_fields(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        _out_shape(UNet(2, **kwargs), (1, 32, 32, 1))
+        out_shape(UNet(2, **kwargs), (1, 32, 32, 1))
 
 
 @pytest.mark.parametrize("name", models.available_models())
 def test_every_model_rejects_bad_rank_and_channels(name):
-    model = _tiny(name)
+    model = tiny_model(name)
     with pytest.raises(ValueError, match=r"\[B, H, W, C\]; got an array of rank 3"):
-        _out_shape(model, (32, 32, 1))
+        out_shape(model, (32, 32, 1))
     with pytest.raises(ValueError, match="C of at least 1"):
-        _out_shape(model, (1, 32, 32, 0))
-
-
-@pytest.mark.parametrize("name", models.available_models())
-def test_every_model_jits_and_round_trips_through_flax_serialization(name):
-    model = _tiny(name, norm="batch") if "unet" in name else _tiny(name)
-    size = _tiny_size(name)
-    variables = _random_variables(model, (2, size, size, 3))
-    x = _images(5, (2, size, size, 3))
-    logits = jax.jit(model.apply)(variables, x)
-    data = flax.serialization.to_bytes(variables)
-    template = jax.tree.map(jnp.zeros_like, variables)
-    restored = flax.serialization.from_bytes(template, data)
-    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables), strict=True):
-        np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(jax.jit(model.apply)(restored, x), logits)
+        out_shape(model, (1, 32, 32, 0))
 
 
 # ----------------------------------------------------------------------------- FCN
@@ -308,18 +241,17 @@ def test_fcn_initialisation_bilinear_and_zero_skips():
     for name, k in [("upscore2", 4), ("upscore_pool4", 4), ("upscore8", 16)]:
         assert set(params[name]) == {"kernel"}
         np.testing.assert_array_equal(params[name]["kernel"], bilinear_init(None, (k, k, 3, 3)))
-    for name in ("score_pool4", "score_pool3"):
+    for name in ("score_fr", "score_pool4", "score_pool3"):  # the reference's zero start
         assert not np.any(params[name]["kernel"]) and not np.any(params[name]["bias"])
-    assert np.any(params["score_fr"]["kernel"])
 
 
 @pytest.mark.parametrize("variant", ["32s", "16s", "8s"])
 def test_fcn_output_has_input_size(variant):
     for h, w in [(32, 32), (37, 61), (50, 33)]:
-        out = _out_shape(FCN(5, variant=variant, **TINY_FCN), (2, h, w, 3))
+        out = out_shape(FCN(5, variant=variant, **TINY_FCN), (2, h, w, 3))
         assert out.shape == (2, h, w, 5) and out.dtype == jnp.float32
     with pytest.raises(ValueError, match="at least 32x32; got 31x40"):
-        _out_shape(FCN(5, variant=variant), (1, 31, 40, 3))
+        out_shape(FCN(5, variant=variant), (1, 31, 40, 3))
 
 
 @pytest.mark.parametrize("variant", ["32s", "16s", "8s"])
@@ -328,8 +260,8 @@ def test_fcn_shifted_input_gives_shifted_output(variant):
     # rows wherever neither view's receptive field (~400 px) reaches an image border.
     model = FCN(4, variant=variant, dropout_rate=0.0, **TINY_FCN)
     size = 640
-    tall = _images(6, (1, size + 32, 36, 3))
-    variables = _random_variables(model, tall.shape, seed=1)
+    tall = uniform_images(6, (1, size + 32, 36, 3))
+    variables = random_variables(model, tall.shape, seed=1)
     out = model.apply(variables, tall[:, :size])
     out_shifted = model.apply(variables, tall[:, 32 : 32 + size])
     assert out.shape == out_shifted.shape == (1, size, 36, 4)
@@ -346,7 +278,7 @@ def test_fcn_crops_are_centred(variant):
     # crop takes the centre. At H, W = 58, 90 every pooled map is even (H + 198 is a
     # multiple of 32), so only the crop offsets could break the symmetry.
     model = FCN(4, variant=variant, dropout_rate=0.0, **TINY_FCN)
-    image = _images(7, (1, 58, 90, 3))
+    image = uniform_images(7, (1, 58, 90, 3))
 
     def symmetric(path, leaf):
         if path[-1].key == "kernel":
@@ -355,7 +287,7 @@ def test_fcn_crops_are_centred(variant):
         return leaf
 
     variables = jax.tree_util.tree_map_with_path(
-        symmetric, _random_variables(model, image.shape, seed=2)
+        symmetric, random_variables(model, image.shape, seed=2)
     )
     out = model.apply(variables, image)
     flipped = model.apply(variables, image[:, ::-1, ::-1])[:, ::-1, ::-1]
@@ -366,26 +298,12 @@ def test_fcn_crops_are_centred(variant):
 
 def test_fcn_rejects_bad_fields():
     with pytest.raises(ValueError, match="variant must be one of"):
-        _out_shape(FCN(2, variant="4s"), (1, 32, 32, 3))
+        out_shape(FCN(2, variant="4s"), (1, 32, 32, 3))
     with pytest.raises(ValueError, match="widths must be 5 positive channel counts"):
-        _out_shape(FCN(2, widths=(4, 4)), (1, 32, 32, 3))
+        out_shape(FCN(2, widths=(4, 4)), (1, 32, 32, 3))
 
 
 # ----------------------------------------------------------------------------- registry
-
-
-def test_registry():
-    assert models.available_models() == (
-        "unet", "unet_valid", "fcn32s", "fcn16s", "fcn8s", "encoder_decoder"
-    )
-    assert create_model("unet", num_classes=2).padding == "SAME"
-    assert create_model("unet_valid", num_classes=2).padding == "VALID"
-    assert create_model("fcn16s", num_classes=2).variant == "16s"
-    assert isinstance(create_model("encoder_decoder", num_classes=2), EncoderDecoder)
-    with pytest.raises(ValueError, match="Unknown model 'segnet'; available models: unet, "):
-        create_model("segnet", num_classes=2)
-    with pytest.raises(TypeError):
-        create_model("unet", num_classes=2, widths=3)
 
 
 def _valid_unet_flops(size: int, features: int, depth: int, c_in: int, classes: int) -> int:
@@ -428,7 +346,7 @@ def test_zoo_cli_prints_the_table(capsys):
     zoo_main(["--size", "32", "--num-classes", "2", "--in-channels", "1",
               "--models", "unet,encoder_decoder"])
     out = capsys.readouterr().out
-    assert "| unet | Ronneberger et al. 2015 (SAME padding) | 32x32 | 32x32 | 31,030,658 |" in out
+    assert "| unet | Ronneberger et al. 2015, SAME padding | 32x32 | 32x32 | 31,030,658 |" in out
     assert "| encoder_decoder |" in out
     with pytest.raises(SystemExit):
         zoo_main(["--models", "segnet"])

@@ -98,9 +98,35 @@ def test_fast_conv_transpose_equals_nn_conv_transpose(kernel, stride):
     assert shapes["kernel"].shape == (kernel, kernel, 3, 4)
 
 
-def test_fast_conv_transpose_rejects_kernel_not_multiple_of_stride():
-    with pytest.raises(ValueError, match="multiple of the stride"):
-        layers.conv_transpose(jnp.zeros((1, 2, 2, 1)), jnp.zeros((3, 3, 1, 1)), 2)
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (7, 4), (15, 8)])
+def test_conv_transpose_kernel_not_multiple_of_stride(kernel, stride):
+    # FCN-AlexNet's upsampling kernels are 2s - 1 (63 at stride 32).
+    x = jnp.asarray(_normal(5, (2, 3, 4, 2)))
+    weights = jnp.asarray(_normal(6, (kernel, kernel, 2, 3)))
+    want = nn.ConvTranspose(3, (kernel, kernel), (stride, stride), padding="VALID",
+                            use_bias=False).apply({"params": {"kernel": weights}}, x)
+    got = layers.conv_transpose(x, weights, stride)
+    assert got.shape == want.shape == (2, 2 * stride + kernel, 3 * stride + kernel, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,padding,ceil_mode", [(9, 0, False), (10, 0, False),
+                                                   (10, 0, True), (11, 1, False), (8, 1, True)])
+def test_max_pool_3x3_matches_lax_reduce_window(size, padding, ceil_mode):
+    x = jnp.asarray(_normal(7, (2, size, size + 3, 3)))
+    out = layers.max_pool_3x3(x, padding=padding, ceil_mode=ceil_mode)
+    rows = [(size + 2 * padding - 3) / 2, (size + 3 + 2 * padding - 3) / 2]
+    rounding = np.ceil if ceil_mode else np.floor
+    expect_h, expect_w = (int(rounding(r)) + 1 for r in rows)
+    # The reference: reduce_window over -inf padding wide enough for every window.
+    padded = np.pad(x, ((0, 0), (padding, 3), (padding, 3), (0, 0)), constant_values=-np.inf)
+    padded = padded[:, : 2 * expect_h + 1, : 2 * expect_w + 1]
+    want = jax.lax.reduce_window(padded, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                 "VALID")
+    assert out.shape == want.shape == (2, expect_h, expect_w, 3)
+    np.testing.assert_array_equal(out, want)
+    hlo = jax.jit(jax.grad(lambda v: layers.max_pool_3x3(v, padding).sum())).lower(x).as_text()
+    assert "select_and_scatter" not in hlo
 
 
 def test_bilinear_init_matches_reference_filter():

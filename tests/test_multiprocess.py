@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_bitwise_same_run, child_env, final_params
+from conftest import TRAIN_CHILD, assert_bitwise_same_run, child_env, final_params
 
 from flaxseg.train.checkpoint import Checkpointer, load_for_inference
 from flaxseg.train.reporting import read_metrics
@@ -40,24 +40,6 @@ FLAGS = [f"--config={REPO / 'flaxseg' / 'configs' / 'default.py'}",
          f"--heartbeat_timeout_seconds={HEARTBEAT_S}"]
 # 1e-5 of the largest parameter: the cross-process sums are added in another order.
 RTOL = 1e-5
-
-# The command line, with an optional pause before each batch so that a signal lands
-# mid-run (FLAXSEG_TEST_BATCH_DELAY seconds).
-CHILD = r"""
-import os, runpy, sys, time
-
-delay = float(os.environ.get("FLAXSEG_TEST_BATCH_DELAY", "0"))
-if delay:
-    from flaxseg.data import pipeline
-    real_next = pipeline.TrainIterator.__next__
-    def slow_next(self):
-        time.sleep(delay)
-        return real_next(self)
-    pipeline.TrainIterator.__next__ = slow_next
-sys.argv = ["flaxseg.train", *sys.argv[1:]]
-runpy.run_module("flaxseg.train", run_name="__main__", alter_sys=True)
-"""
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -78,7 +60,7 @@ class Job:
         self.workdir = workdir
         self.procs = [
             subprocess.Popen(
-                [sys.executable, "-c", CHILD, *flags,
+                [sys.executable, "-c", TRAIN_CHILD, *flags,
                  *([f"--process_id={i}"] if num_processes > 1 else [])],
                 env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for i in range(num_processes)]

@@ -1,7 +1,7 @@
 """Configs as code: every shipped config is a module with `get_config() -> ConfigDict`.
 
     from flaxseg import configs
-    config = configs.get_config('default')       # or 'unet_isbi', 'fcn8s_voc', ...
+    config = configs.get_config('default')       # or 'unet_isbi', 'fcn8s_voc', 'folder', ...
     config.batch_size = 16
 
 Configs are data: each starts from `flaxseg.run_config.base_config()` (the keys every
@@ -22,6 +22,7 @@ SHIPPED_CONFIGS = (
     "fcn16s_voc",
     "fcn8s_voc",
     "unet_pets",
+    "folder",
     "encoder_decoder",
     "test",
 )

@@ -3,11 +3,19 @@ SGD, momentum 0.9, weight decay 5e-4 (not on biases), minibatch 20 images, fixed
 learning rate 1e-4, 21 classes, void pixels (255) ignored, no augmentation ("we found
 no improvement from mirroring and jittering"), dropout 0.5 after fc6 and fc7.
 
-The data is a folder in VOC's layout of class-index PNG masks (SegmentationClass: values
-0-20, 255 = void), with train/ and val/ subfolders holding images/ and masks/:
+Start from ImageNet VGG-16 weights as the paper does with
+`--config.model.backbone_weights=FILE` (torchvision's `vgg16-397923af.pth`, Keras's
+`vgg16_weights_tf_dim_ordering_tf_kernels.h5`, or the .npz of `python -m flaxseg.models
+convert-vgg16`); the images are then normalised as those weights expect
+(`augment.normalize='pretrained'`; ImageNet's mean/std without weights).
+
+The data is PASCAL VOC as the devkit unpacks it (the `voc2012` preset: JPEGImages,
+SegmentationClass palette PNGs, 255 = void, ImageSets/Segmentation/{train,val}.txt);
+`--config.dataset.layout=voc_aug` (SegmentationClassAug + trainaug.txt) or `sbd`
+(benchmark_RELEASE/dataset) trains on the augmented set, as the paper did:
 
     python -m flaxseg.train --config=flaxseg/configs/fcn32s_voc.py --workdir=runs/fcn32s \
-        --config.dataset.path=/data/voc2011
+        --config.dataset.path=/data/VOCdevkit
 
 FCN-16s and FCN-8s (fcn16s_voc.py, fcn8s_voc.py) start from this run's checkpoint.
 """
@@ -17,29 +25,17 @@ import ml_collections
 from flaxseg.data.config import augment_config, dataset_config
 from flaxseg.run_config import base_config, optimizer_config
 
-VOC_CLASS_NAMES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
-
 
 def voc_config(model_name: str, init_from: str = "") -> ml_collections.ConfigDict:
     """The FCN paper's VOC training setup for `model_name` ('fcn32s' | 'fcn16s' | 'fcn8s')."""
     config = base_config()
-    config.model = ml_collections.ConfigDict(dict(name=model_name, dropout_rate=0.5))
-    config.dataset = dataset_config(
-        "folder",
-        num_classes=len(VOC_CLASS_NAMES),
-        class_names=VOC_CLASS_NAMES,
-        void_values=(255,),
-        image_size=(512, 512),  # VOC images are at most 500x500: padded with void
-        num_channels=3,
-        val_fraction=0.0,
-    )
+    config.model = ml_collections.ConfigDict(
+        dict(name=model_name, dropout_rate=0.5, backbone_weights=""))
+    # 21 classes; VOC images are at most 500x500: padded with void to 512.
+    config.dataset = dataset_config("voc2012", image_size=(512, 512))
     config.augment = augment_config(
         scale_range=(1.0, 1.0), hflip=False, brightness=0.0, contrast=0.0, saturation=0.0,
-        normalize="imagenet",
+        normalize="pretrained",
     )
     config.optimizer = optimizer_config(
         name="sgd", learning_rate=1e-4, momentum=0.9, weight_decay=5e-4

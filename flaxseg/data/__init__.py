@@ -8,10 +8,14 @@
 
 A source is random-access: `len(source)`, `source[i] -> {'image': uint8 [H, W, C],
 'label': uint8 | int32 [H, W]}` and `source.info` (a `SourceInfo`). `python -m
-flaxseg.data check PATH_OR_TFDS_NAME` validates a dataset before training.
+flaxseg.data check PATH_OR_TFDS_NAME` validates a dataset before training; folders in
+the layouts of `flaxseg.data.layouts` (VOC, Cityscapes, ADE20K, CamVid, MMSegmentation,
+nnU-Net, ...) are detected.
 """
 
 from __future__ import annotations
+
+import os
 
 import ml_collections
 
@@ -27,6 +31,7 @@ __all__ = [
     "create_source",
     "dataset_config",
     "pipeline",
+    "resolve_dataset_config",
     "transforms",
 ]
 
@@ -57,3 +62,29 @@ def create_source(dataset_config: ml_collections.ConfigDict, split: str) -> Sour
         f"dataset config has source={kind!r}; expected one of {_SOURCES}. Build the config "
         "with flaxseg.data.dataset_config(name, ...)."
     )
+
+
+def resolve_dataset_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The dataset config a run trains with, and saves with its checkpoints.
+
+    Everything the data can tell is filled in, so the saved config reads the same data the
+    same way without looking at the dataset's metadata again: a folder's layout, base
+    folder (absolute) and classes (`flaxseg.data.folder.resolve_folder_config`), a tfds
+    dataset's classes from its prepared metadata. Every value is in its one form
+    (`dataset_config`), so the config read back from JSON resolves to itself. Raises
+    ValueError when the classes cannot be known (before anything is compiled).
+    """
+    values = config.to_dict()
+    resolved = dataset_config(values.pop("name"), **values)
+    if resolved.source == "folder":
+        from flaxseg.data.folder import resolve_folder_config
+
+        return resolve_folder_config(resolved)
+    if resolved.source == "tfds":
+        if resolved.data_dir:
+            resolved.data_dir = os.path.abspath(os.path.expanduser(resolved.data_dir))
+        if resolved.num_classes is None:
+            info = create_source(resolved, "train").info
+            resolved.num_classes, resolved.class_names = info.num_classes, info.class_names
+            resolved.palette = info.palette
+    return resolved

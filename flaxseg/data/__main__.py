@@ -1,11 +1,16 @@
 """`python -m flaxseg.data check|prepare ...`: validate a dataset, or prepare it for tfds.
 
+    python -m flaxseg.data check /data/CamVid                  # layout detected: camvid
     python -m flaxseg.data check ../shared/data/isbi2012_membrane --preset isbi2012
     python -m flaxseg.data check my_folder --num-classes 3 --value-map 1:0,2:1,3:2
+    python -m flaxseg.data check my_mmseg_tree --layout mmseg --image-suffix .jpg
     python -m flaxseg.data check oxford_iiit_pet --data-dir ~/tensorflow_datasets
-    python -m flaxseg.data prepare my_folder --name my_cells --data-dir /data/tfds
+    python -m flaxseg.data prepare /data/VOCdevkit --name voc2012 --data-dir /data/tfds
 
-`check` exits with status 1 if it finds problems; it never modifies anything.
+A folder's layout (VOC, Cityscapes, ADE20K, CamVid, MMSegmentation, nnU-Net, ...) is
+detected; its classes come from the flags, else its dataset.json, else the layout.
+`check` exits with status 1 if it finds problems (warnings and a dataset with no class
+information are not problems); it never modifies anything.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import ml_collections
 
 from flaxseg.data.check import check_dataset, format_report
 from flaxseg.data.config import available_datasets, dataset_config
+from flaxseg.data.layouts import LAYOUT_NAMES
 
 
 def _pairs(text: str) -> dict[int, int]:
@@ -40,6 +46,10 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(","))
 
 
+def _folder_presets() -> list[str]:
+    return [name for name in available_datasets() if dataset_config(name).source == "folder"]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m flaxseg.data",
@@ -59,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--preset",
             default=None,
-            help=f"a folder preset for a path, one of {available_datasets()}",
+            help=f"a folder preset for a path, one of {', '.join(_folder_presets())}",
         )
         command.add_argument("--data-dir", default=None, help="tfds data_dir")
         command.add_argument("--num-classes", type=int)
@@ -70,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--ignore-index", type=int)
         command.add_argument("--val-fraction", type=float)
         command.add_argument("--test-fraction", type=float)
+        command.add_argument(
+            "--layout", help=f"force a folder layout: one of {', '.join(LAYOUT_NAMES)}")
+        command.add_argument("--image-suffix", help="what image names end with, e.g. .jpg")
+        command.add_argument("--mask-suffix", help="what mask names end with, e.g. _mask.png")
+        command.add_argument("--reduce-zero-label", action="store_true", default=None,
+                             help="mask 0 is void and 1..N are the classes (ADE20K)")
     return parser
 
 
@@ -84,18 +100,27 @@ def config_from_args(args: argparse.Namespace) -> ml_collections.ConfigDict:
         "ignore_index",
         "val_fraction",
         "test_fraction",
+        "layout",
+        "image_suffix",
+        "mask_suffix",
+        "reduce_zero_label",
     )
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     target = args.target
     if os.path.isdir(target):
-        config = dataset_config(args.preset or "folder", path=os.path.abspath(target), **overrides)
-        if config.source != "folder":
-            raise ValueError(f"--preset {args.preset} is not a folder dataset; drop it.")
-        return config
+        preset = args.preset or "folder"
+        if preset not in _folder_presets():
+            raise ValueError(f"--preset {preset} is not a folder dataset; use one of "
+                             f"{', '.join(_folder_presets())}, or none.")
+        return dataset_config(preset, path=os.path.abspath(target), **overrides)
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
-    if target in available_datasets() and target != "folder":
-        return dataset_config(target, **overrides)
+    if target in available_datasets():
+        config = dataset_config(target, **overrides)
+        if config.source == "folder" and not config.path:
+            raise ValueError(f"{target!r} is a folder dataset: give its folder, e.g. "
+                             f"`python -m flaxseg.data check /data/{target} --preset {target}`.")
+        return config
     if os.sep in target and "/" not in target.split(os.sep)[0]:
         raise ValueError(f"{target!r} is not a folder (and not a tfds name).")
     return dataset_config(target, **overrides)

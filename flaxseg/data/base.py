@@ -8,7 +8,7 @@ and `source.info` (a `SourceInfo`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -89,7 +89,9 @@ class LabelMapper:
 
     Raw values listed in `value_map` map to their class; `void_values` map to
     `ignore_index`; with no `value_map`, values below `num_classes` (and
-    `ignore_index` itself) map to themselves. Any other value is an error (see `unknown_values`).
+    `ignore_index` itself) map to themselves, or with `reduce_zero_label` 0 is void and
+    1..num_classes map to 0..num_classes-1. Any other value is an error (see
+    `unknown_values`).
     """
 
     def __init__(
@@ -97,12 +99,20 @@ class LabelMapper:
         num_classes: int,
         ignore_index: int,
         value_map: Mapping[int, int] | None = None,
-        void_values: Sequence[int] = (),
+        void_values: Sequence[int] | None = (),
+        reduce_zero_label: bool = False,
     ):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.reduce_zero_label = bool(reduce_zero_label)
+        self.void_values = tuple(int(v) for v in void_values or ())
         value_map = dict(value_map or {})
-        self.identity = not value_map
+        if value_map and self.reduce_zero_label:
+            raise ValueError(
+                "reduce_zero_label and value_map both map the mask values; give one: "
+                "reduce_zero_label is the map {0: void, 1: 0, 2: 1, ...}."
+            )
+        self.identity = not value_map and not self.reduce_zero_label
         for raw, cls in value_map.items():
             if not (0 <= cls < num_classes or cls == ignore_index):
                 raise ValueError(
@@ -110,12 +120,17 @@ class LabelMapper:
                     f"(0..{num_classes - 1}) nor ignore_index ({ignore_index})."
                 )
         if not value_map:
-            # Class-index masks: values are classes, and ignore_index already means void.
-            value_map = {v: v for v in range(num_classes)}
+            # Class-index masks: values are classes (or, with mmsegmentation's
+            # reduce_zero_label, 0 = "other" is void and v is class v - 1), and
+            # ignore_index already means void.
+            shift = int(self.reduce_zero_label)
+            value_map = {v + shift: v for v in range(num_classes)}
+            if shift:
+                value_map[0] = ignore_index
             if ignore_index >= 0:
-                value_map[ignore_index] = ignore_index
-        for v in void_values:
-            value_map[int(v)] = ignore_index
+                value_map.setdefault(ignore_index, ignore_index)
+        for v in self.void_values:
+            value_map[v] = ignore_index
         # -1 marks an unmapped value; a lookup table over 0..max raw value.
         size = max(max(value_map) + 1, 256)
         self.table = np.full((size,), -1, np.int32)
@@ -134,9 +149,15 @@ class LabelMapper:
     def _unknown_error(self, raw: np.ndarray) -> ValueError:
         bad = self.unknown_values(raw).tolist()[:10]
         if self.identity:
+            void = f", void values {self.void_values}" if self.void_values else ""
             return ValueError(
-                f"mask values {bad} are not class indices 0..{self.num_classes - 1} nor "
+                f"mask values {bad} are not class indices 0..{self.num_classes - 1}{void} nor "
                 f"ignore_index {self.ignore_index} (a value map may be missing)"
+            )
+        if self.reduce_zero_label:
+            return ValueError(
+                f"mask values {bad} are not 0 (void) nor 1..{self.num_classes} (the classes, "
+                "with reduce_zero_label)"
             )
         return ValueError(f"mask values {bad} are not in the value mapping")
 
@@ -153,3 +174,37 @@ class LabelMapper:
             raise self._unknown_error(raw)
         dtype = np.uint8 if max(self.num_classes - 1, self.ignore_index) < 256 else np.int32
         return mapped.astype(dtype)
+
+
+def suggest_classes(values: Iterable[int], ignore_index: int = DEFAULT_IGNORE_INDEX
+                    ) -> dict[str, Any]:
+    """The class keys that would read masks holding raw `values` (none of them known).
+
+    Values 0..K-1 (and `ignore_index`) are class indices already: `num_classes` K. Other
+    values get a `value_map` onto 0..n-1 in sorted order; `ignore_index` stays void.
+    Masks of only 0 and `ignore_index` (a binary dataset saved as 0/255) get the map
+    {0: 0, 255: 1}: read as indices they would train a single class.
+    """
+    found = sorted(int(v) for v in values)
+    classes_found = [v for v in found if v != ignore_index]
+    if classes_found == [0] and ignore_index in found:
+        return {"num_classes": 2, "value_map": {0: 0, ignore_index: 1}}
+    if classes_found == list(range(len(classes_found))):
+        return {"num_classes": len(classes_found), "value_map": None}
+    return {"num_classes": len(classes_found),
+            "value_map": {v: i for i, v in enumerate(classes_found)}}
+
+
+def suggestion_flags(suggestion: dict[str, Any], style: str) -> str:
+    """`suggest_classes`' keys as `python -m flaxseg.data check` flags (`style='check'`)
+    or as `python -m flaxseg.train` config overrides (`style='train'`)."""
+    value_map = suggestion["value_map"]
+    if style == "check":
+        out = f"--num-classes {suggestion['num_classes']}"
+        if value_map:
+            out += " --value-map " + ",".join(f"{k}:{v}" for k, v in value_map.items())
+        return out
+    out = f"--config.dataset.num_classes={suggestion['num_classes']}"
+    if value_map:
+        out += f" --config.dataset.value_map='{value_map}'"
+    return out

@@ -8,35 +8,34 @@ be a tfds dataset prepared with `flaxseg.data.tfds.prepare_folder_dataset`.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
-from flaxseg.data.base import DEFAULT_IGNORE_INDEX
+from flaxseg.data import classes, layouts
+from flaxseg.data.base import DEFAULT_IGNORE_INDEX, parse_value_map
+from flaxseg.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (used by transforms)
 
 ISBI_DIR_ENV = "FLAXSEG_ISBI_DIR"
 
 SYNTHETIC_CLASS_NAMES = ("background", "disc", "rectangle", "triangle")
 
-# Cityscapes labelIds (the gtFine *_labelIds.png values) -> the 19 trainIds; every
-# other id (unlabeled, ego vehicle, parking, guard rail, ...) is void.
-CITYSCAPES_ID_TO_TRAIN_ID = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
-    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}  # fmt: skip
-CITYSCAPES_VOID_IDS = tuple(i for i in range(34) if i not in CITYSCAPES_ID_TO_TRAIN_ID)
-CITYSCAPES_CLASS_NAMES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-    "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
-    "truck", "bus", "train", "motorcycle", "bicycle",
-)  # fmt: skip
-CITYSCAPES_PALETTE = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
-    (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-)  # fmt: skip
+# Keys that may be unset (None: filled from the dataset's files, its layout or the
+# prepared metadata) with the type a value takes: ml_collections placeholders of these
+# types keep the keys overridable from the command line (`--config.dataset.num_classes=12`;
+# a plain None field cannot be overridden).
+_OPTIONAL_TYPES = {
+    "num_classes": int,
+    "class_names": tuple,
+    "palette": tuple,
+    "value_map": object,
+    "void_values": tuple,
+    "reduce_zero_label": bool,
+    "num_channels": int,
+}
 
 
 def _synthetic() -> dict[str, Any]:
@@ -62,18 +61,24 @@ def _folder() -> dict[str, Any]:
     return dict(
         name="folder",
         source="folder",
-        path="",  # the dataset root: images/ + masks/, or train/ val/ test/ holding those
-        # None: read from <path>/dataset.json (class_names, palette, value_map, void_values).
+        path="",  # the dataset's root folder, in any layout of flaxseg.data.layouts
+        layout="auto",  # 'auto': detected; or a name from flaxseg.data.layouts.LAYOUT_NAMES
+        # None: from <path>/dataset.json, else the layout (fixed-class datasets); the
+        # resolved values are what a run saves with its checkpoints.
         num_classes=None,
         class_names=None,
         palette=None,  # one RGB triple per class: RGB masks are decoded by colour
         value_map=None,  # {raw mask value: class}; None: values are class indices
-        void_values=(),  # raw mask values that become ignore_index
+        void_values=None,  # raw mask values that become ignore_index
+        reduce_zero_label=None,  # True: 0 -> void, v -> v - 1 (ADE20K); None: False
         ignore_index=DEFAULT_IGNORE_INDEX,
         image_size=(256, 256),
-        num_channels=3,
-        images_dir="images",
+        num_channels=None,  # None: the layout's (nnU-Net), else the first image's
+        images_dir="images",  # the pooled, split_subfolders and images_by_split layouts
         masks_dir="masks",
+        # "": the layout's; mmseg's img_suffix / seg_map_suffix, e.g. '.jpg' and '.png'
+        image_suffix="",
+        mask_suffix="",
         # Without train/ val/ test/ subfolders the split is a seeded fraction.
         val_fraction=0.1,
         test_fraction=0.0,
@@ -96,6 +101,7 @@ def _isbi2012() -> dict[str, Any]:
         palette=((0, 0, 0), (255, 255, 255)),
         image_size=(512, 512),
         num_channels=1,
+        layout="pooled",
         val_fraction=0.2,  # 24 train / 6 val of the 30 labelled slices
         cache=True,  # 30 slices of 256 KiB
         membrane_class=0,
@@ -117,7 +123,8 @@ def _tfds(tfds_name: str) -> dict[str, Any]:
         class_names=None,
         palette=None,
         value_map=None,
-        void_values=(),
+        void_values=None,
+        reduce_zero_label=False,
         ignore_index=DEFAULT_IGNORE_INDEX,
         image_size=(256, 256),
         num_channels=3,
@@ -139,20 +146,38 @@ def _oxford_iiit_pet() -> dict[str, Any]:
     return cfg
 
 
-def _cityscapes() -> dict[str, Any]:
+def _cityscapes_tfds() -> dict[str, Any]:
     cfg = _tfds("cityscapes/semantic_segmentation")
     cfg.update(
-        name="cityscapes",
+        name="cityscapes_tfds",
         image_key="image_left",
         label_key="segmentation_label",
         splits={"train": "train", "val": "validation", "test": "test"},
-        num_classes=len(CITYSCAPES_CLASS_NAMES),
-        class_names=CITYSCAPES_CLASS_NAMES,
-        value_map=CITYSCAPES_ID_TO_TRAIN_ID,
-        void_values=CITYSCAPES_VOID_IDS,
-        palette=CITYSCAPES_PALETTE,
+        num_classes=len(classes.CITYSCAPES_CLASS_NAMES),
+        class_names=classes.CITYSCAPES_CLASS_NAMES,
+        value_map=classes.CITYSCAPES_ID_TO_TRAIN_ID,
+        void_values=classes.CITYSCAPES_VOID_IDS,
+        palette=classes.CITYSCAPES_PALETTE,
         image_size=(512, 1024),
     )
+    return cfg
+
+
+# The fixed-class layouts' presets: a folder dataset in that layout, with its classes.
+_LAYOUT_IMAGE_SIZES = {
+    "voc2012": (512, 512),  # VOC images are at most 500x500
+    "voc_aug": (512, 512),
+    "sbd": (512, 512),
+    "cityscapes": (512, 1024),
+    "ade20k": (512, 512),
+    "camvid": (360, 480),  # the SegNet tutorial's frames
+}
+
+
+def _layout_preset(name: str) -> dict[str, Any]:
+    cfg = _folder()
+    cfg.update(name=name, layout=name, image_size=_LAYOUT_IMAGE_SIZES[name],
+               **layouts.get(name).classes)
     return cfg
 
 
@@ -160,8 +185,9 @@ _PRESETS = {
     "synthetic": _synthetic,
     "folder": _folder,
     "isbi2012": _isbi2012,
+    **{name: functools.partial(_layout_preset, name) for name in _LAYOUT_IMAGE_SIZES},
     "oxford_iiit_pet": _oxford_iiit_pet,
-    "cityscapes": _cityscapes,
+    "cityscapes_tfds": _cityscapes_tfds,
 }
 
 
@@ -173,9 +199,15 @@ def available_datasets() -> tuple[str, ...]:
 def dataset_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
     """The default config for dataset `name`, with `overrides` applied.
 
+    Values are brought to one form whatever they came as (a JSON list, a tuple, a
+    command-line scalar): sequences become tuples, `value_map` a dict of ints,
+    `image_size` an (H, W) pair, an unset key a typed None. So a config saved as JSON and
+    read back (`dataset_config(**saved)`) is the config that was saved.
+
     Args:
-      name: 'synthetic', 'folder', 'isbi2012', 'oxford_iiit_pet', 'cityscapes', or the
-        tfds name of a dataset prepared with `prepare_folder_dataset` (then pass `data_dir`).
+      name: a name of `available_datasets()` (e.g. 'synthetic', 'folder', 'isbi2012',
+        'camvid', 'voc2012', 'oxford_iiit_pet'), or the tfds name of a dataset prepared
+        with `prepare_folder_dataset` (then pass `data_dir`).
       **overrides: keys to change; each must exist in the default config.
 
     Returns:
@@ -185,6 +217,12 @@ def dataset_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
     if not isinstance(name, str) or not name:
         raise ValueError(f"dataset name must be a non-empty string, got {name!r}.")
     defaults = _PRESETS[name]() if name in _PRESETS else _tfds(name)
+    source = overrides.get("source", defaults["source"])
+    if source != defaults["source"]:
+        raise ValueError(
+            f"config.dataset names {name!r} (a {defaults['source']} dataset) but holds the "
+            f"keys of a {source} dataset: a dataset is switched as a whole, not by its "
+            f"name. {switch_dataset_hint()}")
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise ValueError(
@@ -197,14 +235,52 @@ def dataset_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
         prepared = read_prepared_info(name, overrides.get("data_dir", ""))
         defaults.update(prepared or {})
     defaults.update(overrides)
-    defaults["image_size"] = normalize_image_size(defaults["image_size"])
-    return ml_collections.ConfigDict(defaults)
+    return ml_collections.ConfigDict(_canonical(defaults))
+
+
+def _canonical(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` with every value in its one form (see `dataset_config`)."""
+    out = dict(cfg)
+    out["image_size"] = normalize_image_size(cfg["image_size"])
+    for key in ("class_names", "palette", "void_values"):
+        value = cfg.get(key)
+        if value is not None:
+            # A command line gives one void value as a scalar; JSON gives lists.
+            items = (value,) if isinstance(value, int | str) else value
+            out[key] = tuple(
+                tuple(int(v) for v in item) if isinstance(item, list | tuple) else item
+                for item in items
+            )
+    if cfg.get("value_map") is not None:
+        out["value_map"] = parse_value_map(cfg["value_map"])
+    if cfg.get("splits") is not None:
+        out["splits"] = {str(k): str(v) for k, v in dict(cfg["splits"]).items()}
+    for key, kind in _OPTIONAL_TYPES.items():
+        if key in out and out[key] is None:
+            out[key] = placeholder(kind)
+    return out
+
+
+def switch_dataset_hint(path: str | None = None) -> str:
+    """How to train a config on another dataset than the one it names."""
+    return (
+        "To train on a folder of images and masks (any layout flaxseg reads), run "
+        "`python -m flaxseg.train --config=flaxseg/configs/folder.py "
+        f"--config.dataset.path={path or 'PATH'}`, or write in your config file "
+        f"`config.dataset = dataset_config('folder', path={path or 'PATH'!r})` (from "
+        "flaxseg.data.config; a preset such as 'camvid' or 'voc2012' works the same way)."
+    )
 
 
 def normalize_image_size(image_size: Any) -> tuple[int, int]:
-    """`64` or `(64, 96)` -> `(H, W)`; raises ValueError for anything else."""
+    """`64`, `(64,)` or `(64, 96)` -> `(H, W)`; raises ValueError for anything else.
+
+    (A command-line `--config.dataset.image_size=500` arrives as the 1-tuple `(500,)`.)
+    """
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
+    elif isinstance(image_size, list | tuple) and len(image_size) == 1:
+        image_size = (image_size[0], image_size[0])
     try:
         h, w = (int(s) for s in image_size)
     except (TypeError, ValueError):
@@ -214,10 +290,6 @@ def normalize_image_size(image_size: Any) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise ValueError(f"image_size must be positive, got {(h, w)}.")
     return (h, w)
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def augment_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -230,7 +302,9 @@ def augment_config(**overrides: Any) -> ml_collections.ConfigDict:
       brightness, contrast, saturation: maximum relative jitter (0 turns each off).
       pad_value: 'zero' or 'mean' (the normalisation mean) for image padding; masks
         are always padded with ignore_index.
-      normalize: 'unit' (x / 255), 'imagenet' (ImageNet mean/std) or 'custom' (`mean`, `std`).
+      normalize: 'unit' (x / 255), 'imagenet' (ImageNet mean/std) or 'custom' (`mean`, `std`);
+        a training config may say 'pretrained', which `flaxseg.train.config` turns into the
+        mean/std that `model.backbone_weights` expect.
       mean, std: per-channel statistics in [0, 1] units, for normalize='custom'.
       eval_resize: how eval images reach image_size: 'pad' (pad with ignore_index,
         centre-crop if larger) or 'resize' (bilinear image, nearest mask).

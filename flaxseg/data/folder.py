@@ -1,182 +1,54 @@
-"""Folders of images and masks on disk, matched by file stem.
+"""Folder datasets in any layout of `flaxseg.data.layouts`, decoded on read.
 
-Layouts (`images_dir` / `masks_dir` default to 'images' / 'masks'):
+`resolve_folder_config(config)` is the config a run trains with: the dataset's base
+folder as an absolute path, the detected layout, and every class key filled from the
+config, else the dataset's metadata file (`dataset.json`, nnU-Net's own), else the
+layout (datasets with fixed classes); the channel count from the layout or the first
+image. Resolving a resolved config changes nothing, and it is what runs save.
 
-    root/images/a.png  root/masks/a.png        one pool, split by a seeded fraction
-    root/train/images/ root/train/masks/ ...   explicit train/ val/ test/ subfolders
-
-Masks are 8-bit class-index images (L, or P whose palette indices are the
-classes), 16-bit index images, or RGB colour-coded with `palette`. Raw values go
-through `value_map` (e.g. ISBI's {0: 0, 255: 1}); `void_values` become
-`ignore_index`. Class names, palette, value map and void values come from the
-config or, where the config leaves them None, from `root/dataset.json`.
+Masks are 8-bit class-index images (L, or P whose palette indices are the classes),
+16-bit index images, RGB colour-coded with `palette`, or SBD's `cls/*.mat`
+(`GTcls.Segmentation`, read with scipy). Raw values go through `reduce_zero_label` or
+`value_map` (e.g. ISBI's {0: 0, 255: 1}); `void_values` become `ignore_index`.
+A file that cannot be decoded raises `DataFileError` naming it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import collections
 import os
-from collections.abc import Sequence
-from typing import Any
 
 import ml_collections
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from flaxseg.data.base import LabelMapper, SourceInfo, default_class_names, parse_value_map
+from flaxseg.data import layouts
+from flaxseg.data.base import (
+    LabelMapper,
+    SourceInfo,
+    default_class_names,
+    suggest_classes,
+    suggestion_flags,
+)
+from flaxseg.data.config import dataset_config
+from flaxseg.data.layouts import SPLITS, Listing, Pair, listing
+from flaxseg.extras import require
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-SPLITS = ("train", "val", "test")
-METADATA_FILE = "dataset.json"
-_METADATA_KEYS = ("num_classes", "class_names", "palette", "value_map", "void_values")
 # PIL mode -> channels of the uint8 array flaxseg makes of it (P is expanded to RGB).
 _IMAGE_MODES = {"1": 1, "L": 1, "LA": 2, "P": 3, "RGB": 3, "RGBA": 4}
-_MAX_LISTED = 20
+# What PIL raises for a truncated or corrupt file (UnidentifiedImageError is an OSError).
+_DECODE_ERRORS = (OSError, SyntaxError, EOFError, Image.DecompressionBombError)
+_SAMPLED_MASKS = 8
 
 
-def listing(paths: Sequence[str]) -> str:
-    """The first paths, comma-separated, and how many more there are."""
-    shown = ", ".join(paths[:_MAX_LISTED])
-    more = f" ... and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else ""
-    return shown + more
+class DataFileError(ValueError):
+    """A dataset file that cannot be decoded (truncated, corrupt); the message names it."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Pair:
-    """An image file and its mask file, sharing `stem`."""
-
-    stem: str
-    image: str
-    mask: str
-
-
-def _files_by_stem(directory: str) -> tuple[dict[str, str], list[str]]:
-    """Image files of `directory` by stem, and problems (duplicate stems)."""
-    by_stem: dict[str, list[str]] = {}
-    for name in sorted(os.listdir(directory)):
-        stem, ext = os.path.splitext(name)
-        if name.startswith(".") or ext.lower() not in IMAGE_EXTENSIONS:
-            continue
-        by_stem.setdefault(stem, []).append(os.path.join(directory, name))
-    problems = [
-        f"several files share the stem {stem!r}: {listing(paths)}; keep one per stem"
-        for stem, paths in by_stem.items()
-        if len(paths) > 1
-    ]
-    return {stem: paths[0] for stem, paths in by_stem.items()}, problems
-
-
-def pair_files(images_dir: str, masks_dir: str) -> tuple[list[Pair], list[str]]:
-    """Matches images to masks by stem. Returns the pairs and the problems found."""
-    problems = []
-    for directory in (images_dir, masks_dir):
-        if not os.path.isdir(directory):
-            problems.append(f"missing folder {directory}")
-    if problems:
-        return [], problems
-    images, image_problems = _files_by_stem(images_dir)
-    masks, mask_problems = _files_by_stem(masks_dir)
-    problems = image_problems + mask_problems
-    no_mask = sorted(images[s] for s in set(images) - set(masks))
-    no_image = sorted(masks[s] for s in set(masks) - set(images))
-    if no_mask:
-        problems.append(
-            f"{len(no_mask)} image(s) without a mask in {masks_dir}: {listing(no_mask)}"
-        )
-    if no_image:
-        problems.append(
-            f"{len(no_image)} mask(s) without an image in {images_dir}: {listing(no_image)}"
-        )
-    pairs = [Pair(s, images[s], masks[s]) for s in sorted(set(images) & set(masks))]
-    return pairs, problems
-
-
-def split_layout(root: str, images_dir: str = "images") -> str:
-    """'subfolders' if `root` has train/ val/ test/ folders holding images, else 'pooled'."""
-    for split in SPLITS:
-        if os.path.isdir(os.path.join(root, split, images_dir)):
-            return "subfolders"
-    return "pooled"
-
-
-def split_pairs(config: ml_collections.ConfigDict, split: str) -> tuple[list[Pair], list[str]]:
-    """The pairs of `split` and the problems found while listing them."""
-    if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r}; folder datasets have {SPLITS}.")
-    root = config.path
-    if split_layout(root, config.images_dir) == "subfolders":
-        base = os.path.join(root, split)
-        if not os.path.isdir(base):
-            present = [s for s in SPLITS if os.path.isdir(os.path.join(root, s))]
-            return [], [
-                f"no {split}/ folder in {root} (present: {present}); add it, or use "
-                "one of the present splits"
-            ]
-        return pair_files(
-            os.path.join(base, config.images_dir), os.path.join(base, config.masks_dir)
-        )
-    pairs, problems = pair_files(
-        os.path.join(root, config.images_dir), os.path.join(root, config.masks_dir)
-    )
-    if not 0 <= config.val_fraction + config.test_fraction < 1:
-        raise ValueError(
-            f"val_fraction + test_fraction must be in [0, 1), got {config.val_fraction} + "
-            f"{config.test_fraction}."
-        )
-    order = np.random.default_rng(config.split_seed).permutation(len(pairs))
-    num_val = round(len(pairs) * config.val_fraction)
-    num_test = round(len(pairs) * config.test_fraction)
-    bounds = {
-        "val": (0, num_val),
-        "test": (num_val, num_val + num_test),
-        "train": (num_val + num_test, len(pairs)),
-    }
-    start, stop = bounds[split]
-    return [pairs[i] for i in sorted(order[start:stop])], problems
-
-
-def read_metadata(root: str) -> dict[str, Any]:
-    """`root/dataset.json` (class names, palette, value map, void values), or {}."""
-    path = os.path.join(root, METADATA_FILE)
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"Cannot read {path}: {e}. Fix the JSON or remove the file.") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} must hold a JSON object with keys from {_METADATA_KEYS}.")
-    unknown = sorted(set(meta) - set(_METADATA_KEYS))
-    if unknown:
-        raise ValueError(f"{path} may only hold the keys {_METADATA_KEYS}; got extra {unknown}.")
-    return meta
-
-
-def resolve_labels(config: ml_collections.ConfigDict, meta: dict[str, Any]) -> dict[str, Any]:
-    """Class names, palette, value map, void values: the config's, else dataset.json's."""
-
-    def pick(key):
-        value = config.get(key)
-        return meta.get(key) if value is None or value == () else value
-
-    class_names, palette = pick("class_names"), pick("palette")
-    num_classes = pick("num_classes")
-    if num_classes is None:
-        num_classes = len(class_names) if class_names else len(palette) if palette else None
-    if num_classes is None:
-        raise ValueError(
-            f"Unknown number of classes for {config.path}: set dataset.num_classes (and "
-            f"class_names), or write them to {os.path.join(config.path, METADATA_FILE)}."
-        )
-    return {
-        "num_classes": int(num_classes),
-        "class_names": tuple(class_names) if class_names else default_class_names(num_classes),
-        "palette": tuple(tuple(int(v) for v in c) for c in palette) if palette else None,
-        "value_map": parse_value_map(pick("value_map")),
-        "void_values": tuple(pick("void_values") or ()),
-    }
+def _decode_error(path: str, kind: str, error: Exception) -> DataFileError:
+    return DataFileError(
+        f"{path}: cannot decode this {kind} file ({type(error).__name__}: {error}); replace "
+        "or remove it")
 
 
 def image_channels(mode: str) -> int | None:
@@ -186,45 +58,84 @@ def image_channels(mode: str) -> int | None:
 
 def load_image(path: str) -> np.ndarray:
     """Reads an 8-bit image as uint8 `[H, W, C]` (palette images become RGB)."""
-    with Image.open(path) as img:
-        if img.mode not in _IMAGE_MODES:
-            raise ValueError(
-                f"{path}: image mode {img.mode!r} is not 8-bit; convert it to 8-bit L or RGB."
-            )
-        if img.mode in ("P", "1"):
-            img = img.convert("RGB" if img.mode == "P" else "L")
-        array = np.asarray(img)
+    try:
+        with Image.open(path) as img:
+            if img.mode not in _IMAGE_MODES:
+                raise ValueError(
+                    f"{path}: image mode {img.mode!r} is not 8-bit; convert it to 8-bit L or RGB."
+                )
+            if img.mode in ("P", "1"):
+                img = img.convert("RGB" if img.mode == "P" else "L")
+            array = np.asarray(img)
+    except _DECODE_ERRORS as e:
+        raise _decode_error(path, "image", e) from None
     return array[..., None] if array.ndim == 2 else array
+
+
+def load_pair_image(pair: Pair) -> np.ndarray:
+    """A pair's image, uint8 `[H, W, C]`: the channels of its files stacked in order."""
+    arrays = [load_image(path) for path in pair.images]
+    if len({a.shape[:2] for a in arrays}) > 1:
+        raise ValueError(f"the channel files of {pair.stem} differ in size: "
+                         f"{listing(list(pair.images))}")
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-1)
 
 
 def load_mask(path: str) -> np.ndarray:
     """Reads a mask's raw values: `[H, W]` for index masks, `[H, W, 3]` for RGB masks."""
-    with Image.open(path) as img:
-        if img.mode in ("RGBA", "RGB"):
-            return np.asarray(img.convert("RGB"))
-        if img.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-            return np.asarray(img).astype(np.int32 if img.mode.startswith("I") else np.uint8)
-        raise ValueError(
-            f"{path}: mask mode {img.mode!r} is not supported; save masks as 8-bit class-index "
-            "PNGs (mode L or P) or RGB with a palette."
-        )
+    if path.endswith(".mat"):
+        return _load_sbd_mask(path)
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("RGBA", "RGB"):
+                return np.asarray(img.convert("RGB"))
+            if img.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                return np.asarray(img).astype(np.int32 if img.mode.startswith("I") else np.uint8)
+    except _DECODE_ERRORS as e:
+        raise _decode_error(path, "mask", e) from None
+    raise ValueError(
+        f"{path}: mask mode {img.mode!r} is not supported; save masks as 8-bit class-index "
+        "PNGs (mode L or P) or RGB with a palette."
+    )
+
+
+def _load_sbd_mask(path: str) -> np.ndarray:
+    """SBD's `cls/<id>.mat`: the class-index map `GTcls.Segmentation`, uint8 `[H, W]`."""
+    sio = require("scipy.io", f"{path}: reading SBD's .mat masks", ValueError)
+    loadmat, MatReadError = sio.loadmat, sio.matlab.MatReadError
+    try:
+        segmentation = loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
+    except (KeyError, AttributeError):
+        raise DataFileError(f"{path} holds no GTcls.Segmentation: it is not an SBD cls/*.mat "
+                            "file") from None
+    except (MatReadError, OSError, ValueError, TypeError) as e:
+        raise _decode_error(path, "mask", e) from None
+    return np.asarray(segmentation).astype(np.uint8)
 
 
 class MaskDecoder:
     """Raw mask (index `[H, W]` or RGB `[H, W, 3]`) -> class indices `[H, W]`."""
 
-    def __init__(self, num_classes: int, ignore_index: int, palette, value_map, void_values):
+    def __init__(self, num_classes: int, ignore_index: int, palette, value_map, void_values,
+                 reduce_zero_label: bool = False):
         self.palette = palette
         # Void entries that are RGB triples apply to colour masks, integers to index masks.
         void_ints = [v for v in void_values if np.ndim(v) == 0]
         void_colours = [tuple(v) for v in void_values if np.ndim(v) == 1]
-        self.index_mapper = LabelMapper(num_classes, ignore_index, value_map, void_ints)
+        self.index_mapper = LabelMapper(num_classes, ignore_index, value_map, void_ints,
+                                        reduce_zero_label)
         colours = list(palette or []) + void_colours
         classes = list(range(len(palette or []))) + [ignore_index] * len(void_colours)
         codes = np.array([(r << 16) | (g << 8) | b for r, g, b in colours], np.int64)
         order = np.argsort(codes)
         self._codes, self._classes = codes[order], np.array(classes, np.int32)[order]
         self.ignore_index = ignore_index
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> MaskDecoder:
+        """The decoder of a resolved folder config."""
+        return cls(config.num_classes, config.ignore_index, config.palette, config.value_map,
+                   config.void_values or (), config.reduce_zero_label)
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         """Raises ValueError listing unknown values or colours (callers add the file name)."""
@@ -247,84 +158,193 @@ class MaskDecoder:
         return self._classes[pos].astype(dtype)
 
 
+# -- a folder config as a run reads it --------------------------------------------------------
+
+
+def resolve_folder_config(config: ml_collections.ConfigDict, *, require_classes: bool = True
+                          ) -> ml_collections.ConfigDict:
+    """The folder config a run trains with (see the module docstring).
+
+    Raises ValueError for a missing folder, a folder in no layout flaxseg reads, and (with
+    `require_classes`) for a dataset with no class information, naming the mask values a
+    sample of masks holds and the keys to set.
+    """
+    root = os.path.abspath(os.path.expanduser(config.path)) if config.path else ""
+    if not root or not os.path.isdir(root):
+        hint = " (or set FLAXSEG_ISBI_DIR)" if config.name == "isbi2012" else ""
+        raise ValueError(
+            f"Dataset folder {config.path!r} does not exist; set dataset.path to the "
+            f"dataset's root folder{hint}.")
+    layout, base = layouts.find(root, config)
+    values = config.to_dict()
+    # The layout's defaults, overridden by the dataset's metadata, fill what the config
+    # leaves unset.
+    for key, value in {**layout.defaults(base, config), **layout.metadata(base)}.items():
+        if values.get(key) in (None, ""):
+            values[key] = value
+    if values["num_classes"] is None:
+        known = values["class_names"] or values["palette"]
+        values["num_classes"] = len(known) if known else None
+    if values["reduce_zero_label"] is None:
+        values["reduce_zero_label"] = False
+    values.update(path=base, layout=layout.name)
+    resolved = dataset_config(values.pop("name"), **values)
+    if resolved.num_channels is None:
+        resolved.num_channels = _first_image_channels(resolved, layout)
+    if require_classes and resolved.num_classes is None:
+        raise ValueError(_no_classes_message(resolved, layout))
+    return resolved
+
+
+def _first_pairs(config: ml_collections.ConfigDict, layout: layouts.Layout) -> list[Pair]:
+    """The pairs of the first split that has any (train, usually)."""
+    for split in layout.splits(config.path, config):
+        pairs = layout.list_split(config.path, config, split).pairs
+        if pairs:
+            return pairs
+    return []
+
+
+def _first_image_channels(config: ml_collections.ConfigDict, layout: layouts.Layout
+                          ) -> int | None:
+    """The channels of the first image that can be read (None: none can)."""
+    for pair in _first_pairs(config, layout):
+        try:
+            channels = []
+            for path in pair.images:
+                with Image.open(path) as img:
+                    channels.append(image_channels(img.mode) or 0)
+            return sum(channels)
+        except _DECODE_ERRORS:
+            continue  # reported, naming the file, when the examples are read
+    return None
+
+
+def _no_classes_message(config: ml_collections.ConfigDict, layout: layouts.Layout) -> str:
+    values: collections.Counter = collections.Counter()
+    colours: collections.Counter = collections.Counter()
+    pairs = _first_pairs(config, layout)[:_SAMPLED_MASKS]
+    for pair in pairs:
+        raw = load_mask(pair.mask)
+        if raw.ndim == 3:
+            found, counts = np.unique(raw.reshape(-1, 3), axis=0, return_counts=True)
+            colours.update({tuple(f): c for f, c in zip(found.tolist(), counts.tolist(),
+                                                        strict=True)})
+        else:
+            found, counts = np.unique(raw, return_counts=True)
+            values.update(dict(zip(found.tolist(), counts.tolist(), strict=True)))
+    where = f"{config.path} ({layout.name} layout)"
+    metadata = os.path.join(config.path, layouts.METADATA_FILE)
+    text = (f"No class information for {where}: the config sets no num_classes, class_names "
+            f"or palette, and there is no {metadata}. ")
+    if values:
+        found = ", ".join(f"{v} ({c:,} px)" for v, c in sorted(values.items())[:20])
+        suggestion = suggest_classes(values, int(config.ignore_index))
+        text += (f"{len(pairs)} sampled masks hold the values {found}; e.g. "
+                 f"{suggestion_flags(suggestion, 'train')}, and ")
+    elif colours:
+        found = ", ".join(str(c) for c, _ in colours.most_common(20))
+        text += (f"{len(pairs)} sampled masks are RGB with the colours {found}; set "
+                 "dataset.palette (one RGB triple per class, in class order), and ")
+    return (text + f"class_names, or write them to {metadata} "
+            f"({{\"num_classes\": ..., \"class_names\": [...]}}). `python -m flaxseg.data "
+            f"check {config.path}` scans every mask.")
+
+
+def list_split(config: ml_collections.ConfigDict, split: str) -> Listing:
+    """The pairs of `split` of a resolved folder config, and the problems met listing them.
+
+    Raises ValueError for a split the dataset does not have (VOC has no test split).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; folder datasets have {SPLITS}.")
+    layout = layouts.get(config.layout)
+    present = layout.splits(config.path, config)
+    if split not in present:
+        hint = (" (val_fraction / test_fraction carve val and test out of the pool)"
+                if isinstance(layout, layouts.Pooled | layouts.NnUNet) else "")
+        raise ValueError(f"{config.path} ({layout.name} layout) has no {split!r} split; it "
+                         f"has {', '.join(present) or 'none'}{hint}.")
+    return layout.list_split(config.path, config, split)
+
+
+def empty_split_message(config: ml_collections.ConfigDict, split: str, found: Listing) -> str:
+    """Why a split has no pairs: what each folder it looked in holds, and the layouts."""
+    suffix = config.image_suffix
+    seen = "; ".join(layouts.describe_folder(p, suffix) for p in found.looked_in)
+    return (f"split {split!r} of {config.path} ({config.layout} layout) is empty: {seen}. "
+            f"flaxseg reads these layouts (dataset.layout forces one):\n"
+            f"{layouts.layouts_help()}")
+
+
 def header_problems(pair: Pair, num_channels: int) -> list[str]:
     """Problems visible from the file headers alone: unreadable, size, channels."""
-    try:
-        with Image.open(pair.image) as img:
-            image_size, mode = img.size, img.mode
-        with Image.open(pair.mask) as msk:
-            mask_size = msk.size
-    except (OSError, UnidentifiedImageError) as e:
-        return [f"unreadable file in pair {pair.image} / {pair.mask}: {e}"]
-    problems = []
-    if image_size != mask_size:
+    sizes, channels, problems = {}, 0, []
+    for path in pair.images + (() if pair.mask.endswith(".mat") else (pair.mask,)):
+        try:
+            with Image.open(path) as img:
+                sizes[path] = img.size
+                if path != pair.mask:
+                    mode_channels = image_channels(img.mode)
+                    if mode_channels is None:
+                        problems.append(f"{path}: image mode {img.mode!r} is not 8-bit; "
+                                        "convert it to 8-bit")
+                    channels += mode_channels or 0
+        except _DECODE_ERRORS as e:
+            problems.append(f"unreadable file {path}: {e}")
+    if problems:
+        return problems
+    if len(set(sizes.values())) > 1:
+        shown = ", ".join(f"{p} is {w}x{h}" for p, (w, h) in sizes.items())
+        problems.append(f"size mismatch (WxH): {shown}")
+    if channels != num_channels:
         problems.append(
-            f"size mismatch: {pair.image} is {image_size[0]}x{image_size[1]} (WxH) but "
-            f"{pair.mask} is {mask_size[0]}x{mask_size[1]}"
-        )
-    channels = image_channels(mode)
-    if channels is None:
-        problems.append(f"{pair.image}: image mode {mode!r} is not 8-bit; convert it to 8-bit")
-    elif channels != num_channels:
-        problems.append(
-            f"{pair.image} has {channels} channel(s) (mode {mode}) but the config says "
+            f"{pair.image} has {channels} channel(s) but the config says "
             f"num_channels={num_channels}; set dataset.num_channels={channels} or convert it"
         )
     return problems
 
 
-def _raise_problems(what: str, problems: list[str]) -> None:
+def _raise_problems(what: str, problems: list[str], root: str) -> None:
     if problems:
-        body = "\n  - ".join(problems[:_MAX_LISTED])
-        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > 20 else ""
+        body = "\n  - ".join(problems[: layouts.MAX_LISTED])
+        more = len(problems) - layouts.MAX_LISTED
+        more_text = f"\n  ... and {more} more" if more > 0 else ""
         raise ValueError(
-            f"{what}:\n  - {body}{more}\nFix the files (run `python -m flaxseg.data check "
-            "PATH` for a full report) or the dataset config."
+            f"{what}:\n  - {body}{more_text}\nFix the files (`python -m flaxseg.data check "
+            f"{root}` reports them all) or the dataset config."
         )
 
 
 class FolderSource:
     """Random-access pairs of a folder dataset's split.
 
-    Creating it lists the files and reads every header, so unpaired files, size or
-    channel mismatches and unreadable headers fail here, naming the files. Mask
-    values outside the mapping fail when the example is read (and in `check`).
-    With `config.cache`, decoded examples stay in memory (read-only arrays).
+    Creating it resolves the config, lists the files and reads every header, so unpaired
+    files, size or channel mismatches and unreadable headers fail here, naming the files.
+    Mask values outside the mapping and files that cannot be decoded fail when the
+    example is read (and in `check`), naming the file. With `config.cache`, decoded
+    examples stay in memory (read-only arrays).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, split: str):
-        root = config.path
-        if not root or not os.path.isdir(root):
-            hint = " (or set FLAXSEG_ISBI_DIR)" if config.name == "isbi2012" else ""
-            raise ValueError(
-                f"Dataset folder {root!r} does not exist; set dataset.path to a folder with "
-                f"images/ and masks/ (or train/ val/ test/ holding those){hint}."
-            )
-        labels = resolve_labels(config, read_metadata(root))
+        config = resolve_folder_config(config)
+        found = list_split(config, split)
+        problems = list(found.problems)
+        if not found.pairs and not problems:
+            problems.append(empty_split_message(config, split, found))
+        for pair in found.pairs:
+            problems.extend(header_problems(pair, config.num_channels))
+        _raise_problems(f"Problems in the {split!r} split of {config.path}", problems,
+                        config.path)
+        self.config, self.split, self.pairs = config, split, found.pairs
         self.info = SourceInfo(
-            num_classes=labels["num_classes"],
-            class_names=labels["class_names"],
+            num_classes=config.num_classes,
+            class_names=config.class_names or default_class_names(config.num_classes),
             num_channels=config.num_channels,
             ignore_index=config.ignore_index,
-            palette=labels["palette"],
+            palette=config.palette,
         )
-        self.decode_mask = MaskDecoder(
-            labels["num_classes"],
-            config.ignore_index,
-            labels["palette"],
-            labels["value_map"],
-            labels["void_values"],
-        )
-        self.pairs, problems = split_pairs(config, split)
-        if not self.pairs and not problems:
-            problems.append(
-                f"split {split!r} of {root} is empty; add files or change "
-                "val_fraction / test_fraction"
-            )
-        for pair in self.pairs:
-            problems.extend(header_problems(pair, config.num_channels))
-        _raise_problems(f"Problems in the {split!r} split of {root}", problems)
-        self.split = split
+        self.decode_mask = MaskDecoder.from_config(config)
         self._cache: dict[int, dict[str, np.ndarray]] | None = {} if config.cache else None
 
     def __len__(self) -> int:
@@ -342,13 +362,17 @@ class FolderSource:
         return example
 
     def _load(self, pair: Pair) -> dict[str, np.ndarray]:
-        image = load_image(pair.image)
         try:
-            label = self.decode_mask(load_mask(pair.mask))
+            image, raw = load_pair_image(pair), load_mask(pair.mask)
+        except DataFileError as e:
+            raise DataFileError(f"{e}. `python -m flaxseg.data check {self.config.path}` "
+                                "finds every such file.") from None
+        try:
+            label = self.decode_mask(raw)
         except ValueError as e:
             raise ValueError(
-                f"{pair.mask}: {e}; fix the mask or the dataset's value_map / palette / void_values"
-            ) from None
+                f"{pair.mask}: {e}; fix the mask or the dataset's value_map / palette / "
+                "void_values / reduce_zero_label") from None
         if image.shape[-1] != self.info.num_channels or image.shape[:2] != label.shape:
             raise ValueError(
                 f"{pair.image} ({image.shape}) and {pair.mask} ({label.shape}) do not match "

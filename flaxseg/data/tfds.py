@@ -21,9 +21,10 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from flaxseg.data import layouts
 from flaxseg.data.base import LabelMapper, SourceInfo, default_class_names, parse_value_map
 from flaxseg.data.config import available_datasets
-from flaxseg.data.folder import SPLITS, FolderSource, split_pairs
+from flaxseg.data.folder import FolderSource, list_split, resolve_folder_config
 
 FILE_FORMAT = "array_record"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -71,7 +72,7 @@ def prepare_folder_dataset(
 ) -> str:
     """Builds tfds dataset `name` (array_record) from a folder dataset; no TensorFlow needed.
 
-    Every split of the folder (train/val/test, non-empty ones) is written with
+    Every split of the folder, in any layout (train/val/test, non-empty ones), is written with
     features `image` (uint8 [H, W, C] PNG), `label` (uint8 [H, W, 1] PNG of class
     indices, void = ignore_index) and `file_name`; class names, palette and
     ignore_index go to the dataset metadata. Read it back with
@@ -83,13 +84,12 @@ def prepare_folder_dataset(
     tfds = _tfds()
     if not _NAME_RE.match(name):
         raise ValueError(f"tfds name {name!r} must be snake_case (a-z, 0-9, _), e.g. 'my_cells'.")
-    if not os.path.isdir(folder_config.path):
-        raise ValueError(f"Dataset folder {folder_config.path!r} does not exist.")
-    # Splits without files (no val/ folder, a zero test_fraction) are left out.
+    folder_config = resolve_folder_config(folder_config)
+    # The splits the layout has, less empty ones (a pool too small for its val fraction).
     sources = {
         split: FolderSource(folder_config, split)
-        for split in SPLITS
-        if split == "train" or split_pairs(folder_config, split)[0]
+        for split in layouts.get(folder_config.layout).splits(folder_config.path, folder_config)
+        if split == "train" or list_split(folder_config, split).pairs
     }
     info = sources["train"].info
     if max(info.num_classes - 1, info.ignore_index) > 255:
@@ -264,6 +264,7 @@ class TfdsSource:
             config.ignore_index,
             parse_value_map(config.value_map),
             tuple(config.void_values or ()),
+            bool(config.reduce_zero_label),
         )
         self._image_key, self._label_key = config.image_key, config.label_key
         self._name = f"{config.tfds_name}[{tfds_split}]"

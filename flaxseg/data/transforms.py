@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from flaxseg.data.config import IMAGENET_MEAN, IMAGENET_STD, normalize_image_size
+from flaxseg.extras import require
 
 Example = dict[str, np.ndarray]
 
@@ -177,8 +178,7 @@ def _cubic_spline_weights(length: int, points: int) -> np.ndarray:
     weights are those of `scipy.ndimage.zoom(order=3, grid_mode=False)` (a cubic spline,
     linear in its input, so zooming the unit vectors gives them). Read-only (cached).
     """
-    from scipy import ndimage
-
+    ndimage = require("scipy.ndimage", "The elastic deformation")
     unit = np.eye(points)
     weights = np.stack(
         [ndimage.zoom(unit[k], length / points, order=3, mode="mirror", grid_mode=False)
@@ -225,8 +225,7 @@ def elastic_deform(
     image, so it holds only its own values and void. Returns `{'image': uint8 [H, W, C],
     'label': int32 [H, W]}`.
     """
-    from scipy import ndimage
-
+    ndimage = require("scipy.ndimage", "The elastic deformation")
     image, label = _check_example(example)
     h, w = label.shape
     dy, dx = elastic_displacement(rng, (h, w), grid=grid, sigma=sigma)

@@ -1,18 +1,25 @@
-"""Segmentation models: U-Net (SAME / VALID), FCN-32s/16s/8s on VGG-16, encoder-decoder.
+"""Segmentation models: U-Net (SAME / VALID, optionally on a pretrained encoder), FCN-32s /
+16s / 8s on VGG-16, FCN-AlexNet, FCN-ResNet-50/101 (torchvision's), the encoder-decoder.
 
 Every model is a Linen module with fields `num_classes`, `dtype` (compute),
 `param_dtype` and `axis_name` (BatchNorm's cross-replica axis under pmap), called as
 `model.apply(variables, x, train=bool, rngs={'dropout': key})` on float NHWC images
 `[B, H, W, C]` and returning float32 logits `[B, H', W', num_classes]` (H' = H except
-for the VALID U-Net, see `unet_output_size`).
+for the VALID U-Net; `model_geometry(model)` says) — or, for a model with an auxiliary
+head, `{'out': logits, 'aux': aux_logits}` (`split_outputs`).
 
     model = create_model('unet', num_classes=2, features=16)
+    model, variables = from_torchvision('fcn_resnet50', 'fcn_resnet50_coco-1167a1af.pth')
+
+Models register themselves in their own file (`flaxseg.models.registry`); every module
+of this package is imported here, so a new model is one new file.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import importlib
+import pkgutil
 
 import flax.linen as nn
 import jax
@@ -20,35 +27,26 @@ import jax.numpy as jnp
 
 from flaxseg.models.encoder_decoder import EncoderDecoder
 from flaxseg.models.fcn import FCN
+from flaxseg.models.fcn_resnet import FCNResNet
+from flaxseg.models.geometry import Geometry, model_geometry
+from flaxseg.models.nnx_bridge import linen_variables, load_variables, to_nnx
+from flaxseg.models.pretrained import from_torchvision
+from flaxseg.models.registry import (
+    ModelSpec,
+    available_models,
+    create_model,
+    logits_of,
+    model_spec,
+    register_model,
+    split_outputs,
+)
 from flaxseg.models.unet import UNet, unet_output_size, unet_valid_input_sizes
+from flaxseg.models.weights import WeightsError
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "unet": functools.partial(UNet, padding="SAME"),
-    "unet_valid": functools.partial(UNet, padding="VALID"),
-    "fcn32s": functools.partial(FCN, variant="32s"),
-    "fcn16s": functools.partial(FCN, variant="16s"),
-    "fcn8s": functools.partial(FCN, variant="8s"),
-    "encoder_decoder": EncoderDecoder,
-}
-
-
-def available_models() -> tuple[str, ...]:
-    """The names `create_model` accepts."""
-    return tuple(_REGISTRY)
-
-
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Builds the model registered as `name` with the module's keyword arguments.
-
-    `unet` / `unet_valid` are `UNet` with padding 'SAME' / 'VALID'; `fcn32s`, `fcn16s`,
-    `fcn8s` are `FCN` with that variant; `encoder_decoder` is `EncoderDecoder`.
-    Raises ValueError for an unknown name; TypeError for an unknown keyword.
-    """
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"Unknown model {name!r}; available models: {', '.join(available_models())}."
-        )
-    return _REGISTRY[name](**kwargs)
+# Every module of the package, so that a model file's registration runs with the package.
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def _abstract_variables(model: nn.Module, input_shape: tuple[int, ...]):
@@ -80,11 +78,24 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
 __all__ = [
     "FCN",
     "EncoderDecoder",
+    "FCNResNet",
+    "Geometry",
+    "ModelSpec",
     "UNet",
+    "WeightsError",
     "available_models",
     "create_model",
     "forward_flops",
+    "from_torchvision",
+    "linen_variables",
+    "load_variables",
+    "logits_of",
+    "model_geometry",
+    "model_spec",
     "param_count",
+    "register_model",
+    "split_outputs",
+    "to_nnx",
     "unet_output_size",
     "unet_valid_input_sizes",
 ]

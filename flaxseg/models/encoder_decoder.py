@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from flaxseg.models.registry import register_model
 from flaxseg.models.unet import UNet
 
 
@@ -17,3 +18,7 @@ class EncoderDecoder(UNet):
     """`UNet` without the skips: `[B, H, W, C]` -> float32 logits `[B, H', W', num_classes]`."""
 
     skip_connections: ClassVar[bool] = False
+
+
+register_model("encoder_decoder", EncoderDecoder, paper="U-Net without skips (baseline)",
+               tiny={"features": 4, "depth": 2})

@@ -4,7 +4,8 @@ All arrays are NHWC (`[B, H, W, C]`). The pooling and upsampling here are writte
 so that their gradients stay cheap on every backend:
 
 - `max_pool_2x2` is a reshape and a max, so its gradient is a plain elementwise
-  select, never XLA's `select_and_scatter` (slow on CPU, no deterministic GPU kernel).
+  select, never XLA's `select_and_scatter` (slow on CPU, no deterministic GPU kernel);
+  `max_pool_3x3` (stride 2, AlexNet's and ResNet's) is the maximum of strided views.
 - `ConvTranspose` keeps the usual `[kh, kw, C_in, C_out]` kernel but computes the
   stride-`s` transposed convolution with kernel size `m * s` as an ordinary
   `m x m` convolution to `s * s * C_out` channels followed by depth-to-space
@@ -15,6 +16,7 @@ so that their gradients stay cheap on every backend:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -121,6 +123,30 @@ def _pool_2x2_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
 _pool_2x2.defvjp(_pool_2x2_fwd, _pool_2x2_bwd)
 
 
+def max_pool_3x3(x: jax.Array, padding: int = 0, ceil_mode: bool = False) -> jax.Array:
+    """3x3 max pooling with stride 2 on `[B, H, W, C]`: AlexNet's and ResNet's pool.
+
+    `padding` pixels of -inf on each side (ResNet: 1), then windows every 2 pixels:
+    `floor((H + 2p - 3) / 2) + 1` of them per axis (PyTorch's default), or with
+    `ceil_mode=True` `ceil(...) + 1` (Caffe's, the FCN reference's), the last window
+    overhanging the edge. Written as the maximum of nine strided views, so its gradient
+    is elementwise selects, never `select_and_scatter` (ties share the gradient).
+    """
+    b, h, w, c = x.shape
+    rounding = math.ceil if ceil_mode else math.floor
+    out_h, out_w = (rounding((n + 2 * padding - 3) / 2) + 1 for n in (h, w))
+    if min(out_h, out_w) < 1:
+        raise ValueError(f"max_pool_3x3 needs H, W + 2 * padding >= 3; got {h}x{w}.")
+    # The windows read 2 * (out - 1) + 3 rows and columns: pad up to that (floor mode
+    # may leave the last ones unread).
+    pad = ((0, 0), (padding, max(0, 2 * out_h + 1 - h - padding)),
+           (padding, max(0, 2 * out_w + 1 - w - padding)), (0, 0))
+    x = jnp.pad(x, pad, constant_values=-jnp.inf)
+    views = [x[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2]
+             for i in range(3) for j in range(3)]
+    return functools.reduce(jnp.maximum, views)
+
+
 def depth_to_space(x: jax.Array, block: int) -> jax.Array:
     """`[B, H, W, s*s*C]` (channels ordered `(row, col, C)`) -> `[B, s*H, s*W, C]`."""
     b, h, w, c = x.shape
@@ -132,8 +158,9 @@ def depth_to_space(x: jax.Array, block: int) -> jax.Array:
 def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """Stride-`stride` transposed convolution, 'VALID' (output `(H - 1) * s + k`).
 
-    `x` is `[B, H, W, C_in]`, `kernel` `[k, k, C_in, C_out]` with `k` a multiple of
-    `stride`; the result `[B, (H-1)*s + k, (W-1)*s + k, C_out]` equals
+    `x` is `[B, H, W, C_in]`, `kernel` `[k, k, C_in, C_out]` (a `k` that is not a multiple
+    of `stride`, like FCN-AlexNet's 63 at stride 32, is zero-padded in front); the result
+    `[B, (H-1)*s + k, (W-1)*s + k, C_out]` equals
     `nn.ConvTranspose(C_out, (k, k), (s, s), padding='VALID')` with that kernel.
 
     Why it is the same: flax's transposed conv adds `x[i] * kernel[k-1-q]` to output
@@ -142,11 +169,15 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     by `m - 1`, with `s*s*C_out` output channels that depth-to-space lays out.
     """
     k = kernel.shape[0]
-    if kernel.shape[1] != k or k % stride:
-        raise ValueError(
-            f"conv_transpose needs a square kernel whose size is a multiple of the stride; "
-            f"got kernel {kernel.shape[:2]} with stride {stride}."
-        )
+    if kernel.shape[1] != k:
+        raise ValueError(f"conv_transpose needs a square kernel; got {kernel.shape[:2]}.")
+    if k % stride:
+        # Zero rows/columns in front of the kernel add nothing to the first
+        # (H-1)*s + k outputs and only extend the output: pad, then crop back.
+        extra = -k % stride
+        padded = jnp.pad(kernel, ((extra, 0), (extra, 0), (0, 0), (0, 0)))
+        size = (x.shape[1] - 1) * stride + k, (x.shape[2] - 1) * stride + k
+        return conv_transpose(x, padded, stride)[:, : size[0], : size[1]]
     m = k // stride
     c_in, c_out = kernel.shape[2], kernel.shape[3]
     # [m, s, m, s, C_in, C_out] -> flip the within-block offsets -> [m, m, C_in, s*s*C_out].
@@ -232,7 +263,7 @@ def bilinear_init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float
 
 
 class ConvTranspose(nn.Module):
-    """Transposed convolution, kernel `k x k`, stride `s` (k a multiple of s), 'VALID'.
+    """Transposed convolution, kernel `k x k`, stride `s`, 'VALID'.
 
     Parameters `kernel [k, k, C_in, features]` (and `bias [features]`) are laid out as
     `nn.ConvTranspose(transpose_kernel=False)`'s, and the output is the same

@@ -18,6 +18,7 @@ conv gives `num_classes` logits.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import ClassVar
 
@@ -25,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxseg.models.backbones import create_backbone, last_per_stride
+from flaxseg.models.geometry import Geometry
 from flaxseg.models.layers import (
     NORMS,
     Conv1x1,
@@ -35,8 +38,11 @@ from flaxseg.models.layers import (
     check_image_batch,
     max_pool_2x2,
 )
+from flaxseg.models.registry import register_model
 
 PADDINGS = ("SAME", "VALID")
+ENCODERS = ("vgg16", "resnet50", "resnet101")
+MAX_ENCODER_DEPTH = 5  # the backbones end at stride 32
 UPSAMPLES = ("transpose", "bilinear")
 
 
@@ -104,6 +110,13 @@ class UNet(nn.Module):
     `upsample`: 'transpose' (the paper's 2x2 up-convolution) or 'bilinear' (bilinear
     2x resize followed by a 1x1 conv that halves the channels). Dropout is active only
     with `train=True` and reads the `'dropout'` rng stream.
+
+    `encoder`: None (the paper's contracting path), or a pretrained backbone ('vgg16',
+    'resnet50', 'resnet101'; see `flaxseg.models.backbones`) cut at stride `2**depth`
+    (depth <= 5), whose deepest map at each stride 1 ... `2**(depth-1)` is the skip of
+    the decoder stage at that stride (none where the backbone has no map, e.g. ResNet at
+    stride 1) and whose stride-`2**depth` map replaces the bottleneck. Its variables sit
+    under 'encoder', as `flaxseg.models.weights` loads them; it needs padding='SAME'.
     """
 
     num_classes: int
@@ -116,8 +129,34 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
+    encoder: str | None = None
 
     skip_connections: ClassVar[bool] = True
+    backbone_scope: ClassVar[tuple[str, ...]] = ("encoder",)
+
+    @nn.nowrap
+    def geometry(self) -> Geometry:
+        """Inputs padded to a multiple of `2**depth`; VALID: `unet_output_size`."""
+        if self.padding == "VALID":
+            return Geometry(stride=2**self.depth,
+                            output_size=functools.partial(unet_output_size, depth=self.depth))
+        return Geometry(stride=2**self.depth)
+
+    @nn.nowrap
+    def backbone_module(self, name: str | None = None) -> nn.Module:
+        """The pretrained encoder (cut at stride `2**depth`)."""
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"{type(self).__name__}.encoder must be one of {ENCODERS}; "
+                             f"got {self.encoder!r}.")
+        if self.padding != "SAME" or not 1 <= self.depth <= MAX_ENCODER_DEPTH:
+            raise ValueError(
+                f"A U-Net with encoder={self.encoder!r} needs padding='SAME' and depth 1 to "
+                f"{MAX_ENCODER_DEPTH}; got padding={self.padding!r}, depth={self.depth!r}.")
+        kw = dict(max_stride=2**self.depth, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name=name)
+        if self.encoder == "vgg16":
+            return create_backbone("vgg16", fc=False, **kw)
+        return create_backbone(self.encoder, axis_name=self.axis_name, **kw)
 
     def _check_fields(self) -> None:
         name = type(self).__name__
@@ -170,6 +209,18 @@ class UNet(nn.Module):
             name=name,
         )(x)
 
+    def _contract(self, x: jax.Array, train: bool) -> tuple[list[jax.Array], jax.Array]:
+        """The paper's contracting path: (the skips, the bottleneck's output)."""
+        skips = []
+        for i in range(self.depth):
+            x = self._block(self.features * 2**i, f"encoder_{i}")(x, train)
+            if i == self.depth - 1:
+                x = self._dropout(x, train)
+            skips.append(x)
+            x = max_pool_2x2(x)
+        x = self._block(self.features * 2**self.depth, "bottleneck")(x, train)
+        return skips, self._dropout(x, train)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         name = type(self).__name__
@@ -187,18 +238,17 @@ class UNet(nn.Module):
             x = jnp.pad(x, ((0, 0), (top, pad_h - top), (left, pad_w - left), (0, 0)))
         x = x.astype(self.dtype)
 
-        skips = []
-        for i in range(self.depth):
-            x = self._block(self.features * 2**i, f"encoder_{i}")(x, train)
-            if i == self.depth - 1:
-                x = self._dropout(x, train)
-            skips.append(x)
-            x = max_pool_2x2(x)
-        x = self._block(self.features * 2**self.depth, "bottleneck")(x, train)
-        x = self._dropout(x, train)
+        if self.encoder is None:
+            skips, x = self._contract(x, train)
+        else:
+            encoder = self.backbone_module(name="encoder")
+            maps = encoder(x, train)
+            by_stride = last_per_stride(encoder.coords())
+            skips = [maps.get(by_stride.get(2**i)) for i in range(self.depth)]
+            x = self._dropout(maps[by_stride[2**self.depth]], train)
         for i in reversed(range(self.depth)):
             x = self._up(x, self.features * 2**i, f"upconv_{i}")
-            if self.skip_connections:
+            if self.skip_connections and skips[i] is not None:
                 x = jnp.concatenate([center_crop(skips[i], x.shape[1:3]), x], axis=-1)
             x = self._block(self.features * 2**i, f"decoder_{i}")(x, train)
         logits = Conv1x1(
@@ -210,3 +260,14 @@ class UNet(nn.Module):
         if self.padding == "SAME":
             logits = logits[:, top : top + height, left : left + width]
         return logits.astype(jnp.float32)
+
+
+_TINY = {"features": 4, "depth": 2}
+register_model("unet", functools.partial(UNet, padding="SAME"),
+               paper="Ronneberger et al. 2015, SAME padding", tiny=_TINY)
+register_model("unet_valid", functools.partial(UNet, padding="VALID"),
+               paper="Ronneberger et al. 2015", tiny=_TINY)
+register_model("unet_vgg16", functools.partial(UNet, encoder="vgg16", norm="batch"),
+               paper="U-Net decoder on an ImageNet VGG-16 encoder", tiny=_TINY)
+register_model("unet_resnet50", functools.partial(UNet, encoder="resnet50", norm="batch"),
+               paper="U-Net decoder on an ImageNet ResNet-50 encoder", tiny=_TINY)

@@ -8,7 +8,8 @@
 without it the default config runs. Without `--workdir` the run goes to
 `runs/<config file name>`. Running the same command again resumes from the latest
 checkpoint (or finishes at once if the run is complete). SIGTERM / Ctrl-C save a
-checkpoint and exit 0.
+checkpoint and exit 0. A mistake in the config, the data or the workdir is one `Error: ...`
+line and exit status 2; a non-finite loss ends the run with status 1 (`flaxseg.cli`).
 
 Several processes (a TPU pod slice, SLURM nodes, several hosts) run the same command;
 `jax.distributed` starts from `--coordinator_address=HOST:PORT --num_processes=N
@@ -22,33 +23,16 @@ Several processes (a TPU pod slice, SLURM nodes, several hosts) run the same com
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from flaxseg import cli
 from flaxseg.train import distributed
 
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.py")
-
-
-
-def _unknown_config_key(error: Exception) -> None:
-    """Exits 2 with one line for a `--config.key=value` naming no key of the config."""
-    # ml_collections nests the message, e.g. "'batch_sise'\nDid you mean "batch_size" ...?"
-    text = str(error)
-    key = re.search(r"'([^'\\]+)\\?'", text)
-    hint = re.search(r'Did you mean \\?"(\w+)\\?"', text)
-    print(
-        f"Error: the config has no key {key.group(1) if key else text!r}"
-        + (f"; did you mean {hint.group(1)!r}?" if hint else ".")
-        + " A --config.key=value override must name a key of the config file.",
-        file=sys.stderr,
-    )
-    sys.exit(2)
-
 
 try:  # config_flags resolves the --config.key overrides when the flag is defined
     _CONFIG = config_flags.DEFINE_config_file(
@@ -57,8 +41,8 @@ try:  # config_flags resolves the --config.key overrides when the flag is define
         "A config file with get_config(); override keys with --config.key=value.",
         lock_config=True,
     )
-except (AttributeError, KeyError) as e:
-    _unknown_config_key(e)
+except (AttributeError, KeyError) as e:  # an unknown --config.key on the default config
+    sys.exit(cli.report(e if isinstance(e, AttributeError) else AttributeError(str(e))))
 distributed.define_flags()
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, logs, pictures and summary.json go "
@@ -77,11 +61,7 @@ def main(argv: list[str]) -> int:
     from flaxseg.train.reporting import quiet_library_logs
 
     quiet_library_logs()
-    try:  # before anything touches JAX
-        distributed.initialize_from_flags()
-    except ValueError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 2
+    distributed.initialize_from_flags()  # before anything touches JAX
     import jax
 
     from flaxseg.train.loop import train_and_evaluate
@@ -91,14 +71,9 @@ def main(argv: list[str]) -> int:
         workdir = default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
         if jax.process_index() == 0:
             print(f"No --workdir given: writing to {os.path.abspath(workdir)}", flush=True)
-    try:
-        train_and_evaluate(_CONFIG.value, workdir)
-    except ValueError as e:
-        # Config and workdir mistakes: the message says what to fix; no traceback needed.
-        print(f"Error: {e}", file=sys.stderr)
-        return 2
+    train_and_evaluate(_CONFIG.value, workdir)
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

@@ -24,7 +24,9 @@ FCN-32s), and `load_for_inference` rebuilds a trained model for evaluation and p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -69,13 +71,56 @@ def _shapes(tree: PyTree, sections: tuple[str, ...]) -> dict[str, tuple[int, ...
     return out
 
 
-def _model_summary(config: dict | ml_collections.ConfigDict | None) -> str:
-    if config is None:
-        return "(no config saved)"
+# What a resumed run must share with the run that wrote the checkpoint (dotted config
+# paths; a section name covers all its keys). Other keys (num_train_steps, the parallel
+# mode, dtype, logging intervals) may change between runs.
+RUN_IDENTITY = ("model", "dataset.num_classes", "optimizer", "seed", "batch_size")
+
+
+class CheckpointMismatch(ValueError):
+    """The workdir's checkpoints belong to another model, optimiser or data order."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (its message names the intact ones)."""
+
+
+# Phrases of orbax / tensorstore I/O errors -> the reason a user reads.
+_IO_REASONS = (("No space left", "no space left on device"),
+               ("Disk quota exceeded", "disk quota exceeded"),
+               ("Permission denied", "permission denied"),
+               ("Read-only file system", "read-only file system"))
+
+
+class UnreadableCheckpoint(RuntimeError):
+    """A checkpoint whose files are incomplete (e.g. its state metadata is missing)."""
+
+
+def _as_json(config: dict | ml_collections.ConfigDict) -> dict:
+    """The config as it reads back from a checkpoint: tuples become lists, keys strings."""
     config = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-    model = config.get("model", {})
-    num_classes = config.get("dataset", {}).get("num_classes")
-    return f"model={model}, num_classes={num_classes}"
+    return json.loads(json.dumps(config))
+
+
+def _first_difference(saved: dict, new: dict, prefix: str = "config") -> tuple | None:
+    """(dotted key, saved value, new value) of the first difference, or None."""
+    if not (isinstance(saved, dict) and isinstance(new, dict)):
+        return None if saved == new else (prefix, saved, new)
+    for key in sorted(set(saved) | set(new)):
+        found = _first_difference(saved.get(key), new.get(key), f"{prefix}.{key}")
+        if found:
+            return found
+    return None
+
+
+def _identity(config: dict) -> dict:
+    picked: dict = {}
+    for path in RUN_IDENTITY:
+        value: Any = config
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        picked[path] = value
+    return picked
 
 
 def _placed(tree: PyTree) -> PyTree:
@@ -116,6 +161,8 @@ class Checkpointer:
                              f"got {keep}.")
         self.workdir = Path(workdir).absolute()
         self.directory = checkpoint_dir(workdir)
+        self._pending: int | None = None  # the step of the last save started
+        self._failed = False
         policy = checkpoint_managers.AnyPreservationPolicy([
             checkpoint_managers.LatestN(n=keep),
             checkpoint_managers.BestN(
@@ -172,63 +219,99 @@ class Checkpointer:
         if metrics is not None and BEST_METRIC not in metrics:
             raise ValueError(f"metrics must contain {BEST_METRIC!r}; got keys {sorted(metrics)}.")
         config_json = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-        saved = self._manager.save(
-            int(step),
-            args=ocp.args.Composite(**{
-                STATE: ocp.args.StandardSave(state),
-                LOOP: ocp.args.JsonSave(loop),
-                CONFIG: ocp.args.JsonSave(config_json),
-            }),
-            metrics=None if metrics is None else {BEST_METRIC: float(metrics[BEST_METRIC])},
-            force=True,
-        )
+        with self._writing(step):
+            self._manager.check_for_errors()  # an earlier asynchronous save that failed
+            saved = self._manager.save(
+                int(step),
+                args=ocp.args.Composite(**{
+                    STATE: ocp.args.StandardSave(state),
+                    LOOP: ocp.args.JsonSave(loop),
+                    CONFIG: ocp.args.JsonSave(config_json),
+                }),
+                metrics=None if metrics is None else {BEST_METRIC: float(metrics[BEST_METRIC])},
+                force=True,
+            )
         if not saved:
             raise RuntimeError(
                 f"orbax did not save step {step} in {self.directory}: a checkpoint of that "
                 "step already exists there.")
+        self._pending = int(step)
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk; raises CheckpointWriteError
+        if one failed."""
+        with self._writing(self._pending):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            if not self._failed:  # a failed save has been reported: do not report it again
+                self.wait()
+        finally:
+            with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
+                self._manager.close()
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None):
+        """Turns a failed write (a full disk, lost permissions) into one CheckpointWriteError
+        naming the checkpoints that are intact, and removes what the failed save left."""
+        try:
+            yield
+        except CheckpointWriteError:
+            raise
+        except Exception as e:  # orbax/tensorstore report I/O failures as many types
+            self._failed = True
+            text = " ".join(str(e).split())
+            reason = next((r for key, r in _IO_REASONS if key in text), text[:300])
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                if jax.process_index() == 0:
+                    shutil.rmtree(partial, ignore_errors=True)
+            intact = [s for s in self.all_steps() if s != step]
+            raise CheckpointWriteError(
+                f"{reason} while saving checkpoint {step} in {self.directory}; "
+                + (f"checkpoints {', '.join(map(str, intact))} are intact." if intact
+                   else "no earlier checkpoint exists.")) from e
 
     # -- restore ------------------------------------------------------------------------
     def check_compatible(self, step: int, abstract_state: PyTree,
                          config: ml_collections.ConfigDict | dict) -> None:
-        """Raises ValueError if checkpoint `step` holds a model of other parameter shapes.
+        """Raises CheckpointMismatch if checkpoint `step` belongs to another run.
 
-        Compares every `params` / `batch_stats` leaf's shape in the checkpoint's metadata
-        with `abstract_state`; the message names the saved and the requested model. Reads
-        only metadata and config: nothing is written.
+        First the saved config against `config` on `RUN_IDENTITY` (the model section,
+        `dataset.num_classes`, the optimizer section, seed, batch size), naming the first
+        key that differs; then every `params` / `batch_stats` shape in the checkpoint's
+        metadata against `abstract_state`. Raises UnreadableCheckpoint when the metadata is
+        missing. Reads only metadata and config: nothing is written.
         """
+        difference = _first_difference(_identity(_as_json(self.saved_config(step))),
+                                       _identity(_as_json(config)), prefix="")
+        if difference:
+            key, saved, new = difference
+            self._mismatch(f"config.{key.lstrip('.')} was {saved!r} when step {step} was "
+                           f"saved; this run asks for {new!r}")
         saved_tree = self._manager.item_metadata(step)[STATE]
         saved_tree = getattr(saved_tree, "tree", saved_tree)
         sections = ("params", "batch_stats")
-        saved = _shapes(saved_tree, sections)
+        saved = _shapes(saved_tree, sections) if saved_tree is not None else {}
+        if not saved:
+            raise UnreadableCheckpoint(f"the state metadata of step {step} is missing or empty")
         wanted = _shapes(abstract_state, sections)
         if saved == wanted:
             return
         diff = sorted(set(saved) ^ set(wanted))
         if diff:
             name = diff[0]
-            detail = (f"parameter {name!r} exists only in the "
-                      f"{'checkpoint' if name in saved else 'new model'}")
-        else:
-            name = next(k for k in sorted(saved) if saved[k] != wanted[k])
-            detail = f"parameter {name!r} has shape {saved[name]} saved vs {wanted[name]} now"
-        try:
-            saved_desc = _model_summary(self.saved_config(step))
-        except Exception:  # the shapes already tell the story
-            saved_desc = "(config unreadable)"
-        raise ValueError(
-            f"The workdir {self.workdir} holds checkpoints of a different model or shape: "
-            f"saved at step {step}: {saved_desc}; this run: {_model_summary(config)}; "
-            f"{detail}. Nothing was written. Use a new --workdir, or delete {self.directory} "
-            "to start over there."
-        )
+            self._mismatch(f"parameter {name!r} exists only in the "
+                           f"{'checkpoint' if name in saved else 'new model'}")
+        name = next(k for k in sorted(saved) if saved[k] != wanted[k])
+        self._mismatch(f"parameter {name!r} has shape {saved[name]} in step {step} and "
+                       f"{wanted[name]} in this run's model")
+
+    def _mismatch(self, detail: str) -> None:
+        raise CheckpointMismatch(
+            f"The workdir {self.workdir} holds another run: {detail}. Nothing was written. "
+            "Use a new --workdir, or start a new run from its weights with "
+            f"--config.init_from={self.workdir}.")
 
     def restore(self, abstract_state: PyTree, *, step: int | None = None,
                 config: ml_collections.ConfigDict | dict | None = None,
@@ -240,8 +323,9 @@ class Checkpointer:
         others onto the first local device. The writer's topology does not matter.
         Returns None when there are no checkpoints. With `step=None`, a checkpoint that
         cannot be read is reported through `on_corrupt` (default: a logged warning),
-        moved to `<workdir>/checkpoints_corrupt/`, and the previous one is tried; a model
-        of other shapes raises ValueError (see `check_compatible`) and moves nothing.
+        moved to `<workdir>/checkpoints_corrupt/`, and the previous one is tried; another
+        run's checkpoint raises CheckpointMismatch (see `check_compatible`) and moves
+        nothing.
         """
         steps = self.all_steps()
         if step is not None:
@@ -254,10 +338,8 @@ class Checkpointer:
         for candidate in reversed(steps):
             try:
                 restored = self._restore_step(candidate, abstract_state, config)
-            except ValueError as e:
-                if "different model or shape" in str(e):
-                    raise
-                failures.append((candidate, e))
+            except CheckpointMismatch:
+                raise
             except Exception as e:  # orbax/tensorstore raise many types
                 failures.append((candidate, e))
             else:
@@ -268,10 +350,10 @@ class Checkpointer:
                          f"and resumed from step {candidate}.")
                 return restored
         if failures:
-            raise RuntimeError(
+            raise ValueError(
                 f"No checkpoint in {self.directory} could be restored (tried steps "
-                f"{[s for s, _ in failures]}; last error: {failures[-1][1]}). Delete the "
-                "directory to start over, or pass a different --workdir.")
+                f"{[s for s, _ in failures]}; last error: {failures[-1][1]}). Pass a new "
+                "--workdir, or delete that directory to start over there.")
         return None
 
     def _restore_step(self, step: int, abstract_state: PyTree,
@@ -360,7 +442,7 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
     `step=None` takes the latest readable checkpoint. Raises FileNotFoundError for a
     missing workdir or one without checkpoints.
     """
-    from flaxseg.train.config import build_model
+    from flaxseg.train.config import build_model, restored_config
 
     workdir = Path(workdir)
     if not workdir.is_dir():
@@ -382,7 +464,7 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
         errors = []
         for candidate in candidates:
             try:
-                config = ml_collections.ConfigDict(ckpt.saved_config(candidate))
+                config = restored_config(ckpt.saved_config(candidate))
                 model = build_model(config)
                 abstract = abstract_state_for(model, config,
                                               ckpt.saved_loop(candidate)["input_shape"])

@@ -189,3 +189,11 @@ class StopRequest:
         if multihost_utils.reached_preemption_sync_point(step):
             return self.signal_name or "a preemption notice (SIGTERM)"
         return None
+
+
+def say(text: str, **kwargs: Any) -> None:
+    """Prints from process 0 only (every process runs the same program)."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(text, flush=True, **kwargs)

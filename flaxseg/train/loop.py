@@ -1,7 +1,8 @@
 """`train_and_evaluate(config, workdir)`: the training program behind `python -m flaxseg.train`.
 
 One run, in order:
-  1. check the config (unknown keys, names, batch split) before anything compiles;
+  1. resolve what the data decides (a folder's layout and classes), then check the config
+     (unknown keys, names, batch split) before anything compiles;
   2. build the sources, the model, the optimiser and the steps for `config.parallel`
      (`flaxseg.train.parallel`: a device mesh over every process by default);
   3. resume from the workdir's latest readable checkpoint (state, data position, the metric
@@ -25,6 +26,7 @@ metrics.jsonl lines as an uninterrupted one (bitwise on the same devices).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -38,14 +40,34 @@ import numpy as np
 
 from flaxseg import data
 from flaxseg.metrics import MetricSums, sum_batches
+from flaxseg.models import logits_of
 from flaxseg.optim import create_learning_rate_schedule, create_optimizer
-from flaxseg.train import checkpoint
-from flaxseg.train.config import build_model, loss_from_config, validate_config
-from flaxseg.train.distributed import StopRequest
+from flaxseg.train import checkpoint, memory
+from flaxseg.train.config import (
+    backbone_weights,
+    build_model,
+    loss_from_config,
+    resolve_class_weights,
+    resolve_normalization,
+    validate_config,
+)
+from flaxseg.train.distributed import StopRequest, say
 from flaxseg.train.parallel import DataParallel
 from flaxseg.train.reporting import SUMMARY_FILE, Reporter, Throughput
-from flaxseg.train.state import TrainState, abstract_train_state, create_train_state
-from flaxseg.train.steps import TrainMetrics, make_eval_step, make_train_step, variables_of
+from flaxseg.train.state import (
+    TrainState,
+    abstract_train_state,
+    create_train_state,
+    init_backbone,
+)
+from flaxseg.train.steps import (
+    NonFiniteGuard,
+    TrainMetrics,
+    make_eval_step,
+    make_train_step,
+    variables_of,
+)
+from flaxseg.train.workdir import lock_workdir
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -62,9 +84,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     wall_start = time.perf_counter()
     workdir = str(workdir)
-    config = ml_collections.ConfigDict(config.to_dict())  # a private copy
-    par = DataParallel(config.parallel)
-    validate_config(config, num_devices=par.num_devices)
+    # A private copy, untyped (batch_size='auto' becomes the batch it chooses), with the
+    # normalisation the backbone weights expect made concrete.
+    config = resolve_normalization(ml_collections.ConfigDict(config.to_dict(), type_safe=False))
+    par = DataParallel(config.parallel, spatial_partitions=config.spatial_partitions)
+    # What the data decides (a folder's layout and classes) is filled in first, so the
+    # config is checked, and saved with every checkpoint, as it trains.
+    config.dataset = data.resolve_dataset_config(config.dataset)
+    validate_config(config, num_devices=par.batch_splits)
     train_source = data.create_source(config.dataset, "train")
     eval_source = data.create_source(config.dataset, config.eval_split)
     input_shape = _input_shape(config, train_source.info)
@@ -72,70 +99,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = build_model(config)
     tx = create_optimizer(config.optimizer, num_steps)
     schedule = jax.jit(create_learning_rate_schedule(config.optimizer, num_steps))
+    if config.batch_size == "auto":
+        config.batch_size = _auto_batch_size(config, model, tx, par, input_shape)
 
-    ckpt = checkpoint.Checkpointer(workdir, keep=int(config.keep_checkpoints))
-    state, start_step, saved_loop = _restore_or_create(ckpt, par, model, tx, config,
-                                                       input_shape)
-    if start_step >= num_steps and (Path(workdir) / SUMMARY_FILE).exists():
-        ckpt.close()
-        return _finished_summary(workdir, start_step, num_steps)
+    with contextlib.ExitStack() as stack:  # everything below is released on any exit
+        stack.enter_context(lock_workdir(workdir, warn=say))
+        config.loss = resolve_class_weights(config, train_source, workdir)  # may write a cache
+        ckpt = stack.enter_context(
+            contextlib.closing(checkpoint.Checkpointer(workdir, keep=int(config.keep_checkpoints))))
+        state, start_step, saved_loop = _restore_or_create(ckpt, par, model, tx, config,
+                                                           input_shape)
+        if start_step >= num_steps and (Path(workdir) / SUMMARY_FILE).exists():
+            return _finished_summary(workdir, start_step, num_steps)
 
-    reporter = Reporter(workdir, num_train_steps=num_steps, start_step=start_step,
-                        is_chief=jax.process_index() == 0)
-    reporter.message(_start_line(config, state, par, start_step, workdir, ckpt))
-    train_iter = data.pipeline.create_train_iterator(
-        train_source, batch_size=int(config.batch_size), seed=int(config.seed),
-        augment=config.augment, image_size=input_shape[1:3],
-        process_rows=par.process_rows(int(config.batch_size)))
-    if saved_loop:
-        train_iter.set_state(saved_loop["data_iterator"])
-    loss_fn, num_classes = loss_from_config(config), train_source.info.num_classes
-    ignore_index = int(config.dataset.ignore_index)
-    train_step = make_train_step(model, loss_fn, num_classes, parallel=par,
-                                 ignore_index=ignore_index, nan_policy=config.nan_policy)
-    eval_step = make_eval_step(model, loss_fn, num_classes, parallel=par,
-                               ignore_index=ignore_index)
-    train_metrics = TrainMetrics(num_classes, config.nan_policy,
-                                 _saved_sums(saved_loop, num_classes))
-    throughput = Throughput(int(config.batch_size))
-    last_eval, stopped_by, step = None, None, start_step
+        reporter = stack.enter_context(contextlib.closing(Reporter(
+            workdir, num_train_steps=num_steps, start_step=start_step,
+            is_chief=jax.process_index() == 0)))
+        reporter.message(_start_line(config, state, par, start_step, workdir, ckpt))
+        train_iter = stack.enter_context(data.pipeline.create_train_iterator(
+            train_source, batch_size=int(config.batch_size), seed=int(config.seed),
+            augment=config.augment, image_size=input_shape[1:3],
+            process_rows=par.process_rows(int(config.batch_size))))
+        if saved_loop:
+            train_iter.set_state(saved_loop["data_iterator"])
+        loss_fn, num_classes = loss_from_config(config), train_source.info.num_classes
+        ignore_index = int(config.dataset.ignore_index)
+        train_step = make_train_step(model, loss_fn, num_classes, parallel=par,
+                                     ignore_index=ignore_index, nan_policy=config.nan_policy)
+        eval_step = make_eval_step(model, loss_fn, num_classes, parallel=par,
+                                   ignore_index=ignore_index)
+        train_metrics = TrainMetrics(
+            num_classes, NonFiniteGuard(config.nan_policy, on_skip=reporter.skipped_step,
+                                        max_consecutive_skips=_skip_limit(num_steps)),
+            _saved_sums(saved_loop, num_classes))
+        throughput = Throughput(int(config.batch_size))
+        last_eval, stopped_by, step = None, None, start_step
+        stop = stack.enter_context(StopRequest())
 
-    def loop_state() -> dict[str, Any]:
-        return {"data_iterator": train_iter.get_state(), "input_shape": list(input_shape),
-                "train_metric_sums": train_metrics.sums().to_json()}
+        def loop_state() -> dict[str, Any]:
+            return {"data_iterator": train_iter.get_state(), "input_shape": list(input_shape),
+                    "train_metric_sums": train_metrics.sums().to_json()}
 
-    try:
-        with StopRequest() as stop:
-            for step in range(start_step + 1, num_steps + 1):
-                state, metrics = train_step(state, par.put_batch(next(train_iter)))
-                train_metrics.add(step, metrics)
-                if step == start_step + 2:  # the first step (compiling) is done
-                    throughput.mark(step - 1)
-                    reporter.start_timer(step - 1)
-                stopped_by = stop.requested(step)
-                eval_due = _due(step, config.eval_every_steps, num_steps)
-                save_due = _due(step, config.checkpoint_every_steps, num_steps) or stopped_by
-                if _due(step, config.log_every_steps, num_steps):
-                    reporter.train_log(step, train_metrics.take(), throughput.interval(step),
-                                       float(schedule(step - 1)), train_metrics.guard.skipped)
-                if eval_due:
-                    last_eval = {"step": step, **evaluate(eval_step, variables_of(state), par,
-                                                          eval_source, config)}
-                    reporter.evaluation(step, config.eval_split, last_eval)
-                    reporter.prediction_grid(step, _grid(model, state, par, eval_source,
-                                                         config))
-                if save_due:
-                    best = last_eval if last_eval and last_eval["step"] == step else None
-                    ckpt.save(step, state, loop=loop_state(), config=config,
-                              metrics=best and {"mean_iou": best["mean_iou"]})
-                if eval_due or save_due:  # throughput counts training only
-                    throughput.mark(step)
-                if stopped_by:
-                    ckpt.wait()
-                    reporter.message(f"Stopped by {stopped_by} at step {step}; saved a "
-                                     f"checkpoint in {ckpt.directory}. Run the same "
-                                     "command to resume.")
-                    break
+        for step in range(start_step + 1, num_steps + 1):
+            state, metrics = train_step(state, par.put_batch(next(train_iter)))
+            train_metrics.add(step, metrics)
+            if step == start_step + 2:  # the first step (compiling) is done
+                throughput.mark(step - 1)
+                reporter.start_timer(step - 1)
+            stopped_by = stop.requested(step)
+            eval_due = _due(step, config.eval_every_steps, num_steps)
+            save_due = _due(step, config.checkpoint_every_steps, num_steps) or stopped_by
+            if _due(step, config.log_every_steps, num_steps):
+                reporter.train_log(step, train_metrics.take(), throughput.interval(step),
+                                   float(schedule(step - 1)), train_metrics.guard.skipped)
+            if eval_due:
+                last_eval = {"step": step, **evaluate(eval_step, variables_of(state), par,
+                                                      eval_source, config)}
+                reporter.evaluation(step, config.eval_split, last_eval)
+                reporter.prediction_grid(step, _grid(model, state, par, eval_source, config))
+            if save_due:
+                best = last_eval if last_eval and last_eval["step"] == step else None
+                ckpt.save(step, state, loop=loop_state(), config=config,
+                          metrics=best and {"mean_iou": best["mean_iou"]})
+            if eval_due or save_due:  # throughput counts training only
+                throughput.mark(step)
+            if stopped_by:
+                ckpt.wait()
+                reporter.message(f"Stopped by {stopped_by} at step {step}; saved a checkpoint "
+                                 f"in {ckpt.directory}. Run the same command to resume.")
+                break
         if last_eval is None and not stopped_by:
             # Resumed at the last step (a run killed before summary.json): evaluate it again
             # for the summary; its metrics.jsonl record and grid are already written.
@@ -143,14 +175,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                   eval_source, config)}
         ckpt.wait()
         summary = _summary(config, workdir, step, last_eval, stopped_by, throughput,
-                           time.perf_counter() - wall_start)
+                           train_metrics.guard.skipped, time.perf_counter() - wall_start)
         if not stopped_by:
             reporter.summary(summary)
         return summary
-    finally:
-        train_iter.close()
-        ckpt.close()
-        reporter.close()
+
+
+def _auto_batch_size(config: ml_collections.ConfigDict, model: Any, tx: Any,
+                     par: DataParallel, input_shape: tuple[int, ...]) -> int:
+    """The largest global batch whose compiled train step fits the memory budget."""
+    budget, where = memory.memory_budget(float(config.memory_budget_gb))
+    step = make_train_step(model, loss_from_config(config), int(config.dataset.num_classes),
+                           parallel=par, ignore_index=int(config.dataset.ignore_index),
+                           nan_policy=config.nan_policy)
+    state = par.abstract(abstract_train_state(model, tx, input_shape))
+    batch, why = memory.fit_batch_size(
+        lambda b: memory.train_step_bytes(step, state, par, b, input_shape), budget,
+        step=par.batch_splits)
+    say(f"{why}, the budget from {where}.")
+    return batch
+
+
+def _skip_limit(num_steps: int) -> int:
+    """Consecutive skipped steps that end a run: 10% of it, at least 10."""
+    return max(10, num_steps // 10)
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -173,17 +221,18 @@ def _restore_or_create(ckpt: checkpoint.Checkpointer, par: DataParallel, model: 
                        ) -> tuple[TrainState, int, dict | None]:
     """(replicated state, its step, the saved loop JSON or None for a fresh start)."""
     abstract = abstract_train_state(model, tx, input_shape)
-    on_corrupt = print if jax.process_index() == 0 else (lambda text: None)
     restored = ckpt.restore(par.abstract(abstract), config=config,
-                            on_corrupt=lambda text: on_corrupt(f"WARNING: {text}"))
+                            on_corrupt=lambda text: say(f"WARNING: {text}"))
     if restored is not None:
         return restored.state, restored.step, restored.loop
-    state = par.put_state(create_train_state(model, tx, jax.random.key(int(config.seed)),
-                                             input_shape))
+    state = create_train_state(model, tx, jax.random.key(int(config.seed)), input_shape)
+    if backbone_weights(config):  # from a file every process reads: before replicating
+        state, message = init_backbone(state, model, backbone_weights(config))
+        say(message)
+    state = par.put_state(state)
     if config.init_from:
         state, message = checkpoint.init_from(state, config.init_from)
-        if jax.process_index() == 0:
-            print(message, flush=True)
+        say(message)
     return state, 0, None
 
 
@@ -195,25 +244,30 @@ def _saved_sums(saved_loop: dict | None, num_classes: int) -> MetricSums | None:
 
 def _start_line(config: ml_collections.ConfigDict, state: TrainState, par: DataParallel,
                 start_step: int, workdir: str, ckpt: checkpoint.Checkpointer) -> str:
+    dataset = config.dataset.name
+    if config.dataset.get("layout"):
+        dataset += f" (layout {config.dataset.layout} in {config.dataset.path})"
     if start_step:
-        return f"Resuming from the checkpoint of step {start_step} in {ckpt.directory}."
+        return (f"Resuming from the checkpoint of step {start_step} in {ckpt.directory}; "
+                f"dataset {dataset}.")
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     height, width = config.dataset.image_size
     processes = jax.process_count()
     where = f"{par.num_devices} device(s)" + (f" in {processes} processes" if processes > 1
                                               else "")
+    if par.spatial_partitions > 1:
+        where += f", each image split over {par.spatial_partitions}"
     return (f"Training {config.model.name} ({num_params:,} parameters) on "
-            f"{config.dataset.name} {height}x{width}, batch {config.batch_size} over {where} "
+            f"{dataset} {height}x{width}, batch {config.batch_size} over {where} "
             f"({config.parallel}), {config.num_train_steps} steps; workdir "
             f"{Path(workdir).absolute()}")
 
 
 def _finished_summary(workdir: str, step: int, num_steps: int) -> dict[str, Any]:
     summary = json.loads((Path(workdir) / SUMMARY_FILE).read_text())
-    if jax.process_index() == 0:
-        print(f"{workdir} is already trained to step {step} (num_train_steps={num_steps}); "
-              f"nothing to do. Final mIoU {summary.get('mean_iou')}; raise "
-              "--config.num_train_steps to train on.", flush=True)
+    say(f"{workdir} is already trained to step {step} (num_train_steps={num_steps}); "
+         f"nothing to do. Final mIoU {summary.get('mean_iou')}; raise "
+         "--config.num_train_steps to train on.")
     return summary
 
 
@@ -238,7 +292,7 @@ def evaluate(eval_step, variables: dict[str, Any], par: DataParallel, source: An
 @functools.partial(jax.jit, static_argnums=0)
 def _predict_classes(model: Any, variables: dict[str, Any], images: jax.Array) -> jax.Array:
     """Class ids `[B, H', W']` from images `[B, H, W, C]` (compiled once per model)."""
-    return jnp.argmax(model.apply(variables, images, train=False), axis=-1)
+    return jnp.argmax(logits_of(model.apply(variables, images, train=False)), axis=-1)
 
 
 def _grid(model: Any, state: TrainState, par: DataParallel, source: Any,
@@ -262,10 +316,11 @@ def _grid(model: Any, state: TrainState, par: DataParallel, source: Any,
 
 def _summary(config: ml_collections.ConfigDict, workdir: str, step: int,
              last_eval: dict[str, Any] | None, stopped_by: str | None,
-             throughput: Throughput, wall_time: float) -> dict[str, Any]:
+             throughput: Throughput, skipped_steps: int, wall_time: float) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "steps": step,
         "num_train_steps": int(config.num_train_steps),
+        "skipped_steps": skipped_steps,
         "wall_time_s": wall_time,
         "train_time_s": throughput.train_time,
         "images_per_sec": throughput.images_per_sec,

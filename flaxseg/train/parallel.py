@@ -51,6 +51,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 PyTree = Any
 
 AXIS_NAME = "data"
+SPACE_AXIS = "space"
 MODES = ("mesh", "jit", "pmap")
 
 
@@ -82,7 +83,40 @@ def num_devices(mode: str) -> int:
     return 1 if check_mode(mode) == "jit" else jax.device_count()
 
 
-def _mesh(mode: str, devices: Sequence[Any] | None) -> Mesh:
+def check_spatial_partitions(mode: str, spatial_partitions: int) -> int:
+    """Returns `spatial_partitions` if this job can split images that many ways."""
+    if isinstance(spatial_partitions, bool) or not isinstance(spatial_partitions, int) \
+            or spatial_partitions < 1:
+        raise ValueError(f"spatial_partitions must be a positive integer; got "
+                         f"{spatial_partitions!r}.")
+    if spatial_partitions == 1:
+        return 1
+    if check_mode(mode) != "mesh":
+        raise ValueError(f"spatial_partitions={spatial_partitions} splits images over devices "
+                         f"of a mesh; it needs parallel='mesh', not {mode!r}.")
+    local = jax.local_device_count()
+    if local % spatial_partitions:
+        raise ValueError(
+            f"spatial_partitions={spatial_partitions} must divide the {local} devices of each "
+            f"process (an image is split over the devices of one process); use one of "
+            f"{[n for n in range(1, local + 1) if local % n == 0]}.")
+    return spatial_partitions
+
+
+def check_image_height(height: int, spatial_partitions: int) -> None:
+    """Raises ValueError, naming the nearest heights that work, if images of `height` rows
+    cannot be split over `spatial_partitions` devices."""
+    if height % spatial_partitions:
+        lower = height - height % spatial_partitions
+        raise ValueError(
+            f"Images of height {height} cannot be split over spatial_partitions="
+            f"{spatial_partitions} devices; use a height that is a multiple of "
+            f"{spatial_partitions} (e.g. "
+            f"{', '.join(str(h) for h in (lower, lower + spatial_partitions) if h > 0)}).")
+
+
+def _mesh(mode: str, devices: Sequence[Any] | None, spatial_partitions: int) -> Mesh:
+    """The 2-D mesh `('data', 'space')`, `spatial_partitions` devices along 'space'."""
     if mode == "jit":
         if jax.process_count() > 1:
             raise ValueError(
@@ -91,41 +125,57 @@ def _mesh(mode: str, devices: Sequence[Any] | None) -> Mesh:
         if devices is not None and len(devices) != 1:
             raise ValueError(f"parallel='jit' runs on one device; got {len(devices)} devices.")
         devices = devices or jax.local_devices()[:1]
+    axes, types = (AXIS_NAME, SPACE_AXIS), (AxisType.Auto, AxisType.Auto)
     if devices is None:
-        return jax.make_mesh((jax.device_count(),), (AXIS_NAME,), axis_types=(AxisType.Auto,))
-    if not devices:
-        raise ValueError("DataParallel needs at least one device.")
-    return Mesh(np.asarray(devices), (AXIS_NAME,), axis_types=(AxisType.Auto,))
+        count = jax.device_count()
+        return jax.make_mesh((count // spatial_partitions, spatial_partitions), axes,
+                             axis_types=types)
+    if not devices or len(devices) % spatial_partitions:
+        raise ValueError(f"DataParallel needs a positive multiple of spatial_partitions="
+                         f"{spatial_partitions} devices; got {len(devices)}.")
+    return Mesh(np.asarray(devices).reshape(-1, spatial_partitions), axes, axis_types=types)
 
 
 class DataParallel:
-    """One data-parallel mode over a 1-D mesh `('data',)` (see the module docstring).
+    """One data-parallel mode over a mesh `('data', 'space')` (see the module docstring).
 
     Args:
       mode: 'mesh' (default), 'jit' or 'pmap'.
       devices: the mesh's devices, in order; default: every device of every process
         (`jax.make_mesh`), or the first local device for 'jit'. Under several processes
         each of them must hold the same number of the devices given.
+      spatial_partitions: devices along 'space' ('mesh' only): each image is split along H
+        over that many devices of one process, and the batch over the rest.
     """
 
-    def __init__(self, mode: str = "mesh", devices: Sequence[Any] | None = None):
+    def __init__(self, mode: str = "mesh", devices: Sequence[Any] | None = None,
+                 spatial_partitions: int = 1):
         self.mode = check_mode(mode)
-        self.mesh = _mesh(mode, devices)
+        self.spatial_partitions = check_spatial_partitions(mode, spatial_partitions)
+        self.mesh = _mesh(mode, devices, self.spatial_partitions)
         self.devices = list(self.mesh.devices.flat)
         self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
         if not self.local_devices:
             raise ValueError(f"None of the mesh's devices belongs to process "
                              f"{jax.process_index()}; give every process some devices.")
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(AXIS_NAME))
+        # [B, H, ...]: the batch over 'data', each image's rows over 'space'.
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(AXIS_NAME, SPACE_AXIS))
         self._multiprocess = len({d.process_index for d in self.devices}) > 1
 
     def __repr__(self) -> str:
-        return f"DataParallel({self.mode!r}, {self.num_devices} devices)"
+        space = (f", spatial_partitions={self.spatial_partitions}"
+                 if self.spatial_partitions > 1 else "")
+        return f"DataParallel({self.mode!r}, {self.num_devices} devices{space})"
 
     @property
     def num_devices(self) -> int:
         return len(self.devices)
+
+    @property
+    def batch_splits(self) -> int:
+        """How many ways the batch is split: the devices, over `spatial_partitions`."""
+        return self.num_devices // self.spatial_partitions
 
     @property
     def axis_name(self) -> str | None:
@@ -138,21 +188,25 @@ class DataParallel:
 
         Raises ValueError (naming the fix) if the batch cannot be split over the devices.
         """
-        per_device = check_divisible(int(global_batch_size), self.num_devices)
-        positions = [i for i, d in enumerate(self.devices)
-                     if d.process_index == jax.process_index()]
-        first, last = positions[0], positions[-1]
-        if last - first + 1 != len(positions):  # jax.make_mesh keeps a process's devices together
+        per_split = check_divisible(int(global_batch_size), self.batch_splits)
+        mine = [i for i, row in enumerate(self.mesh.devices)
+                if any(d.process_index == jax.process_index() for d in row)]
+        for i in mine:
+            if {d.process_index for d in self.mesh.devices[i]} != {jax.process_index()}:
+                raise ValueError("An image would be split over the devices of several "
+                                 "processes; give spatial_partitions at most the devices of "
+                                 "one process.")
+        if mine[-1] - mine[0] + 1 != len(mine):  # jax.make_mesh keeps a process's devices together
             raise ValueError(f"This process's devices are not contiguous in the mesh "
                              f"{self.devices}; pass devices grouped by process.")
-        return slice(first * per_device, (last + 1) * per_device)
+        return slice(mine[0] * per_split, (mine[-1] + 1) * per_split)
 
     def put_batch(self, batch: PyTree) -> PyTree:
         """This process's rows `[b, ...]` of the global batch -> global arrays.
 
         'mesh' / 'jit': `[B, ...]` sharded `P('data')`; 'pmap': `[D, B / D, ...]`.
         """
-        local = len(self.local_devices)
+        local = len(self.local_devices) // self.spatial_partitions
 
         def put(x):
             x = np.asarray(x)
@@ -162,6 +216,8 @@ class DataParallel:
                     "devices; load process_rows(global_batch_size) of the global batch.")
             if self.mode == "pmap":
                 x = x.reshape((local, x.shape[0] // local, *x.shape[1:]))
+                return jax.make_array_from_process_local_data(
+                    NamedSharding(self.mesh, PartitionSpec(AXIS_NAME)), x)
             return jax.make_array_from_process_local_data(self.batch_sharding, x)
 
         return jax.tree.map(put, batch)
@@ -201,16 +257,16 @@ class DataParallel:
         like the batch (e.g. logits). `donate` lets the step reuse the state's buffers.
         """
         donate_argnums = (0,) if donate else ()
-        out_spec = PartitionSpec(AXIS_NAME) if sharded_output else PartitionSpec()
         if self.mode != "pmap":
             return jax.jit(fn, in_shardings=(self.replicated, self.batch_sharding),
-                           out_shardings=NamedSharding(self.mesh, out_spec),
-                           donate_argnums=donate_argnums)
+                           out_shardings=self.batch_sharding if sharded_output
+                           else self.replicated, donate_argnums=donate_argnums)
         pmapped = jax.pmap(fn, axis_name=AXIS_NAME, in_axes=(None, 0),
                            out_axes=0 if sharded_output else None, devices=self.devices,
                            donate_argnums=donate_argnums)
         if not self._multiprocess:
             return pmapped
+        out_spec = PartitionSpec(AXIS_NAME) if sharded_output else PartitionSpec()
         return functools.partial(_call_multiprocess_pmap, pmapped, self.mesh, out_spec)
 
 

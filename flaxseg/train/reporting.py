@@ -19,6 +19,7 @@ table. Other processes write nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,18 @@ TENSORBOARD_DIR = "tensorboard"
 PREDICTIONS_DIR = "predictions"
 
 _BAR_WIDTH = 24
+
+
+@contextlib.contextmanager
+def _writing(path: Path, partial: Path | None = None):
+    """An OSError while writing `path` names the file (and removes the half-written
+    `partial`), so the run stops with one line that says what failed where."""
+    try:
+        yield
+    except OSError as e:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
 
 
 def json_safe(value: Any) -> Any:
@@ -180,8 +193,9 @@ class Reporter:
         if not self.is_chief:
             return
         record = json_safe({"step": int(step), "split": split, **metrics})
-        self._metrics_file.write(json.dumps(record, sort_keys=True) + "\n")
-        self._metrics_file.flush()
+        with _writing(self.workdir / METRICS_FILE):
+            self._metrics_file.write(json.dumps(record, sort_keys=True) + "\n")
+            self._metrics_file.flush()
         for name, value in {**metrics, **(extra_scalars or {})}.items():
             if isinstance(value, int | float | np.number) and math.isfinite(value):
                 self._writer.add_scalar(f"{split}/{name}", float(value), int(step))
@@ -205,6 +219,11 @@ class Reporter:
                            if images_per_sec else None)
         self.progress(step, loss=sums.loss, mean_iou=scores["mean_iou"],
                       images_per_sec=images_per_sec)
+
+    def skipped_step(self, step: int, skipped: int) -> None:
+        """Says that a step's update was skipped (non-finite loss or gradient)."""
+        self.message(f"step {step}: non-finite loss or gradient; the update was skipped "
+                     f"({skipped} skipped so far, nan_policy='skip').")
 
     def evaluation(self, step: int, split: str, result: dict[str, Any]) -> None:
         """Prints the FCN metric table of an evaluation and logs its scores (per-class IoU
@@ -230,7 +249,8 @@ class Reporter:
         from flaxseg.visualize import save_png
 
         path = self.workdir / PREDICTIONS_DIR / f"step_{step:07d}.png"
-        save_png(path, grid)
+        with _writing(path):
+            save_png(path, grid)
         self._writer.add_image("predictions", grid, int(step), dataformats="HWC")
         return path
 
@@ -240,12 +260,15 @@ class Reporter:
             return None
         path = self.workdir / SUMMARY_FILE
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(json_safe(summary), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        with _writing(path, tmp):
+            tmp.write_text(json.dumps(json_safe(summary), indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, path)
         if summary.get("mean_iou") is not None:
+            skipped = summary.get("skipped_steps")
             self.message(
-                f"Done: {summary['steps']} steps in {summary['wall_time_s']:.1f} s; "
-                f"{summary['eval_split']} mIoU {summary['mean_iou']:.4f}, pixel accuracy "
+                f"Done: {summary['steps']} steps in {summary['wall_time_s']:.1f} s"
+                + (f" ({skipped} skipped: non-finite)" if skipped else "")
+                + f"; {summary['eval_split']} mIoU {summary['mean_iou']:.4f}, pixel accuracy "
                 f"{summary['pixel_accuracy']:.4f}. Wrote {path}.")
         return path
 

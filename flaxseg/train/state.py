@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -158,3 +159,26 @@ def create_train_state(
     build = _state_builder(model, tx, input_shape)
     jax.eval_shape(build, rng)
     return build(rng)
+
+
+def init_backbone(state: TrainState, model: Any, path: str) -> tuple[TrainState, str]:
+    """`state` with `model`'s backbone loaded from the weights file at `path` (see
+    `flaxseg.models.weights`: torchvision .pth, Keras .h5, flaxseg .npz), placed as the
+    state's leaves are; the optimiser state starts fresh. Returns the state and a line
+    saying what was loaded. Every process reads the file."""
+    from flaxseg.models.weights import load_model_backbone, merge
+
+    pretrained = load_model_backbone(model, path)
+
+    def place(new: np.ndarray, old: jax.Array) -> jax.Array:
+        new = np.asarray(new, old.dtype)
+        return jax.make_array_from_callback(new.shape, old.sharding, lambda index: new[index])
+
+    loaded = {"params": state.params, "batch_stats": state.batch_stats}
+    loaded = merge(loaded, pretrained.variables, place)
+    count = sum(np.size(x) for x in jax.tree.leaves(pretrained.variables.get("params", {})))
+    message = (f"Initialised the backbone from {path}: {count:,} parameters; the weights "
+               f"expect {pretrained.normalization.description}.")
+    return state.replace(params=loaded["params"],
+                         batch_stats=loaded.get("batch_stats", state.batch_stats),
+                         opt_state=state.tx.init(loaded["params"])), message

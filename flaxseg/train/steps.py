@@ -50,10 +50,14 @@ from jax import lax
 from flaxseg.losses import LossFn
 from flaxseg.metrics import MetricSums, confusion_matrix
 from flaxseg.models.layers import center_crop
+from flaxseg.models.registry import logits_of, split_outputs
 from flaxseg.train.parallel import DataParallel
 from flaxseg.train.state import TrainState
 
 NAN_POLICIES = ("raise", "skip")
+# The weight of an auxiliary head's loss (a model returning {'out', 'aux'}), as in
+# torchvision's segmentation references: loss = loss(out) + 0.5 * loss(aux).
+AUX_LOSS_WEIGHT = 0.5
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -170,11 +174,14 @@ def train_step_fn(
 
         def objective(params):
             variables = {**variables_of(state), "params": params}
-            logits, updates = model.apply(
+            outputs, updates = model.apply(
                 variables, images, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
             )
+            logits, aux = split_outputs(outputs)
             cropped = _crop_labels(labels, logits, num_classes)
             loss_sum, weight_sum = loss_fn(logits, cropped)
+            if aux is not None:
+                loss_sum = loss_sum + AUX_LOSS_WEIGHT * loss_fn(aux, cropped)[0]
             # The global pixel weight does not depend on the params; dividing by it (not by
             # a device's own weight) makes the summed gradient that of the global mean loss.
             total_weight = lax.stop_gradient(weight_sum)
@@ -229,7 +236,7 @@ def eval_step_fn(
 
     def eval_step(variables: dict[str, Any], batch: Batch) -> Metrics:
         images, labels = _check_batch(batch, num_classes)
-        logits = model.apply(variables, images, train=False)
+        logits = logits_of(model.apply(variables, images, train=False))
         cropped = _crop_labels(labels, logits, num_classes)
         loss_sum, weight_sum = loss_fn(logits, cropped)
         return _summed_metrics(
@@ -293,7 +300,8 @@ def make_eval_step(
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A train step produced a non-finite loss or gradient under nan_policy='raise'."""
+    """A train step produced a non-finite loss or gradient under nan_policy='raise', or
+    too many steps in a row were skipped under 'skip'."""
 
 
 class NonFiniteGuard:
@@ -305,13 +313,24 @@ class NonFiniteGuard:
 
     Reading the flag waits for the step; the state is safe either way (the step never
     writes NaN), so a loop may check the previous step's metrics to keep one step in flight.
+
+    Args:
+      nan_policy: 'raise' or 'skip'.
+      on_skip: called with (step, steps skipped so far) when a step is skipped.
+      max_consecutive_skips: under 'skip', this many skipped steps in a row raise
+        NonFiniteLossError: the model is no longer training (None: never).
     """
 
-    def __init__(self, nan_policy: str = "raise"):
+    def __init__(self, nan_policy: str = "raise", *,
+                 on_skip: Callable[[int, int], None] | None = None,
+                 max_consecutive_skips: int | None = None):
         self.nan_policy = check_nan_policy(nan_policy)
         self.skipped = 0
+        self.consecutive = 0
         self.last_finite_loss: float | None = None
         self.last_finite_step: int | None = None
+        self._on_skip = on_skip
+        self._max_consecutive = max_consecutive_skips
 
     def __call__(self, step: int, metrics: Metrics) -> bool:
         """Returns True if the step's update was applied, False if it was skipped."""
@@ -319,27 +338,38 @@ class NonFiniteGuard:
             loss_sum, weight_sum = float(metrics["loss_sum"]), float(metrics["weight_sum"])
             self.last_finite_loss = loss_sum / weight_sum if weight_sum > 0 else 0.0
             self.last_finite_step = step
+            self.consecutive = 0
             return True
-        if self.nan_policy == "skip":
-            self.skipped += 1
-            return False
-        last = (
-            "no finite loss yet"
-            if self.last_finite_loss is None
-            else f"last finite loss {self.last_finite_loss:.6g} at step {self.last_finite_step}"
-        )
-        raise NonFiniteLossError(
-            f"Non-finite loss or gradient at step {step} ({last}). The update was not applied: "
-            "the state holds the values from before this step. Lower optimizer.learning_rate, "
-            "set optimizer.grad_clip_norm, check the batch for NaN/inf images, or set "
-            "nan_policy='skip' to skip such steps."
-        )
+        if self.nan_policy == "raise":
+            raise NonFiniteLossError(
+                f"Non-finite loss or gradient at step {step} ({self._last()}). The update was "
+                "not applied: the state holds the values from before this step. Lower "
+                "optimizer.learning_rate, set optimizer.grad_clip_norm, check the batch for "
+                "NaN/inf images, or set nan_policy='skip' to skip such steps."
+            )
+        self.skipped += 1
+        self.consecutive += 1
+        if self._on_skip is not None:
+            self._on_skip(step, self.skipped)
+        if self._max_consecutive is not None and self.consecutive >= self._max_consecutive:
+            raise NonFiniteLossError(
+                f"The last {self.consecutive} steps (up to step {step}) were all non-finite "
+                f"and skipped ({self._last()}): the model is not training. Lower "
+                "optimizer.learning_rate, set optimizer.grad_clip_norm, or check the data "
+                "for NaN/inf images; the last checkpoint holds the state before these steps."
+            )
+        return False
+
+    def _last(self) -> str:
+        if self.last_finite_loss is None:
+            return "no finite loss yet"
+        return f"last finite loss {self.last_finite_loss:.6g} at step {self.last_finite_step}"
 
 
 class TrainMetrics:
     """The train steps' metric sums on the host, one step behind the device.
 
-    >>> train_metrics = TrainMetrics(num_classes, config.nan_policy)
+    >>> train_metrics = TrainMetrics(num_classes, NonFiniteGuard(config.nan_policy))
     >>> state, metrics = train_step(state, batch)
     >>> train_metrics.add(step, metrics)   # reads the previous step's (the device runs on)
     >>> sums = train_metrics.take()        # waits for the last step: the interval's sums
@@ -349,9 +379,9 @@ class TrainMetrics:
     the sums so far without resetting them (for a checkpoint); `take()` also resets them.
     """
 
-    def __init__(self, num_classes: int, nan_policy: str = "raise",
+    def __init__(self, num_classes: int, guard: NonFiniteGuard | None = None,
                  sums: MetricSums | None = None):
-        self.guard = NonFiniteGuard(nan_policy)
+        self.guard = guard if guard is not None else NonFiniteGuard()
         self._sums = sums if sums is not None else MetricSums(num_classes)
         self._pending: tuple[int, Metrics] | None = None
 

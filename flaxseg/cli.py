@@ -1,0 +1,125 @@
+"""What every command line shares: a user's mistake is one `Error: ...` line, not a traceback.
+
+    if __name__ == "__main__":
+        sys.exit(cli.run(main))         # argparse entry points: main() -> exit status
+        cli.run_absl(main)              # absl entry points (app.run parses the flags)
+
+Errors that come from what the user gave -- a config file that is missing, does not import
+or has an unknown key; a bad value (`ValueError`); a file that cannot be read or written, a
+workdir that cannot be created, a full disk (`OSError`) -- print `Error: <message>` on
+stderr and exit 2. A training failure (a non-finite loss under `nan_policy='raise'`, or a
+run whose updates are all being skipped) exits 1. Set `FLAXSEG_TRACEBACK=1` (or pass
+`--verbosity=1` to an absl entry point) to see the traceback for a bug report.
+Programming errors (TypeError, AttributeError, ...) keep their traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+TRACEBACK_ENV = "FLAXSEG_TRACEBACK"
+
+USER_ERROR = 2
+TRAINING_FAILURE = 1
+
+
+def _wants_traceback() -> bool:
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        return True
+    from absl import flags
+
+    return flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present \
+        and flags.FLAGS.verbosity >= 1
+
+
+def unknown_config_key_message(error: BaseException) -> str | None:
+    """The one line for ml_collections' error about a `--config.key` the config lacks."""
+    text = str(error)
+    if "Did you mean" not in text and not re.fullmatch(r"""["']\\?'\w+\\?'["']""", text):
+        return None
+    key = re.search(r"'([^'\\]+)\\?'", text)
+    hint = re.search(r'Did you mean \\?"(\w+)\\?"', text)
+    dataset = _dataset_key_message(key.group(1)) if key else None
+    if dataset:
+        return dataset
+    return (f"the config has no key {key.group(1) if key else text!r}"
+            + (f"; did you mean {hint.group(1)!r}?" if hint else ".")
+            + " A --config.key=value override must name a key of the config file.")
+
+
+def _dataset_key_message(key: str) -> str | None:
+    """For `--config.dataset.KEY=VALUE` naming no key of the config's dataset: a dataset's
+    keys are those of its kind (`--config.dataset.path` on a synthetic one), and what to
+    write instead."""
+    value = next((arg.split("=", 1)[1] for arg in sys.argv
+                  if arg.startswith(f"--config.dataset.{key}=")), None)
+    if value is None:
+        return None
+    from flaxseg.data.config import switch_dataset_hint
+
+    return (f"the config's dataset has no key {key!r}: its keys are those of its kind, and "
+            "--config.dataset.name does not switch the kind. "
+            + switch_dataset_hint(value if key == "path" else None))
+
+
+def describe(error: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit status) for an error the user can fix, else None."""
+    from flaxseg.train.steps import NonFiniteLossError
+
+    if isinstance(error, NonFiniteLossError):
+        return str(error), TRAINING_FAILURE
+    if isinstance(error, SyntaxError) and error.filename:
+        return (f"the config file {error.filename} does not import: {error.msg} at line "
+                f"{error.lineno}."), USER_ERROR
+    if isinstance(error, AttributeError):
+        message = unknown_config_key_message(error)
+        return (message, USER_ERROR) if message else None
+    if isinstance(error, ValueError | OSError):
+        return " ".join(str(error).split()), USER_ERROR
+    return None
+
+
+def report(error: BaseException) -> int:
+    """Prints the one line for a user error and returns its exit status; re-raises
+    anything else (and everything when a traceback is asked for)."""
+    described = None if _wants_traceback() else describe(error)
+    if described is None:
+        raise error
+    message, status = described
+    print(f"Error: {message}", file=sys.stderr, flush=True)
+    return status
+
+
+def run(main: Callable[[], Any]) -> int:
+    """`main()`'s exit status (None counts as 0), or the status of a user error."""
+    try:
+        return int(main() or 0)
+    except Exception as error:  # report() re-raises what is not a user error
+        return report(error)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag value as one `Error:` line and exit status 2
+    (absl's own parser exits 1)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        print(f"Error: {error}. Run with --helpshort to see the flags.", file=sys.stderr)
+        sys.exit(USER_ERROR)
+
+
+def run_absl(main: Callable[[list[str]], Any]) -> None:
+    """`absl.app.run(main)`, with user errors -- also those met while parsing the flags,
+    such as a config file that does not load -- reported as one line."""
+    from absl import app
+
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except Exception as error:  # report() re-raises what is not a user error
+        sys.exit(report(error))

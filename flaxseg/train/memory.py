@@ -1,0 +1,101 @@
+"""Device memory a compiled step needs, asked of the compiler before anything runs.
+
+    budget, where = memory_budget(config.memory_budget_gb)
+    batch, report = fit_batch_size(lambda b: train_step_bytes(step, state, par, b, shape),
+                                   budget, step=par.batch_splits)
+
+`compiled_bytes` reads XLA's `memory_analysis()` of a compiled program: arguments + outputs
++ temporaries - the donated arguments the outputs reuse, per device. `fit_batch_size`
+finds the largest global batch under a budget with a handful of compiles (no trial run,
+no out-of-memory): it fits a line through the memory of two batch sizes (a step's memory
+grows linearly with the batch), then checks the predicted batch and the one above it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+GIB = 2**30
+
+
+def format_bytes(size: float) -> str:
+    """`3.9 MiB`, `1.25 GiB`."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.1f} MiB"
+
+
+def compiled_bytes(compiled: Any) -> int | None:
+    """Per-device bytes a compiled program holds at its peak, from XLA's analysis (None
+    where the backend gives none)."""
+    try:
+        stats = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):
+        return None
+    if stats is None:
+        return None
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+               + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def memory_budget(budget_gb: float) -> tuple[int, str]:
+    """(bytes, where the number comes from): `budget_gb` if > 0, else the first device's
+    memory as it reports it (`memory_stats()['bytes_limit']`, GPU and TPU)."""
+    if budget_gb and budget_gb > 0:
+        return int(budget_gb * GIB), f"memory_budget_gb={budget_gb:g}"
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        raise ValueError(
+            f"batch_size='auto' needs a memory budget, and the {jax.devices()[0].platform} "
+            "device does not report its memory size; set --config.memory_budget_gb (the GiB "
+            "one device may use), or give --config.batch_size.")
+    return int(stats["bytes_limit"]), f"the {jax.devices()[0].device_kind}'s memory"
+
+
+def train_step_bytes(train_step: Any, abstract_state: Any, par: Any, global_batch: int,
+                     input_shape: tuple[int, ...]) -> int:
+    """Per-device bytes of `train_step` (a `make_train_step` result) compiled for a global
+    batch of `global_batch` images of `input_shape` `(1, H, W, C)`; nothing runs."""
+    _, height, width, channels = input_shape
+    batch = {
+        "image": jax.ShapeDtypeStruct((global_batch, height, width, channels), jnp.float32,
+                                      sharding=par.batch_sharding),
+        "label": jax.ShapeDtypeStruct((global_batch, height, width), jnp.int32,
+                                      sharding=par.batch_sharding),
+    }
+    used = compiled_bytes(train_step.lower(abstract_state, batch).compile())
+    if used is None:
+        raise ValueError("batch_size='auto': this backend's compiler reports no memory "
+                         "analysis; give --config.batch_size.")
+    return used
+
+
+def fit_batch_size(bytes_for: Callable[[int], int], budget: int, step: int,
+                   limit: int = 1 << 16) -> tuple[int, str]:
+    """The largest multiple of `step` whose `bytes_for(batch)` is at most `budget`, and a
+    line saying why. Raises ValueError if even `step` does not fit."""
+    cache: dict[int, int] = {}
+
+    def used(batch: int) -> int:
+        if batch not in cache:
+            cache[batch] = bytes_for(batch)
+        return cache[batch]
+
+    if used(step) > budget:
+        raise ValueError(
+            f"batch_size='auto': even a batch of {step} (one image per device) needs "
+            f"{format_bytes(used(step))} per device, over the {format_bytes(budget)} budget; "
+            "use smaller images, spatial_partitions, or a bigger budget.")
+    per_image = max(used(2 * step) - used(step), 1) / step
+    batch = max(step, min(limit, int((budget - used(step)) / per_image / step) * step + step))
+    while batch > step and used(batch) > budget:  # the line was optimistic: walk down
+        batch -= step
+    while batch + step <= limit and used(batch + step) <= budget:  # or pessimistic: up
+        batch += step
+    above = (f"{batch + step} would need {format_bytes(used(batch + step))}"
+             if batch + step <= limit else f"the search stops at {limit}")
+    return batch, (f"batch_size='auto' chose {batch}: its compiled train step needs "
+                   f"{format_bytes(used(batch))} per device of the {format_bytes(budget)} "
+                   f"budget; {above} ({len(cache)} compiles)")
