@@ -1,5 +1,8 @@
 """`python -m flaxseg.evaluate`: the FCN metric table of a trained run on any split.
 
+For a dataset of binary membrane maps (`dataset.membrane_class` set: ISBI 2012) it also
+reports the ISBI 2012 challenge's pixel error and Rand error (`metrics.isbi_errors`).
+
     python -m flaxseg.evaluate --workdir=runs/default                      # val split
     python -m flaxseg.evaluate --workdir=runs/default --split=test --mode=pad --flip
     python -m flaxseg.evaluate --workdir=runs/isbi --mode=overlap_tile     # native 512 px
@@ -71,6 +74,7 @@ def evaluate(
     batch_size: int = 4,
     limit: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    membrane_class: int | None = None,
     **predict_kwargs: Any,
 ) -> dict[str, Any]:
     """FCN-paper scores of `model` on a data source (`flaxseg.data.create_source`).
@@ -87,11 +91,15 @@ def evaluate(
         mode 'whole').
       limit: evaluate only the first `limit` examples.
       on_progress: called with (examples done, total) after each batch (this process's).
+      membrane_class: the class index of membranes in binary membrane maps (ISBI 2012:
+        0); set, the scores also hold the ISBI 2012 challenge's `pixel_error` and
+        `rand_error` (`metrics.isbi_errors`; the Rand error's segments are those of each
+        whole predicted image, so use a mode that predicts the whole image).
 
     Under several processes each takes every `process_count()`-th example and the
-    confusion matrices are summed over all of them (every process must call this).
-    Returns `metrics.segmentation_scores` of the summed confusion matrix (void pixels
-    left out), plus `num_images`.
+    confusion matrices (and Rand pair counts) are summed over all of them (every process
+    must call this). Returns `metrics.segmentation_scores` of the summed confusion matrix
+    (void pixels left out), plus `num_images`.
     """
     from flaxseg.train.parallel import sum_over_processes
 
@@ -101,6 +109,8 @@ def evaluate(
         raise ValueError(
             f"nothing to evaluate: the source has {len(source)} examples, limit={limit}"
         )
+    if membrane_class is not None:
+        membrane_class = metrics.check_membrane_class(membrane_class, info.num_classes)
     if preprocess is None:
         unit = inference.normalizer()
 
@@ -110,6 +120,7 @@ def evaluate(
     confusion_fn = jax.jit(metrics.confusion_matrix, static_argnums=(2, 3))
     share = range(jax.process_index(), total, jax.process_count())
     batch_sizes: list[int] = []
+    rand_counts = np.zeros(4, np.int64)
 
     def batch_confusions() -> Iterable[dict[str, Any]]:
         for batch in _batches((preprocess(source[i]) for i in share), batch_size):
@@ -124,6 +135,10 @@ def evaluate(
                 )
             labels = _center_crop(batch["label"].astype(np.int32), *logits.shape[1:3])
             preds = np.argmax(logits, axis=-1).astype(np.int32)
+            if membrane_class is not None:
+                for label, pred in zip(labels, preds, strict=True):
+                    rand_counts[:] += metrics.rand_pair_counts(label, pred, membrane_class,
+                                                               info.ignore_index)
             batch_sizes.append(len(labels))
             yield {"confusion": confusion_fn(labels, preds, info.num_classes,
                                              info.ignore_index)}
@@ -134,7 +149,11 @@ def evaluate(
 
     sums = metrics.sum_batches(batch_confusions(), info.num_classes,
                                on_batch=on_progress and progress)
-    scores = metrics.segmentation_scores(sum_over_processes(sums.confusion), info.class_names)
+    confusion = sum_over_processes(sums.confusion)
+    scores = metrics.segmentation_scores(confusion, info.class_names)
+    if membrane_class is not None:
+        scores.update(metrics.isbi_errors(confusion, sum_over_processes(rand_counts),
+                                          membrane_class))
     scores["num_images"] = total
     return scores
 
@@ -283,10 +302,24 @@ def for_this_process(variables: Any, config: ml_collections.ConfigDict,
     return par.put_state(local), {**options, "sharding": sharding}
 
 
-def _like_the_loop(options: dict[str, Any], input_size: str, limit: int | None) -> bool:
-    """Whether the flags ask for exactly the training loop's evaluation."""
+def membrane_class_of(dataset: ml_collections.ConfigDict) -> int | None:
+    """A run's `dataset.membrane_class` (ISBI 2012: 0), None for other datasets; a run saved
+    before the key existed takes its dataset preset's."""
+    if "membrane_class" in dataset:
+        return dataset.membrane_class
+    from flaxseg.data import available_datasets, dataset_config
+
+    if dataset.name not in available_datasets():
+        return None
+    return dataset_config(dataset.name).get("membrane_class")
+
+
+def _like_the_loop(options: dict[str, Any], input_size: str, limit: int | None,
+                   membrane_class: int | None) -> bool:
+    """Whether the flags ask for exactly the training loop's evaluation (which has no ISBI
+    errors)."""
     return (options["mode"] == "whole" and input_size == "config" and not options["flip"]
-            and limit is None)
+            and limit is None and membrane_class is None)
 
 
 def _loop_evaluation(model: Any, variables: Any, config: ml_collections.ConfigDict,
@@ -321,7 +354,8 @@ def main(argv: list[str]) -> int:
         f"({len(source)} images, mode={options['mode']}, flip={options['flip']}, "
         f"input size: {input_size})"
     )
-    if _like_the_loop(options, input_size, values.limit):
+    membrane_class = membrane_class_of(config.dataset)
+    if _like_the_loop(options, input_size, values.limit, membrane_class):
         scores = _loop_evaluation(model, variables, config, source, values.batch_size)
     else:
         local_variables, local_options = for_this_process(variables, config, options)
@@ -332,6 +366,7 @@ def main(argv: list[str]) -> int:
             preprocess=eval_preprocess(config, input_size),
             limit=values.limit,
             on_progress=_progress if jax.process_index() == 0 else None,
+            membrane_class=membrane_class,
             **local_options,
         )
     distributed.say(metrics.format_scores_table(scores))

@@ -8,6 +8,12 @@ batches: the one evaluation routine of the training loop and `python -m flaxseg.
 `segmentation_scores` turns the summed counts into the four numbers of Long et al.,
 "Fully Convolutional Networks for Semantic Segmentation" (section 5), computed exactly
 as the paper's reference `score.py` does, plus per-class IoU, accuracy and Dice.
+
+For binary membrane maps (ISBI 2012: membrane vs cell interior), `rand_pair_counts` (per
+slice, on the host, additive over slices) and `isbi_errors` give the ISBI 2012 EM
+segmentation challenge's pixel error and Rand error, as the challenge's scorer (Fiji's
+Trainable_Segmentation `PixelError` / `RandError`, I. Arganda-Carreras) computes them;
+see `isbi_errors`. The challenge's third measure, the warping error, is not computed.
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxseg.extras import require
+
 SUMMARY_KEYS = ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")
+ISBI_KEYS = ("pixel_error", "rand_error")
 
 
 def confusion_matrix(
@@ -225,6 +234,86 @@ def segmentation_scores(confusion: Any, class_names: Sequence[str] | None = None
     }
 
 
+def check_membrane_class(membrane_class: Any, num_classes: int) -> int:
+    """`membrane_class` as an int in `[0, num_classes)`, or ValueError naming the fix."""
+    if (not isinstance(membrane_class, int | np.integer) or isinstance(membrane_class, bool)
+            or not 0 <= membrane_class < num_classes):
+        raise ValueError(
+            f"membrane_class must be the class index of the membranes (boundaries), an int in "
+            f"[0, {num_classes}); got {membrane_class!r}. For ISBI 2012 it is 0."
+        )
+    return int(membrane_class)
+
+
+def rand_pair_counts(
+    labels: Any, preds: Any, membrane_class: int, ignore_index: int = 255
+) -> np.ndarray:
+    """One slice's pair counts for the ISBI 2012 Rand error: int64 `[4]`, additive over slices.
+
+    Args:
+      labels, preds: integer class maps `[H, W]` (truth, prediction); every class but
+        `membrane_class` is non-membrane. Void truth pixels (`ignore_index`) are left out
+        like truth membrane.
+      membrane_class: the class index of the membranes.
+
+    The segments are the 4-connected components of each map's non-membrane region. Only
+    pixels in the truth's segments are counted (the foreground restriction); of those, a
+    pixel predicted as membrane is a segment of its own. With n_ij the counted pixels in
+    truth segment i and predicted segment j, pairs are ordered and include a pixel with
+    itself (the N^2 normalisation of the challenge's scorer, `RandError.
+    foregroundRestrictedStatsN2`). Returns `[sum_ij n_ij^2, sum_i (sum_j n_ij)^2,
+    sum_j (sum_i n_ij)^2, n]`: pairs together in both maps, in the truth, in the
+    prediction, and the counted pixels.
+    """
+    ndimage = require("scipy.ndimage", "The Rand error's connected components")
+
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    if labels.ndim != 2 or labels.shape != preds.shape:
+        raise ValueError(
+            f"labels {labels.shape} and preds {preds.shape} must be one [H, W] slice each."
+        )
+    foreground = (labels != membrane_class) & (labels != ignore_index)
+    truth = ndimage.label(foreground)[0][foreground].astype(np.int64)  # 4-connected
+    pred = ndimage.label(preds != membrane_class)[0][foreground].astype(np.int64)
+    alone = pred == 0  # predicted membrane: singletons, each paired only with itself
+    num_alone = np.int64(alone.sum())
+    in_truth, in_pred = truth[~alone], pred[~alone]
+    joint = np.unique(in_truth * (int(in_pred.max(initial=0)) + 1) + in_pred,
+                      return_counts=True)[1].astype(np.int64)
+    truth_sizes = np.bincount(truth).astype(np.int64)
+    pred_sizes = np.bincount(in_pred).astype(np.int64)
+    return np.array([joint @ joint + num_alone, truth_sizes @ truth_sizes,
+                     pred_sizes @ pred_sizes + num_alone, truth.size], np.int64)
+
+
+def isbi_errors(confusion: Any, rand_counts: Any, membrane_class: int) -> dict[str, float]:
+    """The ISBI 2012 challenge's pixel error and Rand error of binary membrane maps.
+
+    Both are 1 - an F-score whose counts are summed over the slices first, as the
+    challenge's scorer does (its `getPixelErrorMaximalFScore` and
+    `getForegroundRestrictedRandIndexMaximalFScore`, which also take the best of 11
+    thresholds of a probability map; a binary map has one):
+
+    * `pixel_error` = 1 - 2 tp / (2 tp + fp + fn), positives the non-membrane pixels, from
+      the summed confusion matrix `[C, C]` (rows truth; void already left out).
+    * `rand_error` = 1 - 2 s_both / (s_truth + s_pred), the foreground-restricted Rand
+      F-score, from the summed `rand_pair_counts` (precision s_both / s_pred, recall
+      s_both / s_truth).
+
+    Returns Python floats, NaN where nothing was counted.
+    """
+    matrix = _as_int64_confusion(confusion)
+    membrane = check_membrane_class(membrane_class, matrix.shape[0])
+    rest = np.arange(matrix.shape[0]) != membrane
+    tp = matrix[np.ix_(rest, rest)].sum()
+    wrong = matrix[membrane, rest].sum() + matrix[rest, membrane].sum()
+    both, truth, pred, _ = (int(c) for c in np.asarray(rand_counts, np.int64))
+    return {
+        "pixel_error": 1.0 - 2.0 * tp / (2.0 * tp + wrong) if tp + wrong else math.nan,
+        "rand_error": 1.0 - 2.0 * both / (truth + pred) if truth + pred else math.nan,
+    }
+
+
 def flatten_scores(scores: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Flat scalar tags for summary writers: `mean_iou`, ..., `iou/<class>`, `dice/<class>`."""
     flat = {f"{prefix}{key}": scores[key] for key in (*SUMMARY_KEYS, "mean_dice")}
@@ -247,4 +336,7 @@ def format_scores_table(scores: dict[str, Any]) -> str:
     for name, values in scores["per_class"].items():
         cells = "  ".join(pct(values[key]) for key in ("iou", "accuracy", "dice"))
         lines.append(f"{name:<{width}}  {cells}")
+    if all(key in scores for key in ISBI_KEYS):
+        errors = "  ".join(f"{scores[key]:11.6f}" for key in ISBI_KEYS)
+        lines += ["", "pixel error   Rand error  (ISBI 2012 challenge)", errors]
     return "\n".join(lines)

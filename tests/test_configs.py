@@ -49,6 +49,15 @@ def test_fcn_configs_follow_the_paper():
     assert configs.get_config("fcn8s_voc").init_from == "runs/fcn16s"
 
 
+def test_unet_isbi_follows_the_paper():
+    config = configs.get_config("unet_isbi")
+    model, augment = config.model, config.augment
+    assert (model.name, model.features, model.depth, config.dataset.image_size) == (
+        "unet_valid", 64, 4, (572, 572))
+    # Section 3.1: elastic deformations on a 3x3 grid of 10 px standard deviation.
+    assert (augment.elastic, augment.elastic_grid, augment.elastic_sigma) == (True, 3, 10.0)
+
+
 def test_default_config_is_small_synthetic_unet():
     config = configs.get_config("default")
     assert (config.model.name, config.dataset.name, config.parallel) == (

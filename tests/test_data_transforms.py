@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from flaxseg.data import augment_config, transforms
 from flaxseg.data.config import IMAGENET_MEAN, IMAGENET_STD
@@ -159,6 +160,9 @@ def test_eval_pad_resize_and_normalisation():
         (dict(normalize="custom", mean=(0.5, 0.5), std=(0.5, 0.5)), "mean/std"),
         (dict(normalize="custom", mean=(0.5,), std=(0.0,)), "std must be positive"),
         (dict(normalize="imagenet"), "3-channel"),
+        (dict(elastic=True, elastic_grid=1), "elastic_grid"),
+        (dict(elastic=True, elastic_sigma=-1.0), "elastic_sigma"),
+        (dict(elastic=True, elastic_interpolation="nearest"), "elastic_interpolation"),
     ],
 )
 def test_bad_augment_config_errors(overrides, message):
@@ -178,3 +182,103 @@ def test_unknown_augment_key_and_bad_examples():
         transforms.eval_transform(
             {"image": example["image"][..., 0], "label": example["label"]}, image_size=8
         )
+
+
+# -- elastic deformation (Ronneberger et al. 2015, section 3.1) ------------------------------
+
+
+def mirror_index(index, size):
+    """scipy.ndimage's 'mirror' extension (d c b | a b c d | c b a) of integer indices."""
+    period = 2 * (size - 1)
+    index = np.abs(index) % period
+    return np.where(index > size - 1, period - index, index)
+
+
+def reference_field(seed, shape, grid=3, sigma=10.0):
+    """The paper's field by direct evaluation: a cubic spline through the grid's vectors at
+    every pixel's coordinate on the grid (ndimage.map_coordinates), the same draws."""
+    vectors = np.random.default_rng(seed).normal(0.0, sigma, size=(2, grid, grid))
+    h, w = shape
+    yy, xx = np.meshgrid(np.arange(h) * (grid - 1) / (h - 1), np.arange(w) * (grid - 1) / (w - 1),
+                         indexing="ij")
+    return vectors, np.stack([ndimage.map_coordinates(v, (yy, xx), order=3, mode="mirror")
+                              for v in vectors])
+
+
+def reference_warp(image, label, field, ignore=IGNORE):
+    """Bilinear image with mirrored borders, nearest mask with void outside: plain NumPy."""
+    h, w = label.shape
+    rows = np.arange(h)[:, None] + field[0]
+    cols = np.arange(w)[None, :] + field[1]
+    y0, x0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
+    ty, tx = (rows - y0)[..., None], (cols - x0)[..., None]
+    img = image.astype(np.float64)
+
+    def at(y, x):
+        return img[mirror_index(y, h), mirror_index(x, w)]
+
+    warped = ((1 - ty) * (1 - tx) * at(y0, x0) + (1 - ty) * tx * at(y0, x0 + 1)
+              + ty * (1 - tx) * at(y0 + 1, x0) + ty * tx * at(y0 + 1, x0 + 1))
+    ny, nx = np.rint(rows).astype(int), np.rint(cols).astype(int)
+    inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+    out_label = np.where(inside, label[np.clip(ny, 0, h - 1), np.clip(nx, 0, w - 1)], ignore)
+    return warped, out_label
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_elastic_zero_displacement_is_the_identity(interpolation):
+    example = class_coded_example(height=37, width=45)
+    example["image"] = np.random.default_rng(0).integers(0, 256, (37, 45, 3), dtype=np.uint8)
+    out = transforms.elastic_deform(example, np.random.default_rng(0), sigma=0.0,
+                                    interpolation=interpolation)
+    np.testing.assert_array_equal(out["image"], example["image"])
+    np.testing.assert_array_equal(out["label"], example["label"])
+    assert out["image"].dtype == np.uint8 and out["label"].dtype == np.int32
+
+
+@pytest.mark.parametrize("shape", [(65, 49), (512, 512)])
+def test_elastic_field_is_the_bicubic_interpolant_of_the_grid(shape):
+    vectors, expected = reference_field(seed=3, shape=shape)
+    field = transforms.elastic_displacement(np.random.default_rng(3), shape)
+    assert field.shape == (2, *shape)
+    np.testing.assert_allclose(field, expected, rtol=0, atol=1e-9)
+    # The 3x3 control points (corners, edge midpoints, centre) carry the drawn vectors.
+    h, w = shape
+    rows, cols = np.ix_([0, (h - 1) // 2, h - 1], [0, (w - 1) // 2, w - 1])
+    if h % 2 and w % 2:
+        np.testing.assert_allclose(field[:, rows, cols], vectors, rtol=0, atol=1e-9)
+
+
+def test_elastic_deform_matches_a_numpy_reference_warp():
+    example = class_coded_example(height=48, width=40, block=4, seed=1)
+    example["image"] = np.random.default_rng(1).integers(0, 256, (48, 40, 1), dtype=np.uint8)
+    out = transforms.elastic_deform(example, np.random.default_rng(7), sigma=6.0)
+    _, field = reference_field(seed=7, shape=(48, 40), sigma=6.0)
+    image, label = reference_warp(example["image"], example["label"], field)
+    # The image is rounded to uint8: within half a grey level of the exact value.
+    assert np.abs(out["image"] - image).max() <= 0.5 + 1e-3
+    np.testing.assert_array_equal(out["label"], label)
+    assert (label == IGNORE).any()  # 6 px on a 48 px image pulls some pixels from outside
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_elastic_mask_keeps_valid_classes_and_stays_registered(seed):
+    example = class_coded_example(height=64, width=64, block=16, seed=seed)
+    augment = augment_config(elastic=True, scale_range=(0.8, 1.25), **GEOMETRIC)
+    out = transforms.train_transform(example, transforms.example_rng(seed, 0, 0),
+                                     image_size=(56, 56), augment=augment)
+    label = out["label"]
+    assert set(np.unique(label)) <= set(np.unique(example["label"])) | {IGNORE}
+    valid = (label != IGNORE) & uniform_neighbourhood(label, 2)
+    assert valid.sum() > 0.3 * valid.size
+    np.testing.assert_array_equal(decode_class(out["image"])[valid], label[valid])
+
+
+def test_elastic_same_key_same_output():
+    example = class_coded_example()
+    augment = augment_config(elastic=True)
+    runs = [transforms.train_transform(example, transforms.example_rng(1, epoch, 3),
+                                       image_size=24, augment=augment) for epoch in (2, 2, 3)]
+    np.testing.assert_array_equal(runs[0]["image"], runs[1]["image"])
+    np.testing.assert_array_equal(runs[0]["label"], runs[1]["label"])
+    assert not np.array_equal(runs[0]["image"], runs[2]["image"])

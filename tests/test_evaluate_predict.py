@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flaxseg import evaluate, inference
+from flaxseg import evaluate, inference, metrics
 from flaxseg.data.base import SourceInfo
 
 
@@ -103,6 +103,42 @@ def test_evaluate_matches_a_numpy_oracle_over_mixed_sizes(model, crop):
     assert progress == [(2, 5), (3, 5), (4, 5), (5, 5)]
     limited = evaluate.evaluate(model, variables, ListSource(examples), limit=2)
     assert limited["num_images"] == 2
+
+
+def test_evaluate_adds_the_isbi_errors_for_membrane_maps():
+    model = ConvNet(num_classes=2)
+    variables = model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)))
+    examples = _examples([(8, 8), (8, 8), (8, 8)], num_classes=2)
+    source = ListSource(examples, num_classes=2)
+    scores = evaluate.evaluate(model, variables, source, batch_size=2, membrane_class=0)
+    confusion, counts = np.zeros((2, 2), np.int64), np.zeros(4, np.int64)
+    for example in examples:  # one image at a time
+        image = jnp.asarray(example["image"][None] / 255.0, jnp.float32)
+        pred = np.asarray(model.apply(variables, image)).argmax(-1)[0]
+        label = example["label"].astype(np.int32)
+        confusion += np.asarray(metrics.confusion_matrix(label, pred.astype(np.int32), 2))
+        counts += metrics.rand_pair_counts(label, pred, membrane_class=0)
+    want = metrics.isbi_errors(confusion, counts, membrane_class=0)
+    assert scores["pixel_error"] == pytest.approx(want["pixel_error"], rel=1e-12)
+    assert scores["rand_error"] == pytest.approx(want["rand_error"], rel=1e-12)
+    assert "rand_error" not in evaluate.evaluate(model, variables, source)
+    with pytest.raises(ValueError, match="membrane_class"):
+        evaluate.evaluate(model, variables, source, membrane_class=2)
+
+
+def test_the_membrane_class_comes_from_the_dataset_config():
+    import ml_collections
+
+    from flaxseg.data import dataset_config
+
+    assert evaluate.membrane_class_of(dataset_config("isbi2012")) == 0
+    assert evaluate.membrane_class_of(dataset_config("synthetic")) is None
+    assert evaluate.membrane_class_of(dataset_config("folder", membrane_class=1)) == 1
+    # A run saved before the key existed: its preset's value; an unknown tfds name: none.
+    saved = dataset_config("isbi2012").to_dict()
+    del saved["membrane_class"]
+    assert evaluate.membrane_class_of(ml_collections.ConfigDict(saved)) == 0
+    assert evaluate.membrane_class_of(ml_collections.ConfigDict({"name": "my_tfds"})) is None
 
 
 def test_evaluate_rejects_a_model_of_another_class_count():

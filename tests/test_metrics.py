@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
+from skimage import measure
+from skimage import metrics as skmetrics
 
 from flaxseg import metrics
 
@@ -160,3 +163,161 @@ def test_bad_inputs_raise_clear_errors():
         metrics.segmentation_scores(np.eye(3, dtype=int), ["a", "b"])
     with pytest.raises(TypeError, match="integer counts"):
         metrics.segmentation_scores(np.eye(3))
+
+
+# -- the ISBI 2012 challenge's pixel and Rand errors, against scikit-image -------------------
+
+MEMBRANE, INTERIOR = 0, 1
+
+
+def _membrane_map(seed, shape=(48, 64), membrane_fraction=0.3, smooth=2.5):
+    """Cells (1) separated by membrane (0): thresholded smooth noise, or pixel noise."""
+    noise = np.random.default_rng(seed).normal(size=shape)
+    if smooth:
+        noise = ndimage.gaussian_filter(noise, smooth)
+    return (noise > np.quantile(noise, membrane_fraction)).astype(np.int32)
+
+
+def _skimage_segments(binary_map, singletons):
+    """4-connected cells numbered from 1 (scikit-image); membrane 0, or each membrane pixel
+    a segment of its own (the prediction's membrane inside the truth's cells)."""
+    segments = measure.label(binary_map == INTERIOR, connectivity=1)
+    if singletons:
+        membrane = segments == 0
+        segments[membrane] = segments.max() + 1 + np.arange(membrane.sum())
+    return segments
+
+
+def _skimage_rand(truth, pred):
+    """(adapted Rand error as scikit-image defines it, the challenge's N^2 Rand error) from
+    scikit-image's segments and contingency table."""
+    truth_segments = _skimage_segments(truth, singletons=False)
+    pred_segments = _skimage_segments(pred, singletons=True)
+    adapted = skmetrics.adapted_rand_error(truth_segments, pred_segments, ignore_labels=(0,))[0]
+    table = skmetrics.contingency_table(truth_segments, pred_segments, ignore_labels=(0,),
+                                        sparse_type="array").toarray()
+    both, rows, cols = (table**2).sum(), table.sum(1), table.sum(0)
+    return adapted, 1.0 - 2.0 * both / (rows @ rows + cols @ cols)
+
+
+def _isbi(truth, pred):
+    confusion = np.asarray(metrics.confusion_matrix(jnp.asarray(truth), jnp.asarray(pred), 2))
+    counts = metrics.rand_pair_counts(truth, pred, MEMBRANE)
+    return metrics.isbi_errors(confusion, counts, MEMBRANE), counts
+
+
+def _pixel_error_oracle(truth, pred):
+    tp = np.sum((truth == INTERIOR) & (pred == INTERIOR))
+    fp = np.sum((truth == MEMBRANE) & (pred == INTERIOR))
+    fn = np.sum((truth == INTERIOR) & (pred == MEMBRANE))
+    return 1.0 - 2 * tp / (2 * tp + fp + fn)
+
+
+@pytest.mark.parametrize(
+    "truth_seed, pred_seed, smooth",
+    [(0, 0, 2.5), (0, 1, 2.5), (2, 3, 1.5), (4, 5, 0.0), (6, 6, 4.0)],
+)
+def test_isbi_errors_match_scikit_image(truth_seed, pred_seed, smooth):
+    truth = _membrane_map(truth_seed, smooth=smooth)
+    pred = _membrane_map(pred_seed, smooth=smooth, membrane_fraction=0.25)
+    if truth_seed == pred_seed:  # a near miss: the truth with 3% of its pixels flipped
+        pred = truth ^ (np.random.default_rng(9).random(truth.shape) < 0.03)
+    errors, counts = _isbi(truth, pred)
+    adapted, rand_n2 = _skimage_rand(truth, pred)
+    assert errors["rand_error"] == pytest.approx(rand_n2, rel=1e-12, abs=1e-15)
+    # The same counts, with distinct pairs only (minus each pixel with itself): scikit-image's.
+    both, in_truth, in_pred, n = (float(c) for c in counts)
+    distinct = 1.0 - (both - n) / (0.5 * (in_truth - n) + 0.5 * (in_pred - n))
+    assert distinct == pytest.approx(adapted, rel=1e-12, abs=1e-15)
+    assert n == np.sum(truth == INTERIOR)
+    assert errors["pixel_error"] == pytest.approx(_pixel_error_oracle(truth, pred), rel=1e-12)
+
+
+def test_rand_counts_add_over_slices_like_one_image_of_them_side_by_side():
+    truths = [_membrane_map(s) for s in range(3)]
+    preds = [_membrane_map(s + 10, membrane_fraction=0.2) for s in range(3)]
+    summed = sum(metrics.rand_pair_counts(t, p, MEMBRANE)
+                 for t, p in zip(truths, preds, strict=True))
+    # A membrane column between slices keeps their cells apart in both maps.
+    gap = np.zeros((truths[0].shape[0], 1), np.int32)
+    truth = np.concatenate([truths[0], gap, truths[1], gap, truths[2]], axis=1)
+    pred = np.concatenate([preds[0], gap, preds[1], gap, preds[2]], axis=1)
+    np.testing.assert_array_equal(summed, metrics.rand_pair_counts(truth, pred, MEMBRANE))
+    assert metrics.isbi_errors(np.eye(2, dtype=int), summed, MEMBRANE)["rand_error"] == (
+        pytest.approx(_skimage_rand(truth, pred)[1], rel=1e-12))
+
+
+def _two_cells(size=10):
+    """Two size x size cells side by side, a 1-pixel membrane between them and around."""
+    truth = np.zeros((size + 2, 2 * size + 3), np.int32)
+    truth[1:-1, 1 : size + 1] = INTERIOR
+    truth[1:-1, size + 2 : -1] = INTERIOR
+    return truth
+
+
+def test_isbi_errors_hand_computed():
+    truth = _two_cells(size=10)  # cells of a = 100 pixels, a membrane line of 10 between
+    errors, _ = _isbi(truth, truth)
+    assert errors == {"pixel_error": 0.0, "rand_error": 0.0}
+    # A merge: the line between the cells predicted as interior. Pairs together: truth
+    # 2 a^2, prediction (2a)^2 -> Rand F = 2 * 2a^2 / (2a^2 + 4a^2) = 2/3.
+    merged = truth.copy()
+    merged[1:-1, 11] = INTERIOR
+    errors, counts = _isbi(truth, merged)
+    np.testing.assert_array_equal(counts, [2 * 100**2, 2 * 100**2, 200**2, 200])
+    assert errors["rand_error"] == pytest.approx(1 / 3, rel=1e-12)
+    assert errors["pixel_error"] == pytest.approx(1 - 2 * 200 / (2 * 200 + 10), rel=1e-12)
+    # A split: a membrane line through the second cell; its 10 pixels are singletons, the
+    # parts hold 40 and 50 pixels: together in both 40^2 + 50^2 + 100^2 (first cell) + 10.
+    split = truth.copy()
+    split[1:-1, 17] = MEMBRANE
+    both = 50**2 + 40**2 + 100**2 + 10
+    errors, counts = _isbi(truth, split)
+    np.testing.assert_array_equal(counts, [both, 2 * 100**2, both, 200])
+    assert errors["rand_error"] == pytest.approx(1 - 2 * both / (2 * 100**2 + both))
+    # Everything membrane: each counted pixel alone.
+    errors, counts = _isbi(truth, np.zeros_like(truth))
+    np.testing.assert_array_equal(counts, [200, 2 * 100**2, 200, 200])
+    assert errors["pixel_error"] == 1.0
+
+
+def test_void_truth_pixels_are_left_out_of_the_rand_counts():
+    truth = _two_cells(size=10)
+    pred = truth.copy()
+    pred[1:-1, 11] = INTERIOR  # merged
+    voided = truth.copy()
+    voided[1:-1, 12:-1] = IGNORE  # the second cell is void: nothing left to merge
+    counts = metrics.rand_pair_counts(voided, pred, MEMBRANE, ignore_index=IGNORE)
+    np.testing.assert_array_equal(counts, [100**2, 100**2, 100**2, 100])
+
+
+def test_isbi_bad_inputs_and_table():
+    with pytest.raises(ValueError, match="membrane_class must be .* in \\[0, 2\\)"):
+        metrics.isbi_errors(np.eye(2, dtype=int), np.zeros(4, int), membrane_class=2)
+    with pytest.raises(ValueError, match="membrane_class"):
+        metrics.check_membrane_class("0", 2)
+    with pytest.raises(ValueError, match="one \\[H, W\\] slice"):
+        metrics.rand_pair_counts(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), MEMBRANE)
+    nothing = metrics.isbi_errors(np.zeros((2, 2), int), np.zeros(4, int), MEMBRANE)
+    assert all(math.isnan(v) for v in nothing.values())
+    truth = _two_cells()
+    scores = metrics.segmentation_scores(np.eye(2, dtype=int))
+    scores.update(_isbi(truth, truth)[0])
+    table = metrics.format_scores_table(scores)
+    assert "pixel error   Rand error" in table and "   0.000000     0.000000" in table
+
+
+def test_isbi_errors_on_the_real_slices_match_scikit_image(isbi_dir):
+    from flaxseg.data import create_source, dataset_config
+
+    source = create_source(dataset_config("isbi2012", path=isbi_dir), "val")
+    for index in range(2):
+        truth = source[index]["label"].astype(np.int32)
+        # A plausible prediction: membranes 1 px thicker (cells shrink, thin ones split),
+        # and 1% of the pixels flipped.
+        pred = np.where(ndimage.binary_dilation(truth == MEMBRANE), MEMBRANE, INTERIOR)
+        pred ^= np.random.default_rng(index).random(truth.shape) < 0.01
+        errors, _ = _isbi(truth, pred)
+        assert errors["rand_error"] == pytest.approx(_skimage_rand(truth, pred)[1], rel=1e-12)
+        assert errors["pixel_error"] == pytest.approx(_pixel_error_oracle(truth, pred), rel=1e-12)
+        assert 0.0 < errors["rand_error"] < 1.0 and 0.0 < errors["pixel_error"] < 1.0

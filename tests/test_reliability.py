@@ -162,3 +162,24 @@ def test_a_full_disk_stops_the_run_naming_the_intact_checkpoints(tmp_path):
     assert "step 5/" not in out  # it stopped there, not training on without checkpoints
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
     assert not (workdir / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("module, extra", [("scipy", "scipy"), ("h5py", "h5"), ("torch", "torch")])
+def test_a_missing_optional_dependency_names_the_extra_to_install(monkeypatch, module, extra):
+    from flaxseg.extras import require
+    from flaxseg.models.weights import WeightsError
+
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(WeightsError, match=rf"Reading x needs {module}: "
+                                           rf"pip install 'flaxseg\[{extra}\]'"):
+        require(module, "Reading x", WeightsError)
+
+
+def test_the_rand_error_without_scipy_says_how_to_get_it(monkeypatch):
+    import numpy as np
+
+    from flaxseg.metrics import rand_pair_counts
+
+    monkeypatch.setitem(sys.modules, "scipy.ndimage", None)
+    with pytest.raises(ImportError, match=r"Rand error.*pip install 'flaxseg\[scipy\]'"):
+        rand_pair_counts(np.zeros((4, 4), np.int32), np.zeros((4, 4), np.int32), 0)

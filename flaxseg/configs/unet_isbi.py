@@ -2,7 +2,9 @@
 
 The VALID (unpadded) U-Net, 64 base features, depth 4, one input channel, two classes
 (membrane, interior); SGD with momentum 0.99 and batch 1 of large tiles, as the paper
-trains; elastic-free augmentation here (flips, 90-degree rotations, scaling). The data
+trains; the paper's elastic deformations (3x3 control points, 10 px standard deviation,
+bicubic displacement field; `--config.augment.elastic=False` turns them off), then
+flips, 90-degree rotations, scaling and a little brightness/contrast jitter. The data
 path comes from --config.dataset.path or $FLAXSEG_ISBI_DIR:
 
     python -m flaxseg.train --config=flaxseg/configs/unet_isbi.py --workdir=runs/isbi \
@@ -25,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset = dataset_config("isbi2012", image_size=(572, 572))
     config.augment = augment_config(
         scale_range=(0.8, 1.25), hflip=True, vflip=True, rot90=True,
-        brightness=0.1, contrast=0.1, saturation=0.0,
+        brightness=0.1, contrast=0.1, saturation=0.0, elastic=True,
     )
     config.optimizer = optimizer_config(name="sgd", learning_rate=1e-2, momentum=0.99)
     config.batch_size = 1

@@ -32,6 +32,7 @@ from flaxseg.data.base import (
 )
 from flaxseg.data.config import dataset_config
 from flaxseg.data.layouts import SPLITS, Listing, Pair, listing
+from flaxseg.extras import require
 
 # PIL mode -> channels of the uint8 array flaxseg makes of it (P is expanded to RGB).
 _IMAGE_MODES = {"1": 1, "L": 1, "LA": 2, "P": 3, "RGB": 3, "RGBA": 4}
@@ -100,12 +101,8 @@ def load_mask(path: str) -> np.ndarray:
 
 def _load_sbd_mask(path: str) -> np.ndarray:
     """SBD's `cls/<id>.mat`: the class-index map `GTcls.Segmentation`, uint8 `[H, W]`."""
-    try:
-        from scipy.io import loadmat
-        from scipy.io.matlab import MatReadError
-    except ImportError:
-        raise ValueError(f"{path}: reading SBD's .mat masks needs scipy: "
-                         "pip install 'flaxseg[scipy]'") from None
+    sio = require("scipy.io", f"{path}: reading SBD's .mat masks", ValueError)
+    loadmat, MatReadError = sio.loadmat, sio.matlab.MatReadError
     try:
         segmentation = loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
     except (KeyError, AttributeError):

@@ -4,11 +4,13 @@ Images enter as uint8 `[H, W, C]` and labels as uint8/int32 `[H, W]`; they leave
 as float32 `[h, w, C]` (normalised) and int32 `[h, w]`, `(h, w) = image_size`.
 Every geometric step is applied to both with the same parameters: the image is
 resampled bilinearly, the mask by nearest neighbour (PIL, pixel-centre aligned,
-so the two stay registered), and padding gives the mask `ignore_index`.
+so the two stay registered), and padding gives the mask `ignore_index`. The elastic
+deformation of the U-Net paper (`elastic_deform`) resamples with `scipy.ndimage`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import ml_collections
@@ -16,12 +18,15 @@ import numpy as np
 from PIL import Image
 
 from flaxseg.data.config import IMAGENET_MEAN, IMAGENET_STD, normalize_image_size
+from flaxseg.extras import require
 
 Example = dict[str, np.ndarray]
 
 _PAD_VALUES = ("zero", "mean")
 _NORMALIZE = ("unit", "imagenet", "custom")
 _EVAL_RESIZE = ("pad", "resize")
+# Image resampling of the elastic deformation -> spline order of scipy.ndimage.
+_ELASTIC_ORDERS = {"bilinear": 1, "bicubic": 3}
 
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -45,7 +50,30 @@ def validate_augment(augment: ml_collections.ConfigDict, num_channels: int) -> N
         raise ValueError(
             f"augment.eval_resize must be one of {_EVAL_RESIZE}, got {augment.eval_resize!r}."
         )
+    _validate_elastic(augment)
     normalization_stats(augment, num_channels)
+
+
+def _validate_elastic(augment: ml_collections.ConfigDict) -> None:
+    # .get: a config saved before the elastic keys existed has elastic off.
+    if not augment.get("elastic", False):
+        return
+    grid, sigma = augment.elastic_grid, augment.elastic_sigma
+    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 2:
+        raise ValueError(
+            f"augment.elastic_grid must be an int >= 2 (control points per side; the U-Net "
+            f"paper uses 3), got {grid!r}."
+        )
+    if not isinstance(sigma, int | float) or not 0 <= sigma < math.inf:
+        raise ValueError(
+            f"augment.elastic_sigma must be a finite number >= 0 (pixels; the paper uses 10), "
+            f"got {sigma!r}."
+        )
+    if augment.elastic_interpolation not in _ELASTIC_ORDERS:
+        raise ValueError(
+            f"augment.elastic_interpolation must be one of {tuple(_ELASTIC_ORDERS)}, got "
+            f"{augment.elastic_interpolation!r}."
+        )
 
 
 def normalization_stats(
@@ -142,6 +170,81 @@ def _check_example(example: Example) -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
+@functools.cache
+def _cubic_spline_weights(length: int, points: int) -> np.ndarray:
+    """float64 `[length, points]`: row i interpolates `points` control values at pixel i.
+
+    The control points are spread evenly from the first pixel's centre to the last's; the
+    weights are those of `scipy.ndimage.zoom(order=3, grid_mode=False)` (a cubic spline,
+    linear in its input, so zooming the unit vectors gives them). Read-only (cached).
+    """
+    ndimage = require("scipy.ndimage", "The elastic deformation")
+    unit = np.eye(points)
+    weights = np.stack(
+        [ndimage.zoom(unit[k], length / points, order=3, mode="mirror", grid_mode=False)
+         for k in range(points)],
+        axis=1,
+    )
+    weights.flags.writeable = False
+    return weights
+
+
+def elastic_displacement(
+    rng: np.random.Generator, shape_hw: tuple[int, int], *, grid: int = 3, sigma: float = 10.0
+) -> np.ndarray:
+    """The U-Net paper's displacement field: float64 `[2, H, W]`, (dy, dx) in pixels.
+
+    Ronneberger et al. (2015), section 3.1: random displacement vectors on a coarse
+    `grid` x `grid` lattice, drawn from a Gaussian with `sigma` pixels standard deviation
+    (`rng.normal`, shape `[2, grid, grid]`), per-pixel displacements by bicubic
+    interpolation. The lattice's outer points sit on the border pixels; the bicubic
+    interpolation is the tensor product of 1-D cubic splines (`ndimage.zoom(order=3)`),
+    computed as `W_y @ vectors @ W_x^T` since the spline is linear in its control values.
+    """
+    h, w = shape_hw
+    vectors = rng.normal(0.0, sigma, size=(2, grid, grid))
+    return _cubic_spline_weights(h, grid) @ vectors @ _cubic_spline_weights(w, grid).T
+
+
+def elastic_deform(
+    example: Example,
+    rng: np.random.Generator,
+    *,
+    grid: int = 3,
+    sigma: float = 10.0,
+    interpolation: str = "bilinear",
+    ignore_index: int = 255,
+) -> Example:
+    """Deforms image and mask by one `elastic_displacement` field (pixel p takes the value at
+    p + displacement(p)).
+
+    The image is resampled by `interpolation` ('bilinear' or 'bicubic' spline,
+    `scipy.ndimage.map_coordinates`), mirrored where the source point lies outside (the
+    edge pixel not repeated: the U-Net paper's mirroring) and rounded back to uint8. The
+    mask takes its nearest source pixel, or `ignore_index` where that lies outside the
+    image, so it holds only its own values and void. Returns `{'image': uint8 [H, W, C],
+    'label': int32 [H, W]}`.
+    """
+    ndimage = require("scipy.ndimage", "The elastic deformation")
+    image, label = _check_example(example)
+    h, w = label.shape
+    dy, dx = elastic_displacement(rng, (h, w), grid=grid, sigma=sigma)
+    rows, cols = np.arange(h)[:, None] + dy, np.arange(w)[None, :] + dx
+    order = _ELASTIC_ORDERS[interpolation]
+    planes = [
+        ndimage.map_coordinates(image[..., c], (rows, cols), output=np.float32, order=order,
+                                mode="mirror")
+        for c in range(image.shape[-1])
+    ]
+    warped = np.clip(np.rint(np.stack(planes, axis=-1)), 0, 255).astype(np.uint8)
+    # Nearest neighbour by hand: a source point outside the pixel grid is void, not clamped.
+    src_y, src_x = np.floor(rows + 0.5).astype(np.intp), np.floor(cols + 0.5).astype(np.intp)
+    inside = (src_y >= 0) & (src_y < h) & (src_x >= 0) & (src_x < w)
+    out_label = np.full((h, w), ignore_index, np.int32)
+    out_label[inside] = label[src_y[inside], src_x[inside]]
+    return {"image": warped, "label": out_label}
+
+
 def train_transform(
     example: Example,
     rng: np.random.Generator,
@@ -150,17 +253,25 @@ def train_transform(
     augment: ml_collections.ConfigDict,
     ignore_index: int = 255,
 ) -> Example:
-    """Random rot90 -> scale -> crop/pad -> jitter -> normalise -> flips, image and mask jointly.
+    """Random elastic -> rot90 -> scale -> crop/pad -> jitter -> normalise -> flips, jointly.
 
-    The scale factor is drawn log-uniformly from `augment.scale_range`; the crop
-    window is uniform over all placements, and an image smaller than the crop lands at
-    a random position in a canvas padded with `pad_value` (mask: `ignore_index`).
+    `augment.elastic` deforms image and mask first (`elastic_deform`, with
+    `elastic_grid`, `elastic_sigma`, `elastic_interpolation`). The scale factor is drawn
+    log-uniformly from `augment.scale_range`; the crop window is uniform over all
+    placements, and an image smaller than the crop lands at a random position in a canvas
+    padded with `pad_value` (mask: `ignore_index`).
     Returns `{'image': float32 [h, w, C], 'label': int32 [h, w]}`.
     """
     image, label = _check_example(example)
     crop_h, crop_w = normalize_image_size(image_size)
     channels = image.shape[-1]
     mean, std = normalization_stats(augment, channels)
+    if augment.get("elastic", False):
+        deformed = elastic_deform(
+            example, rng, grid=augment.elastic_grid, sigma=augment.elastic_sigma,
+            interpolation=augment.elastic_interpolation, ignore_index=ignore_index,
+        )
+        image, label = deformed["image"], deformed["label"]
     if augment.rot90:
         k = int(rng.integers(0, 4))
         image, label = np.rot90(image, k), np.rot90(label, k)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from flaxseg.extras import require
 from flaxseg.models.backbones import VGG16, AlexNet, ResNet
 from flaxseg.normalization import CAFFE, IMAGENET, Normalization
 
@@ -92,11 +93,7 @@ def file_format(path: str | os.PathLike) -> str:
 
 def read_torch(path: str) -> dict[str, np.ndarray]:
     """A torchvision state dict as `{key: float32 array}` (`torch.load(weights_only=True)`)."""
-    try:
-        import torch
-    except ImportError as e:
-        raise WeightsError(f"Reading {path} needs PyTorch: pip install 'flaxseg[torch]'."
-                           ) from e
+    torch = require("torch", f"Reading {path}", WeightsError)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
@@ -111,10 +108,7 @@ def read_torch(path: str) -> dict[str, np.ndarray]:
 
 def read_keras(path: str) -> dict[str, np.ndarray]:
     """A Keras (2.x) HDF5 weights file as `{'layer/0': kernel, 'layer/1': bias, ...}`."""
-    try:
-        import h5py
-    except ImportError as e:
-        raise WeightsError(f"Reading {path} needs h5py: pip install 'flaxseg[h5]'.") from e
+    h5py = require("h5py", f"Reading {path}", WeightsError)
 
     def text(value) -> str:
         return value.decode() if isinstance(value, bytes) else str(value)
