@@ -417,3 +417,12 @@ def test_a_truncated_mask_ends_training_with_one_line_naming_it(tmp_path):
                      f"{tmp_path / 'data'}` finds every such file."], result.stderr
     assert "Traceback" not in result.stderr
     assert file_mtimes(tmp_path / "data") == before
+
+
+def test_an_empty_split_counts_each_folder_against_its_own_suffix(tmp_path, capsys):
+    _tree("mmseg", tmp_path)
+    assert data_cli(["check", str(tmp_path), "--image-suffix", "_rgb.jpg",
+                     "--mask-suffix", "_label.png"]) == 1
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'img_dir' / 'train'} holds 3 image file(s), 0 ending in '_rgb.jpg'" in out
+    assert f"{tmp_path / 'ann_dir' / 'train'} holds 3 image file(s), 0 ending in '_label.png'" in out

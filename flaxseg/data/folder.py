@@ -270,8 +270,8 @@ def list_split(config: ml_collections.ConfigDict, split: str) -> Listing:
 
 def empty_split_message(config: ml_collections.ConfigDict, split: str, found: Listing) -> str:
     """Why a split has no pairs: what each folder it looked in holds, and the layouts."""
-    suffix = config.image_suffix
-    seen = "; ".join(layouts.describe_folder(p, suffix) for p in found.looked_in)
+    seen = "; ".join(layouts.describe_folder(p, found.suffixes.get(p, ""))
+                     for p in found.looked_in)
     return (f"split {split!r} of {config.path} ({config.layout} layout) is empty: {seen}. "
             f"flaxseg reads these layouts (dataset.layout forces one):\n"
             f"{layouts.layouts_help()}")

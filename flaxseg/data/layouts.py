@@ -79,11 +79,13 @@ class Pair:
 
 @dataclasses.dataclass
 class Listing:
-    """A split's pairs, the problems met listing them, and the folders/files looked in."""
+    """A split's pairs, the problems met listing them, and the folders/files looked in
+    (with the file-name suffix each was searched for, where one was)."""
 
     pairs: list[Pair]
     problems: list[str]
     looked_in: list[str]
+    suffixes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def describe_folder(path: str, suffix: str = "") -> str:
@@ -164,7 +166,8 @@ def pair_files(
             f"{len(no_image)} mask(s) without an image in {images_dir}: {listing(no_image)}"
         )
     pairs = [Pair(s, (images[s],), masks[s]) for s in sorted(set(images) & set(masks))]
-    return Listing(pairs, problems, [images_dir, masks_dir])
+    return Listing(pairs, problems, [images_dir, masks_dir],
+                   {images_dir: image_suffix, masks_dir: mask_suffix})
 
 
 def fraction_split(pairs: list[Pair], config: Config, split: str) -> list[Pair]:
