@@ -77,11 +77,11 @@ def test_quick_writes_every_field(quick_run):
     assert table.count("\n| cpu | unet | 32 |") == len(records) and table.strip() in stdout
 
 
-def test_memory_only_reports_each_remat_policy_and_partition_count(tmp_path):
+def test_memory_only_reports_each_partition_count_without_running(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.throughput", "--models=unet", "--features=4",
-         "--depth=2", "--image_sizes=32", "--batch_sizes=2", "--remat=none,block",
+         "--depth=2", "--image_sizes=32", "--batch_sizes=2", "--remat=block",
          "--spatial_partitions=1,2", "--num_devices=2", "--memory_only",
          f"--out_dir={tmp_path}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
@@ -89,15 +89,13 @@ def test_memory_only_reports_each_remat_policy_and_partition_count(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "results.jsonl") as f:
         records = {(r["remat"], r["spatial_partitions"]): r for r in map(json.loads, f)}
-    assert sorted(records) == [("block", 1), ("block", 2), ("none", 1), ("none", 2)]
+    assert sorted(records) == [("block", 1), ("block", 2)]
     for (remat, split), r in records.items():
         assert r["compiled_memory_bytes"] > 0 and "step_ms_median" not in r
         # Each of the `split` devices keeps its share of the image's activations.
         assert r["saved_activation_bytes"] == records[remat, 1]["saved_activation_bytes"] // split
-    saved = {key: r["saved_activation_bytes"] for key, r in records.items()}
-    assert saved["block", 1] < saved["none", 1]
     assert not (tmp_path / "images_per_s.png").exists()
-    assert (tmp_path / "results.md").read_text().count("| cpu | unet | 32 |") == 4
+    assert (tmp_path / "results.md").read_text().count("| cpu | unet | 32 | 2 |") == 2
 
 
 def test_mfu_arithmetic():

@@ -424,5 +424,5 @@ def test_an_empty_split_counts_each_folder_against_its_own_suffix(tmp_path, caps
     assert data_cli(["check", str(tmp_path), "--image-suffix", "_rgb.jpg",
                      "--mask-suffix", "_label.png"]) == 1
     out = capsys.readouterr().out
-    assert f"{tmp_path / 'img_dir' / 'train'} holds 3 image file(s), 0 ending in '_rgb.jpg'" in out
-    assert f"{tmp_path / 'ann_dir' / 'train'} holds 3 image file(s), 0 ending in '_label.png'" in out
+    for folder, suffix in (("img_dir", "_rgb.jpg"), ("ann_dir", "_label.png")):
+        assert f"{tmp_path / folder / 'train'} holds 3 image file(s), 0 ending in {suffix!r}" in out

@@ -116,17 +116,20 @@ def residual_bytes(model: Any, variables: Any, input_shape: tuple[int, ...]) -> 
     The residuals of `jax.vjp` with respect to the params (BatchNorm in training mode,
     dropout on), under `jax.eval_shape`: the activations each remat policy keeps or
     recomputes, plus the weights the backward pass reads (the same for every policy).
+    `variables` may be arrays or their `jax.ShapeDtypeStruct`s (`jax.eval_shape(model.init,
+    ...)`), so a model too large to initialise here can be measured.
     """
     from flaxseg.models import logits_of
 
-    def forward(params, images):
+    def forward(params, variables, images):
         outputs, _ = model.apply({**variables, "params": params}, images, train=True,
                                  rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
         return jnp.sum(logits_of(outputs))
 
-    def vjp_function(params, images):
-        return jax.vjp(functools.partial(forward, images=images), params)[1]
+    def vjp_function(variables, images):
+        bound = functools.partial(forward, variables=variables, images=images)
+        return jax.vjp(bound, variables["params"])[1]
 
     images = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
-    kept = jax.eval_shape(vjp_function, variables["params"], images)
+    kept = jax.eval_shape(vjp_function, variables, images)
     return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(kept)))
