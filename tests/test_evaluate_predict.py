@@ -12,6 +12,7 @@ from PIL import Image
 
 from flaxseg import evaluate, inference
 from flaxseg.data.base import SourceInfo
+from flaxseg.models import Geometry
 
 
 class ConvNet(nn.Module):
@@ -117,11 +118,18 @@ def test_evaluate_rejects_a_model_of_another_class_count():
 def test_default_mode_follows_the_architecture():
     class Same(nn.Module):
         depth: int = 3
-        padding: str = "SAME"
+
+        @nn.nowrap
+        def geometry(self):
+            return Geometry(stride=2**self.depth)
 
     class Valid(nn.Module):
         depth: int = 3
-        padding: str = "VALID"
+        padding: str = "SAME"  # field names say nothing: the declared geometry decides
+
+        @nn.nowrap
+        def geometry(self):
+            return Geometry(stride=8, output_size=lambda size: size - 4)
 
     assert inference.default_mode(Same()) == "pad"
     assert inference.default_mode(Valid()) == "overlap_tile"
