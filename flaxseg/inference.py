@@ -105,6 +105,13 @@ def output_size(
     return _output_shape(model, variables, height, width, channels)[:2]
 
 
+def num_classes(model: nn.Module, variables: Any, channels: int) -> int:
+    """K of the model's logits (abstract evaluation at its smallest input size)."""
+    geometry = model_geometry(model)
+    size = geometry.smallest_input(geometry.stride)
+    return _output_shape(model, variables, size, size, channels)[2]
+
+
 def default_mode(model: nn.Module) -> str:
     """The mode that segments any image size in full, from the model's geometry:
     `'overlap_tile'` for a net whose output is smaller than its input (the VALID U-Net),
@@ -410,13 +417,14 @@ def _split_pad(model: nn.Module, variables: Any, plan: Plan, images: np.ndarray,
     top, bottom, left, right = _pad_amounts(height, width, multiple)
     padded = np.asarray(tiling.mirror_pad(jnp.asarray(images), top, bottom, left, right))
     whole = dataclasses.replace(plan, mode="whole")
-    _check_size(model, variables, whole, padded.shape[1:])
+    check_size(model, variables, whole, padded.shape[1:])
     logits = _batches(model, variables, whole, padded, batch_size, sharding)
     return logits[:, top : top + height, left : left + width]
 
 
-def _check_size(model: nn.Module, variables: Any, plan: Plan, shape: tuple[int, ...]) -> None:
-    """A clear error for an image size the whole-image modes cannot take."""
+def check_size(model: nn.Module, variables: Any, plan: Plan, shape: tuple[int, ...]) -> None:
+    """Raises a clear ValueError for an image `(H, W, C)` the whole-image modes ('whole',
+    'pad') of `plan` cannot take (the tiled modes take any size)."""
     height, width, channels = shape
     if plan.mode == "whole":
         output_size(model, variables, height, width, channels)
@@ -499,7 +507,7 @@ def predict_logits(
     if mode == "pad" and sharding is not None:
         logits = _split_pad(model, variables, plan, images, batch_size, sharding)
     else:
-        _check_size(model, variables, plan, images.shape[1:])
+        check_size(model, variables, plan, images.shape[1:])
         logits = _batches(model, variables, plan, images, batch_size, sharding)
     return logits[0] if single else logits
 
