@@ -180,7 +180,7 @@ def parse_scales(scales: float | Sequence[float] | None) -> tuple[Fraction, ...]
     out = []
     for value in values:
         try:
-            scale = Fraction(value).limit_denominator(SCALE_DENOMINATOR)
+            scale = Fraction(float(value)).limit_denominator(SCALE_DENOMINATOR)
         except (TypeError, ValueError):
             raise ValueError(f"scales must be positive numbers, got {value!r}") from None
         if scale <= 0:
