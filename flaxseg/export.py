@@ -84,6 +84,13 @@ def symbolic_input(model: Any, plan: inference.Plan, channels: int
     return f"b, {sh}*h, {sw}*w, {channels}", (sh, sw)
 
 
+def check_platforms(platforms: Sequence[str]) -> None:
+    """ValueError unless `platforms` is a non-empty selection of `PLATFORMS`."""
+    unknown = sorted(set(platforms) - set(PLATFORMS))
+    if unknown or not platforms:
+        raise ValueError(f"platforms must be some of {PLATFORMS}, got {list(platforms)}")
+
+
 def export_procedure(
     model: Any, variables: Any, plan: inference.Plan, *, normalization: Normalization,
     channels: int, outputs: str = "labels", platforms: Sequence[str] = ("cpu",),
@@ -93,9 +100,7 @@ def export_procedure(
     H, W symbolic where the plan allows, else fixed to `image_size`. The size rule is a
     dict: `{'symbolic': True, 'multiple': [mh, mw]}` or `{'symbolic': False, 'height': H,
     'width': W, 'why': ...}`. Raises ValueError when neither works."""
-    unknown = sorted(set(platforms) - set(PLATFORMS))
-    if unknown or not platforms:
-        raise ValueError(f"platforms must be some of {PLATFORMS}, got {list(platforms)}")
+    check_platforms(platforms)
     variables = jax.device_get(variables)  # constants of the program, from the host
     exporter = jax.export.export(
         jax.jit(segmentation_function(model, variables, plan, normalization, outputs)),
@@ -209,6 +214,7 @@ def main(argv: list[str]) -> int:
     from flaxseg import evaluate
 
     values = flags.FLAGS
+    check_platforms(values.platforms)  # before the checkpoint is read
     model, variables, config, options = evaluate.load_run(argv)
     channels = int(config.dataset.num_channels)
     plan_options = {k: v for k, v in options.items() if k != "batch_size"}

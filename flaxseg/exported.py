@@ -52,11 +52,6 @@ class Artifact:
     def channels(self) -> int:
         return int(self.exported.in_avals[0].shape[3])
 
-    @property
-    def outputs(self) -> list[str]:
-        return self.info.get("outputs", ["labels"] if len(self.exported.out_avals) == 1
-                             and self.exported.out_avals[0].ndim == 3 else ["output"])
-
     def __call__(self, images: np.ndarray) -> Any:
         """uint8 `[B, H, W, C]` -> the artifact's outputs as NumPy (int32 labels
         `[B, H, W]` and/or float32 probabilities `[B, H, W, K]`)."""
