@@ -105,17 +105,17 @@ def export_procedure(
     exporter = jax.export.export(
         jax.jit(segmentation_function(model, variables, plan, normalization, outputs)),
         platforms=tuple(platforms))
-    symbolic, why = symbolic_input(model, plan, channels), "the model's output is not its "\
-        "input's size, so mode 'whole' needs one input size"
+    symbolic = symbolic_input(model, plan, channels)
+    why = "the model's output is not its input's size, so mode 'whole' needs one input size"
     if symbolic is not None:
         spec, multiple = symbolic
         try:
             shape = jax.export.symbolic_shape(spec)
             exported = exporter(jax.ShapeDtypeStruct(shape, jnp.uint8))
             return exported, {"symbolic": True, "multiple": list(multiple)}
-        except Exception as error:  # the model cannot trace with symbolic sizes
-            why = f"the model does not trace with symbolic H, W ({type(error).__name__}: " \
-                  f"{' '.join(str(error).split())[:200]})"
+        except Exception as error:  # the model's code needs concrete sizes: say which
+            detail = " ".join(str(error).split())[:200]
+            why = f"the model does not trace with symbolic H, W ({type(error).__name__}: {detail})"
     if image_size is None:
         raise ValueError(f"cannot export mode {plan.mode!r} for any image size: {why}. "
                          "Give --image_size=H,W to export it for one size.")
