@@ -317,24 +317,16 @@ def _initial_state(model_name: str, dtype: str, args_key: tuple, in_channels: in
     import jax
     import jax.numpy as jnp
 
-    from flaxseg.models import create_model
+    from flaxseg.models import create_model, model_geometry
     from flaxseg.train import create_optimizer, create_train_state
 
     num_classes, kwargs = args_key[0], dict(args_key[1])
     model = create_model(model_name, num_classes=num_classes, dtype=jnp.dtype(dtype), **kwargs)
     tx = create_optimizer({"name": "adam", "learning_rate": 1e-3}, num_train_steps=1)
-    # The smallest input each model accepts cheaply: the VALID U-Net needs a valid size.
-    size = _init_size(model_name, kwargs)
+    # A small input the model takes (its declared geometry: the VALID U-Net's sizes).
+    size = model_geometry(model).smallest_input(32)
     state = create_train_state(model, tx, jax.random.key(0), (1, size, size, in_channels))
     return model, state
-
-
-def _init_size(model_name: str, kwargs: dict[str, Any]) -> int:
-    if model_name == "unet_valid":
-        from flaxseg.models import unet_valid_input_sizes
-
-        return unet_valid_input_sizes(1, 1024, kwargs.get("depth", 4))[0]
-    return 32
 
 
 def case_devices(num_devices: int) -> list:
@@ -356,6 +348,7 @@ def _prepare(case: Case, args: argparse.Namespace):
     import numpy as np
 
     from flaxseg.losses import get_loss_fn
+    from flaxseg.models import model_geometry
     from flaxseg.train import DataParallel, make_train_step
     from flaxseg.train.steps import variables_of
 
@@ -366,6 +359,9 @@ def _prepare(case: Case, args: argparse.Namespace):
                                   (args.num_classes, tuple(sorted(kwargs.items()))),
                                   args.in_channels)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    # A clear error for a size the model cannot take (e.g. an invalid VALID U-Net size).
+    model_geometry(model).output_shape(case.image_size, case.image_size,
+                                       model=f"{case.model} (--image_sizes)")
     par = DataParallel(case.parallel, devices=case_devices(case.num_devices),
                        spatial_partitions=case.spatial_partitions)
     rows = par.process_rows(case.global_batch)

@@ -7,6 +7,7 @@ Submodules load on first use, so `import flaxseg` stays cheap:
     tx = flaxseg.train.create_optimizer(config.optimizer, num_train_steps=1000)
 
 Public submodules: `models`, `losses`, `metrics`, `optim`, `data`, `train`, `inference`,
+`export` (a run as one jax.export artifact), `exported` (running one: jax only),
 `visualize`, `configs`, `run_config`.
 """
 
@@ -20,6 +21,8 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "configs",
     "data",
+    "export",
+    "exported",
     "inference",
     "losses",
     "metrics",

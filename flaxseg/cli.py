@@ -30,6 +30,8 @@ TRAINING_FAILURE = 1
 def _wants_traceback() -> bool:
     if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         return True
+    if "absl.flags" not in sys.modules:  # an argparse entry point (absl may be absent)
+        return False
     from absl import flags
 
     return flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present \
@@ -68,9 +70,8 @@ def _dataset_key_message(key: str) -> str | None:
 
 def describe(error: BaseException) -> tuple[str, int] | None:
     """(one-line message, exit status) for an error the user can fix, else None."""
-    from flaxseg.train.steps import NonFiniteLossError
-
-    if isinstance(error, NonFiniteLossError):
+    steps = sys.modules.get("flaxseg.train.steps")  # only a training run raises its error
+    if steps is not None and isinstance(error, steps.NonFiniteLossError):
         return str(error), TRAINING_FAILURE
     if isinstance(error, SyntaxError) and error.filename:
         return (f"the config file {error.filename} does not import: {error.msg} at line "

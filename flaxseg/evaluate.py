@@ -210,23 +210,33 @@ def define_inference_flags(default_mode: str) -> None:
         "mode",
         default_mode,
         ("auto", *inference.MODES),
-        "whole | pad | sliding | overlap_tile; auto: overlap_tile for the VALID U-Net, "
-        "pad for other U-Nets and the encoder-decoder, else whole.",
+        "whole | pad | sliding | gaussian | overlap_tile; auto (from the model's geometry): "
+        "overlap_tile for a net whose output is smaller than its input (the VALID U-Net), "
+        "pad for a net with a stride (U-Nets, FCNs, the encoder-decoder), else whole.",
     )
     flags.DEFINE_bool("flip", False, "Average with the horizontally mirrored prediction.")
+    flags.DEFINE_list("scales", None, "Multi-scale test-time augmentation: the image at each "
+                      "scale, logits resized back and averaged, e.g. 0.5,0.75,1,1.25,1.5,1.75.")
     flags.DEFINE_list(
         "tile_size",
         None,
-        "sliding / overlap_tile input tile 'H,W' or 'S' (default: the config's image_size).",
+        "sliding / gaussian / overlap_tile input tile 'H,W' or 'S' (default: the config's "
+        "image_size).",
     )
-    flags.DEFINE_list("stride", None, "sliding tile step 'H,W' or 'S' (default: half a tile).")
-    flags.DEFINE_list("multiple", None, "pad: pad to a multiple of this (default: 2**depth).")
-    flags.DEFINE_integer("batch_size", 4, "Images or tiles per forward pass.")
+    flags.DEFINE_alias("tile", "tile_size")
+    flags.DEFINE_float("overlap", 0.5, "sliding / gaussian: the fraction of a tile its "
+                       "neighbour overlaps (0.5: nnU-Net's).")
+    flags.DEFINE_list("stride", None, "sliding / gaussian tile step 'H,W' or 'S' (default: "
+                      "from --overlap).")
+    flags.DEFINE_list("multiple", None, "pad: pad to a multiple of this (default: the model's "
+                      "stride).")
+    flags.DEFINE_integer("batch_size", 4, "Images per call of the compiled procedure.")
+    flags.DEFINE_integer("tile_batch", 4, "Tile positions per forward pass (tiled modes).")
     flags.mark_flag_as_required("workdir")
     distributed.define_flags()
 
 
-def _size_flag(value: list[str] | None, name: str) -> tuple[int, int] | None:
+def size_flag(value: list[str] | None, name: str) -> tuple[int, int] | None:
     if value is None:
         return None
     try:
@@ -238,18 +248,32 @@ def _size_flag(value: list[str] | None, name: str) -> tuple[int, int] | None:
     return (sizes[0], sizes[-1])
 
 
+def _scales_flag(value: list[str] | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value)
+    except ValueError:
+        raise ValueError(f"--scales takes numbers such as 0.5,1,1.5; got {','.join(value)}"
+                         ) from None
+
+
 def inference_options(model: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
     """`predict_logits` keyword arguments from the shared flags (after parsing)."""
     values = flags.FLAGS
     mode = inference.default_mode(model) if values.mode == "auto" else values.mode
-    options: dict[str, Any] = {"mode": mode, "flip": values.flip, "batch_size": values.batch_size}
-    if mode in ("sliding", "overlap_tile"):
-        tile = _size_flag(values.tile_size, "tile_size")
+    options: dict[str, Any] = {"mode": mode, "flip": values.flip, "batch_size": values.batch_size,
+                               "scales": _scales_flag(values.scales)}
+    if mode in inference.TILED_MODES:
+        tile = size_flag(values.tile_size, "tile_size")
         options["tile_size"] = tile or tuple(int(s) for s in config.dataset.image_size)
-    if mode == "sliding" and values.stride is not None:
-        options["stride"] = _size_flag(values.stride, "stride")
+        options["tile_batch"] = values.tile_batch
+    if mode in ("sliding", "gaussian"):
+        options["overlap"] = values.overlap
+        if values.stride is not None:
+            options["stride"] = size_flag(values.stride, "stride")
     if mode == "pad" and values.multiple is not None:
-        options["multiple"] = _size_flag(values.multiple, "multiple")
+        options["multiple"] = size_flag(values.multiple, "multiple")
     return options
 
 

@@ -1,24 +1,33 @@
 """Segmenting whole images of any size with a trained model.
 
-`predict_logits` turns float images `[B, H, W, C]` into float32 logits
-`[B, H, W, num_classes]` with one of four strategies:
+The inference procedure is one pure JAX function of the images (`logits_function`), so
+the same trace runs here under `jax.jit` and leaves the process as one `jax.export`
+artifact (`flaxseg.export`); `predict_logits` is its host-side front: float images
+`[B, H, W, C]` -> float32 logits `[B, H, W, num_classes]`, in batches. The modes:
 
 - `'whole'`: one forward pass per image. The VALID U-Net returns the centre of its
-  input (`[B, h, w, K]` with `h, w` from `flaxseg.models.unet_output_size`).
-- `'pad'`: mirror-pad to a multiple of `multiple` (the net's total stride, e.g.
-  `2**depth` for a U-Net), one pass, crop back: any size works with a SAME net.
-- `'sliding'`: tiles of `tile_size` every `stride` pixels, in batches; where tiles
-  overlap their logits are averaged. For images too large for one pass.
+  input (`[B, h, w, K]`, its geometry's `output_size`).
+- `'pad'`: mirror-pad to a multiple of `multiple` (default: the model's geometry
+  `stride`, e.g. `2**depth` for a U-Net), one pass, crop back: any size works.
+- `'sliding'`: tiles of `tile_size` every `stride` pixels (default: overlapping by
+  `overlap`, half a tile); where tiles overlap their logits are averaged.
+- `'gaussian'`: nnU-Net's sliding window: as `'sliding'`, each tile's logits weighted
+  by a Gaussian centred on the tile (sigma = tile / 8), so a pixel's prediction leans on
+  the tiles that see it in their centre rather than at their border.
 - `'overlap_tile'`: the U-Net paper's strategy for the VALID U-Net. The image is
   mirror-padded by the margin `(tile_size - out) / 2` that the valid convolutions
   eat, every input tile predicts an `out`-sized output tile, and the output tiles
   are stitched edge to edge. Tiles step by a multiple of the net's pooling stride
-  `2**depth`, so every tile sees the pooling grid a single pass over the whole
-  padded image would see: the stitched map equals that pass (no seams), and images
-  of any size are segmented with a fixed tile size.
+  (its geometry's `stride`), so every tile sees the pooling grid a single pass over
+  the whole padded image would see: the stitched map equals that pass (no seams).
 
-`flip=True` averages the logits of the image and of its horizontal mirror image
-(mirrored back), in every mode.
+Test-time augmentation, in every mode: `flip=True` averages each forward pass with the
+pass over the horizontally mirrored input (mirrored back); `scales=(0.5, 1.0, 1.5)`
+(MMSegmentation's multi-scale TTA) runs the mode on the image resized by each scale
+(bilinear, half-pixel centres), resizes the logits back and averages them.
+
+How an image is padded or tiled comes from the model's declared geometry
+(`flaxseg.models.geometry`), never from its field names.
 
 `predict` runs a model over image files and writes class-index PNG masks and
 colourised overlays.
@@ -30,23 +39,36 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from fractions import Fraction
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from flaxseg import visualize
-from flaxseg.models import logits_of
+from flaxseg import tiling, visualize
+from flaxseg.image_files import (  # noqa: F401  (re-exported: the file side of predict)
+    IMAGE_EXTENSIONS,
+    Inputs,
+    PredictionResult,
+    channel_mismatch,
+    list_images,
+    load_image,
+    output_stems,
+    write_prediction,
+)
+from flaxseg.models import logits_of, model_geometry
 from flaxseg.normalization import Normalization
 
-MODES = ("whole", "pad", "sliding", "overlap_tile")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+MODES = ("whole", "pad", "sliding", "gaussian", "overlap_tile")
+TILED_MODES = ("sliding", "gaussian", "overlap_tile")
+#: Multi-scale TTA's scales become fractions with denominators up to this.
+SCALE_DENOMINATOR = 64
 
 Size = int | tuple[int, int]
+Logits = Callable[[jax.Array], jax.Array]  # float32 [B, H, W, C] -> float32 [B, h, w, K]
 
 
 def _pair(value: Size, name: str) -> tuple[int, int]:
@@ -56,17 +78,27 @@ def _pair(value: Size, name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
+def _logits(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
     return logits_of(model.apply(variables, images, train=False)).astype(jnp.float32)
 
 
 def _output_shape(
     model: nn.Module, variables: Any, height: int, width: int, channels: int
 ) -> tuple[int, int, int]:
+    """`(h, w, K)` of the logits for `[1, height, width, channels]`; cached by the
+    variables' shapes (abstract evaluation traces the model: ~tens of ms a call)."""
+    leaves, treedef = jax.tree.flatten(variables)
+    shapes = tuple(jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves)
+    return _abstract_output_shape(model, treedef, shapes, height, width, channels)
+
+
+@functools.lru_cache(maxsize=256)
+def _abstract_output_shape(model: nn.Module, treedef: Any, shapes: tuple, height: int,
+                           width: int, channels: int) -> tuple[int, int, int]:
+    variables = jax.tree.unflatten(treedef, shapes)
     spec = jax.ShapeDtypeStruct((1, height, width, channels), jnp.float32)
     try:
-        out = jax.eval_shape(functools.partial(_apply, model), variables, spec)
+        out = jax.eval_shape(functools.partial(_logits, model), variables, spec)
     except Exception as error:  # the model's own error, re-raised with the input named
         raise ValueError(
             f"the model cannot take an input of {height}x{width} with {channels} channel(s): "
@@ -84,175 +116,21 @@ def output_size(
     return _output_shape(model, variables, height, width, channels)[:2]
 
 
-def _forward(
-    model: nn.Module, variables: Any, images: np.ndarray, batch_size: int, flip: bool,
-    sharding: jax.sharding.Sharding | None = None,
-) -> np.ndarray:
-    """Logits of `images` `[N, h, w, C]` in batches of `batch_size` (the last batch is
-    padded, so one compiled shape serves all); with `flip`, averaged with the
-    mirrored-back logits of the mirrored images. The batches are placed with `sharding`
-    when given (e.g. split along H over several devices)."""
-    place = jnp.asarray if sharding is None else (lambda x: jax.device_put(x, sharding))
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        count = len(batch)
-        if count < batch_size:
-            filler = np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)
-            batch = np.concatenate([batch, filler])
-        logits = _apply(model, variables, place(batch))
-        if flip:
-            mirrored = _apply(model, variables, place(np.ascontiguousarray(batch[:, :, ::-1])))
-            logits = 0.5 * (logits + mirrored[:, :, ::-1])
-        outputs.append(np.asarray(logits[:count]))
-    return np.concatenate(outputs)
-
-
-def _tiles(
-    model: nn.Module,
-    variables: Any,
-    padded: np.ndarray,
-    corners: list[tuple[int, int]],
-    tile: tuple[int, int],
-    batch_size: int,
-    flip: bool,
-) -> Iterator[tuple[int, int, int, np.ndarray]]:
-    """`(image index, y, x, logits)` of every tile `padded[i, y:y+th, x:x+tw]`, cut
-    and predicted `batch_size` at a time, so host memory holds one batch of tiles."""
-    (th, tw), jobs = tile, [(i, y, x) for i in range(len(padded)) for y, x in corners]
-    size = min(batch_size, len(jobs))
-    for start in range(0, len(jobs), size):
-        chunk = jobs[start : start + size]
-        cut = np.stack([padded[i, y : y + th, x : x + tw] for i, y, x in chunk])
-        for (i, y, x), logits in zip(
-            chunk, _forward(model, variables, cut, size, flip), strict=True
-        ):
-            yield i, y, x, logits
-
-
-def _mirror_pad(images: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
-    # Mirror without repeating the edge pixel ('reflect'), as in the U-Net paper's Fig. 2;
-    # a 1-pixel axis has nothing to mirror, so it is repeated instead.
-    mode = "reflect" if min(images.shape[1:3]) > 1 else "edge"
-    return np.pad(images, ((0, 0), (top, bottom), (left, right), (0, 0)), mode=mode)
-
-
-def _space_devices(sharding: jax.sharding.Sharding | None) -> int:
-    """How many devices `sharding` splits an image's H over (1 without one)."""
-    if sharding is None:
-        return 1
-    probe = math.lcm(*range(1, 17))  # divisible by any split of up to 16 devices
-    return probe // sharding.shard_shape((1, probe, 1, 1))[1]
-
-
-def _predict_pad(model, variables, images, multiple, batch_size, flip, sharding=None):
-    _, height, width, channels = images.shape
-    mh, mw = _pair(multiple, "multiple")
-    mh = math.lcm(mh, _space_devices(sharding))  # every device gets whole rows
-    pad_h, pad_w = -height % mh, -width % mw
-    top, left = pad_h // 2, pad_w // 2
-    padded = _mirror_pad(images, top, pad_h - top, left, pad_w - left)
-    if output_size(model, variables, *padded.shape[1:]) != padded.shape[1:3]:
-        raise ValueError(
-            "mode='pad' needs a net whose output has its input's size; for the VALID "
-            "U-Net use mode='overlap_tile'"
-        )
-    logits = _forward(model, variables, padded, min(batch_size, len(padded)), flip, sharding)
-    return logits[:, top : top + height, left : left + width]
-
-
-def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Tile offsets along one axis: every `stride` pixels, the last tile flush with the end."""
-    starts = list(range(0, max(length - tile, 0) + 1, stride))
-    if starts[-1] + tile < length:
-        starts.append(length - tile)
-    return starts
-
-
-def _predict_sliding(model, variables, images, tile_size, stride, batch_size, flip):
-    count, height, width, channels = images.shape
-    th, tw = _pair(tile_size, "tile_size")
-    sh, sw = _pair(stride if stride is not None else (max(th // 2, 1), max(tw // 2, 1)), "stride")
-    if sh > th or sw > tw:
-        raise ValueError(
-            f"stride {(sh, sw)} must not exceed tile_size {(th, tw)}: pixels would be skipped"
-        )
-    oh, ow, num_classes = _output_shape(model, variables, th, tw, channels)
-    if (oh, ow) != (th, tw):
-        raise ValueError(
-            "mode='sliding' needs a net whose output has its input's size; for the VALID "
-            "U-Net use mode='overlap_tile'"
-        )
-    # An image smaller than a tile is mirror-padded up to it (and cropped back).
-    pad_h, pad_w = max(th - height, 0), max(tw - width, 0)
-    top, left = pad_h // 2, pad_w // 2
-    padded = _mirror_pad(images, top, pad_h - top, left, pad_w - left)
-    ph, pw = padded.shape[1:3]
-    corners = [(y, x) for y in _tile_starts(ph, th, sh) for x in _tile_starts(pw, tw, sw)]
-    total = np.zeros((count, ph, pw, num_classes), np.float32)
-    for i, y, x, logits in _tiles(model, variables, padded, corners, (th, tw), batch_size, flip):
-        total[i, y : y + th, x : x + tw] += logits
-    hits = np.zeros((ph, pw, 1), np.float32)
-    for y, x in corners:
-        hits[y : y + th, x : x + tw] += 1.0
-    return (total / hits)[:, top : top + height, left : left + width]
-
-
-def _predict_overlap_tile(model, variables, images, tile_size, align, batch_size, flip):
-    count, height, width, channels = images.shape
-    th, tw = _pair(tile_size, "tile_size")
-    oh, ow, num_classes = _output_shape(model, variables, th, tw, channels)
-    if (th - oh) % 2 or (tw - ow) % 2:
-        raise ValueError(
-            f"mode='overlap_tile' needs an output centred in its input; tile {th}x{tw} gives "
-            f"{oh}x{ow}"
-        )
-    margin_h, margin_w = (th - oh) // 2, (tw - ow) // 2
-    # Output tiles step by the largest multiple of the pooling stride that fits in them,
-    # so each tile sees the pooling grid of a single pass over the padded image.
-    ah, aw = _pair(align, "align")
-    step_h, step_w = oh - oh % ah, ow - ow % aw
-    if step_h == 0 or step_w == 0:
-        raise ValueError(
-            f"tile {th}x{tw} gives an output of {oh}x{ow}, smaller than the pooling stride "
-            f"{ah}x{aw}; use a larger tile_size"
-        )
-    # Tiles on the stride grid until the output covers the image; the last ones may
-    # reach into the mirrored border, and are cropped away.
-    rows = [i * step_h for i in range(math.ceil(max(height - oh, 0) / step_h) + 1)]
-    cols = [i * step_w for i in range(math.ceil(max(width - ow, 0) / step_w) + 1)]
-    covered_h, covered_w = rows[-1] + oh, cols[-1] + ow
-    padded = _mirror_pad(
-        images,
-        margin_h,
-        margin_h + covered_h - height,
-        margin_w,
-        margin_w + covered_w - width,
-    )
-    corners = [(y, x) for y in rows for x in cols]
-    canvas = np.zeros((count, covered_h, covered_w, num_classes), np.float32)
-    for i, y, x, logits in _tiles(model, variables, padded, corners, (th, tw), batch_size, flip):
-        canvas[i, y : y + oh, x : x + ow] = logits
-    return canvas[:, :height, :width]
-
-
-def _model_stride(model: nn.Module) -> int:
-    """The net's total downsampling factor: 2**depth for a U-Net or encoder-decoder."""
-    depth = getattr(model, "depth", None)
-    if isinstance(depth, int):
-        return 2**depth
-    raise ValueError(
-        f"cannot tell the total stride of {type(model).__name__}; pass multiple= (mode 'pad') "
-        "or align= (mode 'overlap_tile') explicitly"
-    )
+def num_classes(model: nn.Module, variables: Any, channels: int) -> int:
+    """K of the model's logits (abstract evaluation at its smallest input size)."""
+    geometry = model_geometry(model)
+    size = geometry.smallest_input(geometry.stride)
+    return _output_shape(model, variables, size, size, channels)[2]
 
 
 def default_mode(model: nn.Module) -> str:
-    """The mode that segments any image size in full: `'overlap_tile'` for the VALID
-    U-Net, `'pad'` for nets with a `depth` (U-Net, encoder-decoder), else `'whole'`."""
-    if getattr(model, "padding", None) == "VALID":
+    """The mode that segments any image size in full, from the model's geometry:
+    `'overlap_tile'` for a net whose output is smaller than its input (the VALID U-Net),
+    `'pad'` for a net with a stride above 1, else `'whole'`."""
+    geometry = model_geometry(model)
+    if geometry.output_size is not None:
         return "overlap_tile"
-    return "pad" if isinstance(getattr(model, "depth", None), int) else "whole"
+    return "pad" if geometry.stride > 1 else "whole"
 
 
 def normalizer(
@@ -263,41 +141,260 @@ def normalizer(
     return Normalization(tuple(np.ravel(mean)), tuple(np.ravel(std)))
 
 
-def predict_logits(
-    model: nn.Module,
-    variables: Any,
-    images: np.ndarray,
-    *,
-    mode: str = "whole",
-    flip: bool = False,
-    multiple: Size | None = None,
-    tile_size: Size | None = None,
-    stride: Size | None = None,
-    align: Size | None = None,
-    batch_size: int = 4,
-    sharding: jax.sharding.Sharding | None = None,
-) -> np.ndarray:
-    """Logits for a batch of images: float `[B, H, W, C]` (or one `[H, W, C]`) ->
-    float32 NumPy `[B, H, W, K]` (no batch axis for a single image).
+# -- the procedure, resolved (host side) ------------------------------------------------------
 
-    Args:
-      model, variables: a flaxseg model and its variables (`params`, `batch_stats`).
-      images: preprocessed like the training data (float32, e.g. in [0, 1]).
-      mode: `'whole'`, `'pad'`, `'sliding'` or `'overlap_tile'` (see the module
-        docstring). `'whole'` on the VALID U-Net gives the centre `[B, h, w, K]`.
-      flip: also predict the horizontally mirrored images and average.
-      multiple: `'pad'` pads H and W up to a multiple of this; default `2**model.depth`.
-      tile_size: input tile `(h, w)` for `'sliding'` and `'overlap_tile'` (required);
-        for the VALID U-Net it must be a valid input size.
-      stride: `'sliding'` tile step; default half a tile (50% overlap).
-      align: `'overlap_tile'` pooling stride the tile steps must be multiples of;
-        default `2**model.depth`.
-      batch_size: tiles (or images) per forward pass.
-      sharding: modes 'whole' and 'pad': how to place each batch `[b, H, W, C]`, e.g.
-        `NamedSharding(mesh, P(None, 'space'))` to split a large image's rows over the
-        devices of a mesh and predict it in one pass (`variables` replicated on the same
-        devices). 'pad' pads H to a multiple of the devices too.
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The inference procedure with every option resolved to numbers. Hashable: a static
+    argument of `jax.jit`, and the same plan traces in-process and for export.
+
+    mode: one of `MODES`.
+    flip: average every forward pass with the pass over the mirrored input.
+    scales: multi-scale TTA, exact fractions (`(1,)`: the image as it is).
+    multiple: `'pad'` pads H, W to multiples of this; `'whole'` rounds scaled sizes to it.
+    tile: the input tile `(h, w)` of the tiled modes.
+    step: the tile step `(h, w)` of the tiled modes.
+    out_tile: `'overlap_tile'`: the output tile the net predicts for `tile`.
+    tile_batch: tile positions per forward pass (each pass predicts `tile_batch * B` tiles).
     """
+
+    mode: str
+    flip: bool = False
+    scales: tuple[Fraction, ...] = (Fraction(1),)
+    multiple: tuple[int, int] = (1, 1)
+    tile: tuple[int, int] | None = None
+    step: tuple[int, int] | None = None
+    out_tile: tuple[int, int] | None = None
+    tile_batch: int = 4
+
+
+def parse_scales(scales: float | Sequence[float] | None) -> tuple[Fraction, ...]:
+    """Positive scales as fractions (denominator <= `SCALE_DENOMINATOR`), order and
+    duplicates kept; None: `(1,)`."""
+    if scales is None:
+        scales = (1,)
+    values = [scales] if isinstance(scales, int | float | Fraction) else list(scales)
+    if not values:
+        raise ValueError("scales is empty; give at least one scale, e.g. (1.0,)")
+    out = []
+    for value in values:
+        try:
+            scale = Fraction(float(value)).limit_denominator(SCALE_DENOMINATOR)
+        except (TypeError, ValueError):
+            raise ValueError(f"scales must be positive numbers, got {value!r}") from None
+        if scale <= 0:
+            raise ValueError(f"scales must be positive numbers, got {value!r}")
+        out.append(scale)
+    return tuple(out)
+
+
+def _sliding_step(tile: tuple[int, int], stride: Size | None, overlap: float
+                  ) -> tuple[int, int]:
+    if stride is not None:
+        step = _pair(stride, "stride")
+    elif not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must lie in [0, 1) (a fraction of the tile), got {overlap}")
+    else:
+        step = tuple(max(1, round(t * (1.0 - overlap))) for t in tile)
+    if step[0] > tile[0] or step[1] > tile[1]:
+        raise ValueError(
+            f"stride {step} must not exceed tile_size {tile}: pixels would be skipped")
+    return step
+
+
+def _overlap_tile_plan(plan: Plan, model: nn.Module, variables: Any, channels: int,
+                       align: Size | None) -> Plan:
+    (th, tw), (oh, ow, _) = plan.tile, _output_shape(model, variables, *plan.tile, channels)
+    if (th - oh) % 2 or (tw - ow) % 2:
+        raise ValueError(
+            f"mode='overlap_tile' needs an output centred in its input; tile {th}x{tw} gives "
+            f"{oh}x{ow}")
+    # Output tiles step by the largest multiple of the pooling stride that fits in them,
+    # so each tile sees the pooling grid of a single pass over the padded image.
+    ah, aw = (model_geometry(model).stride,) * 2 if align is None else _pair(align, "align")
+    step = (oh - oh % ah, ow - ow % aw)
+    if min(step) == 0:
+        raise ValueError(
+            f"tile {th}x{tw} gives an output of {oh}x{ow}, smaller than the pooling stride "
+            f"{ah}x{aw}; use a larger tile_size")
+    return dataclasses.replace(plan, step=step, out_tile=(oh, ow))
+
+
+def _same_size_only(mode: str) -> ValueError:
+    return ValueError(
+        f"mode={mode!r} needs a net whose output has its input's size; for the VALID "
+        "U-Net use mode='overlap_tile'")
+
+
+def make_plan(
+    model: nn.Module, variables: Any, channels: int, *, mode: str = "whole",
+    flip: bool = False, scales: float | Sequence[float] | None = None,
+    multiple: Size | None = None, tile_size: Size | None = None, stride: Size | None = None,
+    overlap: float = 0.5, align: Size | None = None, tile_batch: int = 4,
+) -> Plan:
+    """Checks the options against the model (its geometry; a tile's output by abstract
+    evaluation) and resolves their defaults: see `predict_logits` for their meaning.
+    Raises ValueError, naming the option, for a combination that cannot work."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if not isinstance(tile_batch, int) or tile_batch < 1:
+        raise ValueError(f"tile_batch must be a positive int, got {tile_batch!r}")
+    geometry = model_geometry(model)
+    same_size = geometry.output_size is None
+    plan = Plan(mode, bool(flip), parse_scales(scales), tile_batch=tile_batch)
+    if mode in ("pad", "sliding", "gaussian") and not same_size:
+        raise _same_size_only(mode)
+    if not same_size and plan.scales != (1,) and mode == "whole":
+        raise ValueError("multi-scale TTA resizes the logits back to the image: it needs "
+                         "a mode that predicts the whole image ('overlap_tile' for the "
+                         "VALID U-Net)")
+    if mode in ("whole", "pad"):
+        use = multiple if mode == "pad" and multiple is not None else geometry.stride
+        return dataclasses.replace(plan, multiple=_pair(use, "multiple"))
+    if tile_size is None:
+        raise ValueError(f"mode={mode!r} needs tile_size=(height, width)")
+    plan = dataclasses.replace(plan, tile=_pair(tile_size, "tile_size"))
+    if mode == "overlap_tile":
+        return _overlap_tile_plan(plan, model, variables, channels, align)
+    plan = dataclasses.replace(plan, step=_sliding_step(plan.tile, stride, overlap))
+    if _output_shape(model, variables, *plan.tile, channels)[:2] != plan.tile:
+        raise _same_size_only(mode)
+    return plan
+
+
+# -- the procedure, traced (any image size, symbolic ones included) ----------------------------
+
+
+def _network(model: nn.Module, variables: Any, flip: bool) -> Logits:
+    """The forward pass, averaged with the mirrored-back pass over the mirrored input
+    when `flip`."""
+    net = functools.partial(_logits, model, variables)
+    if not flip:
+        return net
+    return lambda x: 0.5 * (net(x) + net(x[:, :, ::-1])[:, :, ::-1])
+
+
+def _num_classes(net: Logits, x: jax.Array, tile: tuple[int, int]) -> int:
+    """K of the net's logits on tiles of `x` (abstract evaluation, nothing runs)."""
+    spec = jax.ShapeDtypeStruct((x.shape[0], *tile, x.shape[3]), x.dtype)
+    return int(jax.eval_shape(net, spec).shape[-1])
+
+
+def _pad_amounts(height: tiling.Dim, width: tiling.Dim, multiple: tuple[int, int]
+                 ) -> tuple[tiling.Dim, tiling.Dim, tiling.Dim, tiling.Dim]:
+    """(top, bottom, left, right) that pad `height x width` to multiples of `multiple`,
+    split evenly (the odd pixel at the bottom / right)."""
+    pad_h = tiling.ceil_div(height, multiple[0]) * multiple[0] - height
+    pad_w = tiling.ceil_div(width, multiple[1]) * multiple[1] - width
+    return pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2
+
+
+def _predict_pad(net: Logits, x: jax.Array, multiple: tuple[int, int]) -> jax.Array:
+    _, height, width, _ = x.shape
+    top, bottom, left, right = _pad_amounts(height, width, multiple)
+    padded = tiling.mirror_pad(x, top, bottom, left, right)
+    return tiling.crop(net(padded), top, left, height, width)
+
+
+def _predict_sliding(net: Logits, x: jax.Array, plan: Plan) -> jax.Array:
+    """Uniform or Gaussian-weighted tiles; an image smaller than a tile is mirror-padded
+    up to it (and cropped back)."""
+    batch, height, width, _ = x.shape
+    (th, tw), (sh, sw) = plan.tile, plan.step
+    pad_h, pad_w = tiling.dim_max(height, th) - height, tiling.dim_max(width, tw) - width
+    top, left = pad_h // 2, pad_w // 2
+    padded = tiling.mirror_pad(x, top, pad_h - top, left, pad_w - left)
+    ph, pw = padded.shape[1:3]
+    weights = (tiling.gaussian_weights(plan.tile) if plan.mode == "gaussian"
+               else np.ones((th, tw, 1), np.float32))
+    num_classes = _num_classes(net, x, plan.tile)
+    init = (jnp.zeros((batch, ph, pw, num_classes), jnp.float32),
+            jnp.zeros((ph, pw, 1), jnp.float32))
+    total, norm = tiling.over_tiles(
+        padded, net, tiling.tile_grid(ph, th, sh), tiling.tile_grid(pw, tw, sw), plan.tile,
+        plan.tile_batch, functools.partial(tiling.add_weighted, weights=jnp.asarray(weights)),
+        init)
+    return tiling.crop(total / norm, top, left, height, width)
+
+
+def _predict_overlap_tile(net: Logits, x: jax.Array, plan: Plan) -> jax.Array:
+    batch, height, width, _ = x.shape
+    (th, tw), (oh, ow), (sh, sw) = plan.tile, plan.out_tile, plan.step
+    rows = tiling.ceil_div(tiling.dim_max(height - oh, 0), sh) + 1
+    cols = tiling.ceil_div(tiling.dim_max(width - ow, 0), sw) + 1
+    # Tiles on the stride grid until the output covers the image; the last ones may
+    # reach into the mirrored border, and are cropped away.
+    covered_h, covered_w = (rows - 1) * sh + oh, (cols - 1) * sw + ow
+    margin_h, margin_w = (th - oh) // 2, (tw - ow) // 2
+    padded = tiling.mirror_pad(x, margin_h, margin_h + covered_h - height,
+                               margin_w, margin_w + covered_w - width)
+    canvas = jnp.zeros((batch, covered_h, covered_w, _num_classes(net, x, plan.tile)),
+                       jnp.float32)
+    canvas = tiling.over_tiles(
+        padded, net, (rows, sh, (rows - 1) * sh), (cols, sw, (cols - 1) * sw), plan.tile,
+        plan.tile_batch, tiling.place, canvas)
+    return tiling.crop(canvas, 0, 0, height, width)
+
+
+def _one_scale(net: Logits, x: jax.Array, plan: Plan) -> jax.Array:
+    if plan.mode == "whole":
+        return net(x)
+    if plan.mode == "pad":
+        return _predict_pad(net, x, plan.multiple)
+    if plan.mode == "overlap_tile":
+        return _predict_overlap_tile(net, x, plan)
+    return _predict_sliding(net, x, plan)
+
+
+def scaled_size(size: tiling.Dim, scale: Fraction, multiple: int = 1) -> tiling.Dim:
+    """`size * scale` rounded (half up) to a multiple of `multiple`, at least `multiple`:
+    integer arithmetic, so it holds for symbolic sizes too."""
+    p, q = scale.numerator, scale.denominator
+    return tiling.dim_max((2 * size * p + q * multiple) // (2 * q * multiple) * multiple,
+                          multiple)
+
+
+def _multi_scale(net: Logits, x: jax.Array, plan: Plan) -> jax.Array:
+    """The mode at every scale of `plan`, logits resized back to the image and averaged.
+    'whole' rounds the scaled sizes to its `multiple` (the net's stride)."""
+    if plan.scales == (1,):
+        return _one_scale(net, x, plan)
+    _, height, width, _ = x.shape
+    mh, mw = plan.multiple if plan.mode == "whole" else (1, 1)
+    total = None
+    for scale in plan.scales:
+        if scale == 1:
+            logits = _one_scale(net, x, plan)
+        else:
+            small = tiling.resize_bilinear(
+                x, scaled_size(height, scale, mh), scaled_size(width, scale, mw))
+            logits = tiling.resize_bilinear(_one_scale(net, small, plan), height, width)
+        total = logits if total is None else total + logits
+    return total / len(plan.scales)
+
+
+def logits_function(model: nn.Module, plan: Plan) -> Callable[[Any, jax.Array], jax.Array]:
+    """The procedure of `plan` as one pure JAX function: `(variables, images float32
+    [B, H, W, C]) -> logits float32 [B, H', W', K]` (H', W' = H, W except 'whole' on a
+    VALID net). Traceable with symbolic B, H, W (`jax.export`) where the mode allows."""
+
+    def logits(variables: Any, images: jax.Array) -> jax.Array:
+        return _multi_scale(_network(model, variables, plan.flip), images, plan)
+
+    return logits
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _run(model: nn.Module, plan: Plan, variables: Any, images: jax.Array) -> jax.Array:
+    return logits_function(model, plan)(variables, images)
+
+
+# -- in-process inference ---------------------------------------------------------------------
+
+
+def _as_float_batch(images: np.ndarray) -> tuple[np.ndarray, bool]:
+    """float32 `[B, H, W, C]` and whether a single `[H, W, C]` image was given."""
     images = np.asarray(images)
     single = images.ndim == 3
     if single:
@@ -308,95 +405,128 @@ def predict_logits(
         raise ValueError(
             f"images must be float (preprocessed like the training data), got {images.dtype}"
         )
-    images = images.astype(np.float32)
+    return images.astype(np.float32), single
+
+
+def _space_devices(sharding: jax.sharding.Sharding | None) -> int:
+    """How many devices `sharding` splits an image's H over (1 without one)."""
+    if sharding is None:
+        return 1
+    probe = math.lcm(*range(1, 17))  # divisible by any split of up to 16 devices
+    return probe // sharding.shard_shape((1, probe, 1, 1))[1]
+
+
+def _split_pad(model: nn.Module, variables: Any, plan: Plan, images: np.ndarray,
+               batch_size: int, sharding: jax.sharding.Sharding) -> np.ndarray:
+    """Mode 'pad' with each image's rows split over devices: padded here to whole rows
+    per device (a sharded array must divide evenly), predicted whole, cropped back."""
+    if plan.scales != (1,):
+        raise ValueError("sharding predicts each image in one pass at its own size; "
+                         "multi-scale TTA (scales=) is not supported with it")
+    _, height, width, _ = images.shape
+    multiple = (math.lcm(plan.multiple[0], _space_devices(sharding)), plan.multiple[1])
+    top, bottom, left, right = _pad_amounts(height, width, multiple)
+    padded = np.asarray(tiling.mirror_pad(jnp.asarray(images), top, bottom, left, right))
+    whole = dataclasses.replace(plan, mode="whole")
+    check_size(model, variables, whole, padded.shape[1:])
+    logits = _batches(model, variables, whole, padded, batch_size, sharding)
+    return logits[:, top : top + height, left : left + width]
+
+
+def check_size(model: nn.Module, variables: Any, plan: Plan, shape: tuple[int, ...]) -> None:
+    """Raises a clear ValueError for an image `(H, W, C)` the whole-image modes ('whole',
+    'pad') of `plan` cannot take (the tiled modes take any size)."""
+    height, width, channels = shape
+    if plan.mode == "whole":
+        output_size(model, variables, height, width, channels)
+    elif plan.mode == "pad":
+        top, bottom, left, right = _pad_amounts(height, width, plan.multiple)
+        padded = (top + height + bottom, left + width + right)
+        if output_size(model, variables, *padded, channels) != padded:
+            raise _same_size_only("pad")
+
+
+def _batches(model: nn.Module, variables: Any, plan: Plan, images: np.ndarray,
+             batch_size: int, sharding: jax.sharding.Sharding | None) -> np.ndarray:
+    """The plan over `images` in batches of `batch_size` (the last one padded, so one
+    compiled shape serves all), each placed with `sharding` when given."""
+    place = jnp.asarray if sharding is None else (lambda x: jax.device_put(x, sharding))
+    size = min(batch_size, len(images))
+    outputs = []
+    for start in range(0, len(images), size):
+        batch = images[start : start + size]
+        count = len(batch)
+        if count < size:
+            batch = np.concatenate([batch, np.zeros((size - count, *batch.shape[1:]),
+                                                    batch.dtype)])
+        outputs.append(np.asarray(_run(model, plan, variables, place(batch)))[:count])
+    return np.concatenate(outputs)
+
+
+def predict_logits(
+    model: nn.Module,
+    variables: Any,
+    images: np.ndarray,
+    *,
+    mode: str = "whole",
+    flip: bool = False,
+    scales: float | Sequence[float] | None = None,
+    multiple: Size | None = None,
+    tile_size: Size | None = None,
+    stride: Size | None = None,
+    overlap: float = 0.5,
+    align: Size | None = None,
+    tile_batch: int = 4,
+    batch_size: int = 4,
+    sharding: jax.sharding.Sharding | None = None,
+) -> np.ndarray:
+    """Logits for a batch of images: float `[B, H, W, C]` (or one `[H, W, C]`) ->
+    float32 NumPy `[B, H, W, K]` (no batch axis for a single image).
+
+    Args:
+      model, variables: a flaxseg model (or any Linen module with the model contract,
+        its geometry declared by a `geometry()` method) and its variables.
+      images: preprocessed like the training data (float32, e.g. in [0, 1]).
+      mode: one of `MODES` (see the module docstring). `'whole'` on the VALID U-Net
+        gives the centre `[B, h, w, K]`.
+      flip: also predict the horizontally mirrored input of every pass and average.
+      scales: multi-scale TTA, e.g. `(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)`; None: `(1,)`.
+      multiple: `'pad'` pads H and W up to a multiple of this; default: the geometry's
+        `stride`.
+      tile_size: input tile `(h, w)` of the tiled modes (required); for the VALID U-Net
+        it must be a size the net takes.
+      stride: `'sliding'` / `'gaussian'` tile step; default from `overlap`.
+      overlap: the fraction of a tile its neighbour overlaps (default half: nnU-Net's).
+      align: `'overlap_tile'`: the pooling stride tile steps are multiples of; default:
+        the geometry's `stride`.
+      tile_batch: tile positions per forward pass (`tile_batch * batch` tiles).
+      batch_size: images per call of the compiled procedure.
+      sharding: modes 'whole' and 'pad': how to place each batch `[b, H, W, C]`, e.g.
+        `NamedSharding(mesh, P(None, 'space'))` to split a large image's rows over the
+        devices of a mesh and predict it in one pass (`variables` replicated on the same
+        devices). 'pad' pads H to a multiple of the devices too.
+    """
+    images, single = _as_float_batch(images)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if mode in ("pad", "sliding") and getattr(model, "padding", None) == "VALID":
-        raise ValueError(
-            f"mode={mode!r} needs a net whose output has its input's size; for the VALID "
-            "U-Net use mode='overlap_tile'"
-        )
     if sharding is not None and mode not in ("whole", "pad"):
         raise ValueError(f"sharding splits whole images over devices (modes 'whole' and "
                          f"'pad'); mode {mode!r} predicts tiles")
-    if mode == "whole":
-        output_size(model, variables, *images.shape[1:])  # a clear error for a bad size
-        logits = _forward(model, variables, images, min(batch_size, len(images)), flip,
-                          sharding)
-    elif mode == "pad":
-        multiple = _model_stride(model) if multiple is None else multiple
-        logits = _predict_pad(model, variables, images, multiple, batch_size, flip, sharding)
-    elif mode in ("sliding", "overlap_tile"):
-        if tile_size is None:
-            raise ValueError(f"mode={mode!r} needs tile_size=(height, width)")
-        if mode == "sliding":
-            logits = _predict_sliding(model, variables, images, tile_size, stride, batch_size, flip)
-        else:
-            align = _model_stride(model) if align is None else align
-            logits = _predict_overlap_tile(
-                model, variables, images, tile_size, align, batch_size, flip
-            )
+    plan = make_plan(model, variables, images.shape[-1], mode=mode, flip=flip, scales=scales,
+                     multiple=multiple, tile_size=tile_size, stride=stride, overlap=overlap,
+                     align=align, tile_batch=tile_batch)
+    if mode == "pad" and sharding is not None:
+        logits = _split_pad(model, variables, plan, images, batch_size, sharding)
     else:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        check_size(model, variables, plan, images.shape[1:])
+        logits = _batches(model, variables, plan, images, batch_size, sharding)
     return logits[0] if single else logits
-
-
-@dataclasses.dataclass(frozen=True)
-class PredictionResult:
-    """What `predict` did with one input file: the PNGs it wrote, or why it failed."""
-
-    input_path: str
-    mask_path: str | None = None
-    overlay_path: str | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """The image files named by `inputs`: one file, a directory (its files with an
-    image extension, sorted, not recursive) or a list of files."""
-    if isinstance(inputs, str | os.PathLike):
-        path = os.fspath(inputs)
-        if os.path.isdir(path):
-            names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
-            files = [os.path.join(path, n) for n in names]
-            if not files:
-                raise ValueError(
-                    f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in directory {path!r}"
-                )
-            return files
-        if not os.path.exists(path):
-            raise ValueError(f"input {path!r} is neither an image file nor a directory")
-        return [path]
-    files = [os.fspath(p) for p in inputs]
-    if not files:
-        raise ValueError("inputs is an empty list; give image files or a directory")
-    return files
-
-
-def load_image(path: str) -> np.ndarray:
-    """An image file as uint8 `[H, W, C]`: C = 1 for greyscale, 3 for RGB, 4 with alpha.
-    Palette images become RGB; 16-bit greyscale is rejected (no silent rescaling)."""
-    with Image.open(path) as image:
-        if image.mode == "P":
-            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        elif image.mode == "1":
-            image = image.convert("L")
-        elif image.mode not in ("L", "LA", "RGB", "RGBA"):
-            raise ValueError(
-                f"image mode {image.mode!r} is not supported; save it as 8-bit grey or RGB"
-            )
-        array = np.asarray(image)
-    return array[..., None] if array.ndim == 2 else array
 
 
 def predict(
     model: nn.Module,
     variables: Any,
-    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    inputs: Inputs,
     output_dir: str | os.PathLike,
     *,
     mode: str = "whole",
@@ -427,29 +557,18 @@ def predict(
     problem; the other files are still processed. Returns one result per file.
     """
     files = list_images(inputs)
-    stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
-    if duplicates:
-        raise ValueError(
-            f"several inputs share the names {duplicates}, so their outputs would collide; "
-            "predict them into separate output directories"
-        )
+    stems = output_stems(files)
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard must be (index, count) with 0 <= index < count; got {shard}")
-    files, stems = files[index::count], stems[index::count]
     preprocess = preprocess or normalizer()
-    masks_dir = os.path.join(os.fspath(output_dir), "masks")
-    overlays_dir = os.path.join(os.fspath(output_dir), "overlays")
     results = []
-    for path, stem in zip(files, stems, strict=True):
+    for path, stem in zip(files[index::count], stems[index::count], strict=True):
         try:
             image = load_image(path)
-            if num_channels is not None and image.shape[-1] != num_channels:
-                raise ValueError(
-                    f"it has {image.shape[-1]} channel(s) but the model takes {num_channels}; "
-                    f"convert it (e.g. PIL's .convert('{'L' if num_channels == 1 else 'RGB'}'))"
-                )
+            mismatch = num_channels and channel_mismatch(image, num_channels)
+            if mismatch:
+                raise ValueError(mismatch)
             logits = predict_logits(
                 model, variables, preprocess(image), mode=mode, **predict_kwargs
             )
@@ -459,16 +578,8 @@ def predict(
         num_classes = logits.shape[-1]
         if num_classes > 256:
             raise ValueError(f"{num_classes} classes do not fit a uint8 PNG mask")
-        mask = np.argmax(logits, axis=-1).astype(np.uint8)
         colours = visualize.default_palette(num_classes) if palette is None else palette
-        height, width = mask.shape
-        top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
-        shown = image[top : top + height, left : left + width]
-        if shown.shape[-1] in (2, 4):  # drop alpha for display
-            shown = shown[..., :-1]
-        mask_path = os.path.join(masks_dir, f"{stem}.png")
-        overlay_path = os.path.join(overlays_dir, f"{stem}.png")
-        visualize.save_png(mask_path, mask)
-        visualize.save_png(overlay_path, visualize.overlay(shown, mask, colours, alpha=alpha))
-        results.append(PredictionResult(path, mask_path, overlay_path))
+        mask = np.argmax(logits, axis=-1).astype(np.uint8)
+        paths = write_prediction(output_dir, stem, image, mask, colours, alpha)
+        results.append(PredictionResult(path, *paths))
     return results

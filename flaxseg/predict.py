@@ -12,6 +12,11 @@ mask. A file that cannot be segmented (unreadable, wrong channel count, a size t
 model cannot take) is reported by name, the others are still written, and the exit
 status is 1. The library function is `flaxseg.inference.predict`.
 
+With an artifact of `python -m flaxseg.export` instead of a workdir, only jax, NumPy and
+Pillow are needed (not flax; `flaxseg.exported`):
+
+    python -m flaxseg.predict --exported=model.jax --input=photos/ --output=out/
+
 A run trained with `spatial_partitions` > 1 predicts each image in one pass split over that
 many devices (modes 'whole' and 'pad'). Several processes (the distributed flags of
 `python -m flaxseg.train`) split the files:
@@ -23,14 +28,15 @@ from __future__ import annotations
 
 import sys
 
-import jax
-import numpy as np
-from absl import flags
-
-from flaxseg import cli, evaluate, inference
+from flaxseg import cli
 
 
 def main(argv: list[str]) -> int:
+    import jax
+    import numpy as np
+    from absl import flags
+
+    from flaxseg import evaluate, inference
     from flaxseg.train.parallel import sum_over_processes
 
     values = flags.FLAGS
@@ -60,9 +66,21 @@ def main(argv: list[str]) -> int:
     return 1 if num_failed else 0
 
 
-if __name__ == "__main__":
+def _define_flags() -> None:
+    from absl import flags
+
+    from flaxseg import evaluate
+
     evaluate.define_inference_flags(default_mode="auto")
     flags.DEFINE_string("input", None, "An image file or a directory of images.")
     flags.DEFINE_string("output", None, "Directory for masks/ and overlays/.")
     flags.mark_flags_as_required(["input", "output"])
+
+
+if __name__ == "__main__":
+    if any(arg.split("=")[0] in ("--exported", "-exported") for arg in sys.argv[1:]):
+        from flaxseg import exported  # jax, NumPy and Pillow only
+
+        sys.exit(cli.run(lambda: exported.main(sys.argv[1:])))
+    _define_flags()
     cli.run_absl(main)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from flaxseg import evaluate, inference, metrics
 from flaxseg.data.base import SourceInfo
+from flaxseg.models import Geometry
 
 
 class ConvNet(nn.Module):
@@ -153,11 +154,18 @@ def test_evaluate_rejects_a_model_of_another_class_count():
 def test_default_mode_follows_the_architecture():
     class Same(nn.Module):
         depth: int = 3
-        padding: str = "SAME"
+
+        @nn.nowrap
+        def geometry(self):
+            return Geometry(stride=2**self.depth)
 
     class Valid(nn.Module):
         depth: int = 3
-        padding: str = "VALID"
+        padding: str = "SAME"  # field names say nothing: the declared geometry decides
+
+        @nn.nowrap
+        def geometry(self):
+            return Geometry(stride=8, output_size=lambda size: size - 4)
 
     assert inference.default_mode(Same()) == "pad"
     assert inference.default_mode(Valid()) == "overlap_tile"
@@ -228,3 +236,50 @@ def test_predict_cli_writes_masks_and_names_the_files_it_cannot_take(trained_run
         assert mask.shape == shape and mask.dtype == np.uint8 and mask.max() < 4
         assert np.asarray(Image.open(out / "overlays" / name)).shape == (*shape, 3)
     assert not (out / "masks" / "grey.png").exists()
+
+
+
+
+def _cli_without(blocked, module, *args):
+    """`python -m module args` with the modules `blocked` made unimportable."""
+    code = ("import runpy, sys\n"
+            f"for name in {tuple(blocked)!r}:\n    sys.modules[name] = None\n"
+            f"sys.argv = [{module!r}, *sys.argv[1:]]\n"
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_export_then_predict_with_the_artifact_alone(trained_run, tmp_path):
+    # flaxseg.export writes the run's 'pad' procedure; predict --exported segments PNGs
+    # with it where flax, optax, orbax, ml_collections and absl cannot be imported.
+    from flaxseg.train.checkpoint import load_for_inference
+
+    workdir, _ = trained_run
+    out = tmp_path / "model.jax"
+    result = _cli("flaxseg.export", f"--workdir={workdir}", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    assert "mode pad" in result.stdout and "any height and width" in result.stdout
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (45, 37, 3), dtype=np.uint8)).save(inputs / "a.png")
+    Image.fromarray(rng.integers(0, 256, (20, 64, 3), dtype=np.uint8)).save(inputs / "b.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(inputs / "grey.png")
+    result = _cli_without(("flax", "optax", "orbax", "ml_collections", "absl"),
+                          "flaxseg.predict", f"--exported={out}", f"--input={inputs}",
+                          f"--output={tmp_path / 'out'}")
+    assert result.returncode == 1, result.stderr
+    assert "Segmented 2 of 3 images" in result.stdout
+    assert "grey.png: it has 1 channel(s) but the model takes 3" in result.stderr
+    model, variables, config = load_for_inference(workdir)
+    expected = inference.predict(model, variables, [inputs / "a.png", inputs / "b.png"],
+                                 tmp_path / "ref", mode="pad",
+                                 preprocess=evaluate.image_normalizer(config))
+    for ref in expected:
+        name = os.path.basename(ref.mask_path)
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "masks" / name)),
+                                      np.asarray(Image.open(ref.mask_path)))
+    result = _cli("flaxseg.predict", f"--exported={tmp_path / 'missing.jax'}",
+                  f"--input={inputs}", f"--output={tmp_path / 'out'}")
+    assert result.returncode == 2 and "Error: " in result.stderr

@@ -1,3 +1,4 @@
+import functools
 import math
 
 import flax.linen as nn
@@ -8,6 +9,7 @@ import pytest
 from PIL import Image
 
 from flaxseg import inference, visualize
+from flaxseg.models import Geometry
 
 
 class PointwiseNet(nn.Module):
@@ -26,7 +28,10 @@ class PoolNet(nn.Module):
     """A SAME net with one 2x2 pooling: it needs even sizes, and is not flip-equivariant."""
 
     num_classes: int = 3
-    depth: int = 1
+
+    @nn.nowrap
+    def geometry(self):
+        return Geometry(stride=2)
 
     @nn.compact
     def __call__(self, x, train=False):
@@ -45,7 +50,16 @@ class ValidNet(nn.Module):
 
     num_classes: int = 2
     depth: int = 2
-    padding: str = "VALID"  # as flaxseg's U-Net names it
+    padding: str = "VALID"
+
+    @nn.nowrap
+    def geometry(self):
+        """Pooling stride 4; the output is the centre (a user's own model declares its
+        geometry: here 'padding' only says whether the declaration is true)."""
+        if self.padding != "VALID":  # a wrong declaration, for the output-size check
+            return Geometry(stride=2**self.depth)
+        return Geometry(stride=2**self.depth, output_size=functools.partial(
+            _valid_output_size, depth=self.depth))
 
     @nn.compact
     def __call__(self, x, train=False):
@@ -63,6 +77,19 @@ class ValidNet(nn.Module):
             skip = skip[:, top : top + x.shape[1], left : left + x.shape[2]]
             x = nn.relu(nn.Conv(4, (3, 3), padding="VALID")(jnp.concatenate([skip, x], -1)))
         return nn.Conv(self.num_classes, (1, 1))(x)
+
+
+def _valid_output_size(size, depth):
+    """ValidNet's output size: two-level VALID U-Net arithmetic (3x3 convs eat 2 px)."""
+    for _ in range(depth):
+        size -= 2
+        if size % 2:
+            raise ValueError(f"odd size {size} before pooling")
+        size //= 2
+    size -= 2
+    for _ in range(depth):
+        size = 2 * size - 2
+    return size
 
 
 def _init(model, channels=1, size=16):
@@ -257,8 +284,12 @@ def test_bad_arguments_get_clear_errors():
         inference.predict_logits(model, variables, images[0, 0])
     with pytest.raises(ValueError, match="tile_size must be a positive int"):
         inference.predict_logits(model, variables, images, mode="sliding", tile_size=(4, 0))
-    with pytest.raises(ValueError, match="pass multiple="):
-        inference.predict_logits(PointwiseNet(), _init(PointwiseNet(), 1), images, mode="pad")
+    # A model without a geometry() takes any size: 'pad' pads to a multiple of 1.
+    pointwise = PointwiseNet()
+    pointwise_vars = _init(pointwise, 1)
+    np.testing.assert_array_equal(
+        inference.predict_logits(pointwise, pointwise_vars, images, mode="pad"),
+        inference.predict_logits(pointwise, pointwise_vars, images))
     valid = ValidNet()
     valid_vars = _init(valid, size=38)
     with pytest.raises(ValueError, match="use mode='overlap_tile'"):

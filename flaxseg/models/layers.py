@@ -49,7 +49,7 @@ def check_image_batch(x: jax.Array, model: str) -> None:
             f"{x.ndim} with shape {tuple(x.shape)}. Add a batch axis (x[None]) or a "
             "channel axis (x[..., None]) as needed."
         )
-    if min(x.shape[1:]) < 1:
+    if any(size < 1 for size in x.shape[1:]):  # per axis: symbolic sizes (jax.export) compare
         raise ValueError(
             f"{model} expects H, W and C of at least 1; got shape {tuple(x.shape)}."
         )
@@ -71,7 +71,7 @@ def center_crop(x: jax.Array, size: Sequence[int]) -> jax.Array:
         raise ValueError(
             f"center_crop expects an array [B, H, W, ...] of rank >= 3; got shape {x.shape}."
         )
-    h, w = (int(s) for s in size)
+    h, w = size  # ints, or symbolic sizes under jax.export
     height, width = x.shape[1], x.shape[2]
     if not (0 < h <= height and 0 < w <= width):
         raise ValueError(

@@ -1,0 +1,163 @@
+"""Running an artifact of `flaxseg.export`: needs jax, NumPy and Pillow, not flax.
+
+    artifact = exported.load("model.jax")       # checks it against its sidecar
+    labels = artifact(images)                    # uint8 [B, H, W, C] -> int32 [B, H, W]
+
+    python -m flaxseg.predict --exported=model.jax --input=photos/ --output=out/
+
+`load` reads the serialised `jax.export.Exported` and the JSON sidecar beside it
+(`model.jax.json`, optional), and turns a truncated or corrupt file into one clear
+error; calling the artifact checks the images' dtype, rank, channels and size rule
+before JAX sees them. Only NumPy, Pillow and jax are imported here (and flaxseg's own
+`image_files` and `visualize`, which need no more), so this runs where flaxseg's
+training stack is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+from flaxseg import visualize
+from flaxseg.image_files import (
+    Inputs,
+    PredictionResult,
+    channel_mismatch,
+    list_images,
+    load_image,
+    output_stems,
+    write_prediction,
+)
+
+SIDECAR_SUFFIX = ".json"  # as flaxseg.export writes it
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A deserialised artifact and its sidecar (`{}` when there is none)."""
+
+    exported: jax.export.Exported
+    info: dict[str, Any]
+    path: str = "the artifact"
+
+    @property
+    def channels(self) -> int:
+        return int(self.exported.in_avals[0].shape[3])
+
+    def __call__(self, images: np.ndarray) -> Any:
+        """uint8 `[B, H, W, C]` -> the artifact's outputs as NumPy (int32 labels
+        `[B, H, W]` and/or float32 probabilities `[B, H, W, K]`)."""
+        images = self.check(images)
+        out = self.exported.call(images)
+        return tuple(np.asarray(o) for o in out) if isinstance(out, tuple | list) \
+            else np.asarray(out)
+
+    def check(self, images: np.ndarray) -> np.ndarray:
+        """`images` as the artifact takes them; ValueError saying what does not fit."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise ValueError(f"{self.path} takes uint8 images (0..255, unnormalised: the "
+                             f"normalisation is inside); got dtype {images.dtype}")
+        if images.ndim != 4:
+            raise ValueError(f"{self.path} takes an image batch [B, H, W, C]; got shape "
+                             f"{images.shape} (add a batch axis: images[None])")
+        if images.shape[3] != self.channels:
+            raise ValueError(f"{self.path} takes images with {self.channels} channel(s); "
+                             f"got {images.shape[3]} (shape {images.shape})")
+        rule = self.info.get("input", {}).get("size_rule")
+        if rule and not _fits(rule, *images.shape[1:3]):
+            raise ValueError(f"{self.path} cannot take {images.shape[1]}x{images.shape[2]} "
+                             f"images: it takes {self.info['input']['size_rule_text']}")
+        return images
+
+
+def _fits(rule: dict[str, Any], height: int, width: int) -> bool:
+    if not rule["symbolic"]:
+        return (height, width) == (rule["height"], rule["width"])
+    mh, mw = rule["multiple"]
+    return height % mh == 0 and width % mw == 0 and min(height, width) >= 1
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def load(path: str | os.PathLike) -> Artifact:
+    """The artifact at `path` with its sidecar `<path>.json` when present. Raises
+    ValueError for a file that is truncated or corrupt (its size and SHA-256 against the
+    sidecar's, then the deserialiser's verdict), FileNotFoundError when it is missing."""
+    path = os.fspath(path)
+    data = _read(path)
+    info: dict[str, Any] = {}
+    if os.path.exists(path + SIDECAR_SUFFIX):
+        with open(path + SIDECAR_SUFFIX) as f:
+            info = json.load(f)
+        if len(data) != info.get("bytes", len(data)):
+            raise ValueError(f"{path} is truncated or overwritten: {len(data)} bytes, its "
+                             f"sidecar says {info['bytes']}; export it again")
+        if hashlib.sha256(data).hexdigest() != info.get("sha256", hashlib.sha256(data)
+                                                         .hexdigest()):
+            raise ValueError(f"{path} is corrupt: its SHA-256 differs from its sidecar's; "
+                             "export it again")
+    try:
+        exported = jax.export.deserialize(bytearray(data))
+    except Exception as error:  # the flatbuffer reader's IndexError, struct.error, ...
+        raise ValueError(f"{path} is not a readable jax.export artifact (truncated or "
+                         f"corrupt?): {type(error).__name__}: {error}") from None
+    return Artifact(exported, info, path)
+
+
+def segment_files(artifact: Artifact, inputs: Inputs, output_dir: str | os.PathLike,
+                  alpha: float = 0.5) -> list[PredictionResult]:
+    """Segments image files one at a time and writes masks/ and overlays/ PNGs as
+    `flaxseg.inference.predict` does; a file that cannot be segmented gets a result
+    naming the file and the problem, the others are still written."""
+    files = list_images(inputs)
+    palette = artifact.info.get("palette")
+    results = []
+    for path, stem in zip(files, output_stems(files), strict=True):
+        try:
+            image = load_image(path)
+            mismatch = channel_mismatch(image, artifact.channels)
+            if mismatch:
+                raise ValueError(mismatch)
+            out = artifact(image[None])
+        except (OSError, ValueError) as error:
+            results.append(PredictionResult(path, error=f"{path}: {error}"))
+            continue
+        out = out[0] if isinstance(out, tuple) else out
+        mask = out[0] if out.ndim == 3 else np.argmax(out[0], axis=-1)
+        colours = (np.asarray(palette, np.uint8) if palette is not None
+                   else visualize.default_palette(artifact.info.get("num_classes", 256)))
+        results.append(PredictionResult(
+            path, *write_prediction(output_dir, stem, image, mask, colours, alpha)))
+    return results
+
+
+def main(argv: list[str]) -> int:
+    """`python -m flaxseg.predict --exported=... --input=... --output=...`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flaxseg.predict --exported=MODEL",
+        description="Segment image files with an artifact of python -m flaxseg.export.")
+    parser.add_argument("--exported", required=True, help="The artifact (e.g. model.jax).")
+    parser.add_argument("--input", required=True, help="An image file or a directory.")
+    parser.add_argument("--output", required=True, help="Directory for masks/, overlays/.")
+    parser.add_argument("--alpha", type=float, default=0.5, help="Overlay opacity.")
+    args = parser.parse_args(argv)
+    artifact = load(args.exported)
+    results = segment_files(artifact, args.input, args.output, alpha=args.alpha)
+    failed = [r for r in results if not r.ok]
+    print(f"Segmented {len(results) - len(failed)} of {len(results)} images with "
+          f"{args.exported} into {args.output}")
+    for result in failed:
+        print(f"  failed: {result.error}", file=sys.stderr)
+    return 1 if failed else 0

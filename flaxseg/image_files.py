@@ -1,0 +1,116 @@
+"""Image files in, mask and overlay PNGs out: the file side of prediction.
+
+NumPy and Pillow only (no JAX, no Flax), so both `flaxseg.inference.predict` (a model
+in this process) and `flaxseg.exported` (an exported artifact, where flaxseg's training
+stack may not be installed) read and write files the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from flaxseg import visualize
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+
+Inputs = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionResult:
+    """What prediction did with one input file: the PNGs it wrote, or why it failed."""
+
+    input_path: str
+    mask_path: str | None = None
+    overlay_path: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def list_images(inputs: Inputs) -> list[str]:
+    """The image files named by `inputs`: one file, a directory (its files with an
+    image extension, sorted, not recursive) or a list of files."""
+    if isinstance(inputs, str | os.PathLike):
+        path = os.fspath(inputs)
+        if os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+            files = [os.path.join(path, n) for n in names]
+            if not files:
+                raise ValueError(
+                    f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in directory {path!r}"
+                )
+            return files
+        if not os.path.exists(path):
+            raise ValueError(f"input {path!r} is neither an image file nor a directory")
+        return [path]
+    files = [os.fspath(p) for p in inputs]
+    if not files:
+        raise ValueError("inputs is an empty list; give image files or a directory")
+    return files
+
+
+def output_stems(files: Sequence[str]) -> list[str]:
+    """The output name of each file (its name without extension); ValueError when two
+    files would write the same outputs."""
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise ValueError(
+            f"several inputs share the names {duplicates}, so their outputs would collide; "
+            "predict them into separate output directories"
+        )
+    return stems
+
+
+def load_image(path: str) -> np.ndarray:
+    """An image file as uint8 `[H, W, C]`: C = 1 for greyscale, 3 for RGB, 4 with alpha.
+    Palette images become RGB; 16-bit greyscale is rejected (no silent rescaling)."""
+    with Image.open(path) as image:
+        if image.mode == "P":
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        elif image.mode == "1":
+            image = image.convert("L")
+        elif image.mode not in ("L", "LA", "RGB", "RGBA"):
+            raise ValueError(
+                f"image mode {image.mode!r} is not supported; save it as 8-bit grey or RGB"
+            )
+        array = np.asarray(image)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def channel_mismatch(image: np.ndarray, num_channels: int) -> str | None:
+    """Why a uint8 `[H, W, C]` image does not fit a model of `num_channels`, or None."""
+    if image.shape[-1] == num_channels:
+        return None
+    return (f"it has {image.shape[-1]} channel(s) but the model takes {num_channels}; "
+            f"convert it (e.g. PIL's .convert('{'L' if num_channels == 1 else 'RGB'}'))")
+
+
+def write_prediction(output_dir: str | os.PathLike, stem: str, image: np.ndarray,
+                     mask: np.ndarray, palette: np.ndarray, alpha: float = 0.5
+                     ) -> tuple[str, str]:
+    """Writes `<output_dir>/masks/<stem>.png` (the uint8 class indices `mask` `[h, w]`)
+    and `<output_dir>/overlays/<stem>.png` (the colours over `image` uint8 `[H, W, C]`,
+    centre-cropped to the mask). Returns the two paths."""
+    if mask.dtype != np.uint8:
+        if mask.size and mask.max() > 255:
+            raise ValueError(f"class {mask.max()} does not fit a uint8 PNG mask")
+        mask = mask.astype(np.uint8)
+    height, width = mask.shape
+    top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
+    shown = image[top : top + height, left : left + width]
+    if shown.shape[-1] in (2, 4):  # drop alpha for display
+        shown = shown[..., :-1]
+    mask_path = os.path.join(os.fspath(output_dir), "masks", f"{stem}.png")
+    overlay_path = os.path.join(os.fspath(output_dir), "overlays", f"{stem}.png")
+    visualize.save_png(mask_path, mask)
+    visualize.save_png(overlay_path, visualize.overlay(shown, mask, palette, alpha=alpha))
+    return mask_path, overlay_path

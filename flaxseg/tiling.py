@@ -1,0 +1,170 @@
+"""The array operations of the inference procedure, written once for any image size.
+
+`flaxseg.inference` builds its modes from these; `flaxseg.export` lowers the result with
+H and W symbolic (`jax.export`'s shape polymorphism), so every size arithmetic here is
+`+ - * //` and `dim_max` on sizes that may be symbolic, and padding, cropping and
+resizing are gathers with computed indices: one traced program serves every image size.
+Arrays are NHWC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dim = Any  # an int, or a symbolic size under jax.export
+Grid = tuple[Dim, int, Dim]  # one axis of tile corners: (count, step, last start)
+
+#: nnU-Net's sigma for its Gaussian tile weights: an eighth of the tile.
+GAUSSIAN_SIGMA_SCALE = 1 / 8
+
+
+def dim_max(a: Dim, b: Dim) -> Dim:
+    """`max(a, b)` for sizes that may be symbolic."""
+    if jax.export.is_symbolic_dim(a):
+        return a.max(b)
+    if jax.export.is_symbolic_dim(b):
+        return b.max(a)
+    return max(a, b)
+
+
+def ceil_div(a: Dim, b: int) -> Dim:
+    return (a + b - 1) // b
+
+
+def _reflect_indices(size: Dim, offset: Dim, length: Dim) -> jax.Array:
+    """Indices into an axis of `length` for positions `-offset .. size - offset - 1`,
+    mirrored at the ends without repeating the edge (NumPy's 'reflect', repeated as
+    often as the padding needs); a 1-pixel axis repeats its pixel."""
+    period = jnp.maximum(2 * (length - 1), 1)
+    index = jnp.mod(jnp.arange(size) - offset, period)
+    return jnp.where(index >= length, period - index, index)
+
+
+def mirror_pad(x: jax.Array, top: Dim, bottom: Dim, left: Dim, right: Dim) -> jax.Array:
+    """`[B, H, W, C]` -> `[B, top + H + bottom, left + W + right, C]`, mirrored as the
+    U-Net paper pads (Fig. 2)."""
+    _, height, width, _ = x.shape
+    if not all(isinstance(p, int) and p == 0 for p in (top, bottom)):
+        x = jnp.take(x, _reflect_indices(top + height + bottom, top, height), axis=1)
+    if not all(isinstance(p, int) and p == 0 for p in (left, right)):
+        x = jnp.take(x, _reflect_indices(left + width + right, left, width), axis=2)
+    return x
+
+
+def crop(x: jax.Array, top: Dim, left: Dim, height: Dim, width: Dim) -> jax.Array:
+    """`x[:, top : top + height, left : left + width]` for sizes that may be symbolic."""
+    return jax.lax.dynamic_slice(
+        x, (0, top, left, 0), (x.shape[0], height, width, x.shape[3]))
+
+
+def _resize_axis(x: jax.Array, axis: int, size: Dim) -> jax.Array:
+    """Linear interpolation along `axis` to `size`, pixel centres aligned (half-pixel)."""
+    length = x.shape[axis]
+    # Output pixel o samples the input at (o + 1/2) * length / size - 1/2, clamped to the
+    # edges: numerator and denominator in integers, so the position is exact and the
+    # fraction one correctly rounded division, whatever the compiler fuses.
+    numerator = jnp.maximum((2 * jnp.arange(size) + 1) * length - size, 0)
+    denominator = 2 * size
+    low = jnp.minimum(numerator // denominator, length - 1)
+    high = jnp.minimum(low + 1, length - 1)
+    fraction = (numerator - low * denominator).astype(jnp.float32) / jnp.asarray(
+        denominator, jnp.float32)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    a, b = jnp.take(x, low, axis=axis), jnp.take(x, high, axis=axis)
+    return a + (b - a) * fraction.reshape(shape)
+
+
+def resize_bilinear(x: jax.Array, height: Dim, width: Dim) -> jax.Array:
+    """`[B, H, W, C]` -> `[B, height, width, C]`, bilinear with half-pixel centres and
+    no antialiasing (PyTorch's `interpolate(mode='bilinear', align_corners=False)`,
+    OpenCV's `INTER_LINEAR`)."""
+    return _resize_axis(_resize_axis(x, 1, height), 2, width)
+
+
+def gaussian_weights(tile: tuple[int, int],
+                     sigma_scale: float = GAUSSIAN_SIGMA_SCALE) -> np.ndarray:
+    """nnU-Net's tile weights: float32 `[th, tw, 1]`, a Gaussian centred on the tile with
+    sigma `sigma_scale` x the tile per axis, 1 at the peak, positive everywhere (the
+    corners of a tile are about 1e-7), so every pixel a tile covers gets weight.
+
+    Centred at the tile's true centre `(t - 1) / 2` (nnU-Net: pixel `t // 2`), so the
+    weights are symmetric and a mirrored tile is weighted like the tile.
+    """
+    axes = [np.exp(-0.5 * ((np.arange(t) - (t - 1) / 2) / (t * sigma_scale)) ** 2)
+            for t in tile]
+    weights = np.outer(*axes)
+    return (weights / weights.max()).astype(np.float32)[..., None]
+
+
+def tile_grid(length: Dim, tile: int, step: int) -> Grid:
+    """Tile corners along an axis of `length >= tile`: every `step` pixels, the last tile
+    flush with the end."""
+    return ceil_div(length - tile, step) + 1, step, length - tile
+
+
+def _corner(index: jax.Array, grid: Grid) -> jax.Array:
+    _, step, last = grid
+    return jnp.minimum(index * step, last)
+
+
+def over_tiles(
+    padded: jax.Array,
+    predict: Callable[[jax.Array], jax.Array],
+    rows: Grid,
+    cols: Grid,
+    tile: tuple[int, int],
+    tile_batch: int,
+    update: Callable[[Any, Dim, Dim, jax.Array, jax.Array], Any],
+    init: Any,
+) -> Any:
+    """Folds `update(carry, y, x, logits, valid)` over every tile of `padded` `[B, H, W, C]`.
+
+    Each pass cuts the tiles at `tile_batch` grid positions from every image (`[tile_batch
+    * B, th, tw, C]`) and predicts them in one call of `predict`; `logits` are one
+    position's `[B, oh, ow, K]`, its corner `(y, x)`. The last pass repeats the last tile
+    where the count runs out, with `valid` False (a traced bool).
+    """
+    batch, channels = padded.shape[0], padded.shape[3]
+    count = rows[0] * cols[0]
+
+    def one_pass(index, carry):
+        tiles = index * tile_batch + jnp.arange(tile_batch)
+        valid = tiles < count
+        tiles = jnp.minimum(tiles, count - 1)
+        ys, xs = _corner(tiles // cols[0], rows), _corner(tiles % cols[0], cols)
+        cut = jnp.concatenate([
+            jax.lax.dynamic_slice(padded, (0, ys[j], xs[j], 0), (batch, *tile, channels))
+            for j in range(tile_batch)])
+        logits = predict(cut)
+        for j in range(tile_batch):
+            carry = update(carry, ys[j], xs[j], logits[j * batch : (j + 1) * batch], valid[j])
+        return carry
+
+    return jax.lax.fori_loop(0, ceil_div(count, tile_batch), one_pass, init)
+
+
+def add_weighted(carry: tuple[jax.Array, jax.Array], y: Dim, x: Dim, logits: jax.Array,
+                 valid: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`over_tiles` update: adds `weights * logits` to the sum `[B, H, W, K]` and the
+    weights to their sum `[H, W, 1]` at the tile's place."""
+    total, norm = carry
+    weights = weights * valid
+    size = logits.shape[1:3]
+    here = crop(total, y, x, *size)
+    total = jax.lax.dynamic_update_slice(total, here + weights * logits, (0, y, x, 0))
+    here = jax.lax.dynamic_slice(norm, (y, x, 0), (*size, 1))
+    return total, jax.lax.dynamic_update_slice(norm, here + weights, (y, x, 0))
+
+
+def place(canvas: jax.Array, y: Dim, x: Dim, logits: jax.Array, valid: jax.Array
+          ) -> jax.Array:
+    """`over_tiles` update: writes the tile's logits into the canvas `[B, H, W, K]` (a
+    repeated tile writes what is already there, so `valid` is not needed)."""
+    del valid
+    return jax.lax.dynamic_update_slice(canvas, logits, (0, y, x, 0))
