@@ -38,6 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from flaxseg import cli, inference, metrics
+from flaxseg.models import model_geometry
 from flaxseg.train import distributed
 
 Example = dict[str, np.ndarray]
@@ -221,7 +222,8 @@ def define_inference_flags(default_mode: str) -> None:
         "tile_size",
         None,
         "sliding / gaussian / overlap_tile input tile 'H,W' or 'S' (default: the config's "
-        "image_size).",
+        "image_size), or 'auto': the largest square tile whose compiled forward pass of "
+        "--tile_batch tiles fits --memory_budget_gb (or the device's memory).",
     )
     flags.DEFINE_alias("tile", "tile_size")
     flags.DEFINE_float("overlap", 0.5, "sliding / gaussian: the fraction of a tile its "
@@ -232,6 +234,9 @@ def define_inference_flags(default_mode: str) -> None:
                       "stride).")
     flags.DEFINE_integer("batch_size", 4, "Images per call of the compiled procedure.")
     flags.DEFINE_integer("tile_batch", 4, "Tile positions per forward pass (tiled modes).")
+    flags.DEFINE_float("memory_budget_gb", 0.0, "--tile_size=auto: the device memory one "
+                       "forward pass may use (0: what the device reports; a CPU reports none).")
+    flags.DEFINE_integer("max_tile", 1024, "--tile_size=auto: the largest tile side tried.")
     flags.mark_flag_as_required("workdir")
     distributed.define_flags()
 
@@ -258,14 +263,37 @@ def _scales_flag(value: list[str] | None) -> tuple[float, ...] | None:
                          ) from None
 
 
-def inference_options(model: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
+def auto_tile_size(model: Any, variables: Any, channels: int, tile_batch: int,
+                   budget_gb: float, max_tile: int) -> int:
+    """`--tile_size=auto`: the largest square tile (one the model's geometry takes) whose
+    compiled forward pass of `tile_batch` tiles fits the memory budget; says so."""
+    from flaxseg.train import memory
+
+    budget, where = memory.memory_budget(
+        budget_gb, what="--tile_size=auto",
+        fix="set --memory_budget_gb (the GiB one device may use), or give --tile_size")
+    candidates = memory.tile_candidates(model_geometry(model), max_tile)
+    size, why = memory.fit_tile_size(
+        lambda s: memory.forward_bytes(model, variables, (tile_batch, s, s, channels)),
+        candidates, budget)
+    distributed.say(f"{why} ({where}).")
+    return size
+
+
+def inference_options(model: Any, variables: Any,
+                      config: ml_collections.ConfigDict) -> dict[str, Any]:
     """`predict_logits` keyword arguments from the shared flags (after parsing)."""
     values = flags.FLAGS
     mode = inference.default_mode(model) if values.mode == "auto" else values.mode
     options: dict[str, Any] = {"mode": mode, "flip": values.flip, "batch_size": values.batch_size,
                                "scales": _scales_flag(values.scales)}
     if mode in inference.TILED_MODES:
-        tile = size_flag(values.tile_size, "tile_size")
+        if values.tile_size == ["auto"]:
+            side = auto_tile_size(model, variables, int(config.dataset.num_channels),
+                                  values.tile_batch, values.memory_budget_gb, values.max_tile)
+            tile = (side, side)
+        else:
+            tile = size_flag(values.tile_size, "tile_size")
         options["tile_size"] = tile or tuple(int(s) for s in config.dataset.image_size)
         options["tile_batch"] = values.tile_batch
     if mode in ("sliding", "gaussian"):
@@ -301,7 +329,7 @@ def load_run(argv: list[str]) -> tuple[Any, Any, ml_collections.ConfigDict, dict
     distributed.initialize_from_flags()
     model, variables, config = load_for_inference(
         flags.FLAGS.workdir, flags.FLAGS.step, sharding=DataParallel("mesh").replicated)
-    return model, variables, config, inference_options(model, config)
+    return model, variables, config, inference_options(model, variables, config)
 
 
 def for_this_process(variables: Any, config: ml_collections.ConfigDict,

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -212,6 +213,11 @@ def test_evaluate_cli_reproduces_the_loops_final_evaluation(trained_run, tmp_pat
     for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
         assert scores[key] == pytest.approx(summary[key], abs=1e-9), key
 
+    result = _cli("flaxseg.evaluate", f"--workdir={workdir}", "--mode=gaussian",
+                  "--tile_size=auto", "--memory_budget_gb=0.001", "--max_tile=32", "--limit=2")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"--tile_size=auto chose (\d+)x\1: .* of the 1.0 MiB budget", result.stdout)
+
     result = _cli("flaxseg.evaluate", f"--workdir={workdir}", "--mode=tiles")
     assert result.returncode != 0 and "tiles" in result.stderr
     result = _cli("flaxseg.evaluate", f"--workdir={tmp_path / 'none'}")
@@ -238,6 +244,16 @@ def test_predict_cli_writes_masks_and_names_the_files_it_cannot_take(trained_run
     assert not (out / "masks" / "grey.png").exists()
 
 
+
+
+def test_auto_tile_needs_a_budget_where_the_device_reports_none():
+    from flaxseg.models import create_model
+
+    model = create_model("unet", num_classes=2, features=4, depth=2)
+    variables = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
+    with pytest.raises(ValueError, match=r"--tile_size=auto needs a memory budget.*"
+                                         r"set --memory_budget_gb .*or give --tile_size"):
+        evaluate.auto_tile_size(model, variables, 3, tile_batch=2, budget_gb=0.0, max_tile=64)
 
 
 def _cli_without(blocked, module, *args):

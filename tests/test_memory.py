@@ -56,3 +56,40 @@ def test_auto_needs_a_budget_on_a_cpu():
     with pytest.raises(ValueError, match="memory_budget_gb must be a number >= 0"):
         validate_config(config)
     assert jax.devices()[0].memory_stats() is None  # why a CPU run needs the budget
+
+
+def test_tile_candidates_follow_the_geometry():
+    from flaxseg.models import create_model, model_geometry
+
+    same = model_geometry(create_model("unet", num_classes=2, features=4, depth=2))
+    assert memory.tile_candidates(same, 20) == [4, 8, 12, 16, 20]
+    valid = model_geometry(create_model("unet_valid", num_classes=2, features=4, depth=4))
+    assert memory.tile_candidates(valid, 580)[-2:] == [556, 572]  # the paper's 572
+
+
+def test_the_tile_search_bisects_to_the_largest_fitting_tile():
+    calls = []
+
+    def bytes_for(size):
+        calls.append(size)
+        return 100 * size * size
+
+    sizes = list(range(16, 1025, 16))
+    tile, why = memory.fit_tile_size(bytes_for, sizes, budget=100 * 300 * 300)
+    assert tile == 288 and "chose 288x288" in why and "304 px would need" in why
+    assert len(calls) <= 8  # log2(64) + 1 compiles, not 64
+    with pytest.raises(ValueError, match="even a 16 px tile needs .* lower --tile_batch"):
+        memory.fit_tile_size(bytes_for, sizes, budget=10)
+
+
+def test_the_chosen_tile_compiles_within_the_budget_and_the_next_does_not():
+    from flaxseg.models import create_model
+
+    model = create_model("unet", num_classes=2, features=4, depth=2)
+    variables = model.init(jax.random.key(0), jax.numpy.zeros((1, 16, 16, 3)))
+    budget = 2**20
+    candidates = memory.tile_candidates(model.geometry(), 256)
+    tile, _ = memory.fit_tile_size(
+        lambda s: memory.forward_bytes(model, variables, (2, s, s, 3)), candidates, budget)
+    assert memory.forward_bytes(model, variables, (2, tile, tile, 3)) <= budget
+    assert memory.forward_bytes(model, variables, (2, tile + 4, tile + 4, 3)) > budget

@@ -48,17 +48,21 @@ def compiled_bytes(compiled: Any) -> int | None:
                + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
-def memory_budget(budget_gb: float) -> tuple[int, str]:
+def memory_budget(
+    budget_gb: float, what: str = "batch_size='auto'",
+    fix: str = "set --config.memory_budget_gb (the GiB one device may use), or give "
+               "--config.batch_size",
+) -> tuple[int, str]:
     """(bytes, where the number comes from): `budget_gb` if > 0, else the first device's
-    memory as it reports it (`memory_stats()['bytes_limit']`, GPU and TPU)."""
+    memory as it reports it (`memory_stats()['bytes_limit']`, GPU and TPU). `what` and
+    `fix` name the option that needs it and what to do, for the error."""
     if budget_gb and budget_gb > 0:
         return int(budget_gb * GIB), f"memory_budget_gb={budget_gb:g}"
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
         raise ValueError(
-            f"batch_size='auto' needs a memory budget, and the {jax.devices()[0].platform} "
-            "device does not report its memory size; set --config.memory_budget_gb (the GiB "
-            "one device may use), or give --config.batch_size.")
+            f"{what} needs a memory budget, and the {jax.devices()[0].platform} device does "
+            f"not report its memory size; {fix}.")
     return int(stats["bytes_limit"]), f"the {jax.devices()[0].device_kind}'s memory"
 
 
@@ -133,3 +137,59 @@ def residual_bytes(model: Any, variables: Any, input_shape: tuple[int, ...]) -> 
     images = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
     kept = jax.eval_shape(vjp_function, variables, images)
     return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(kept)))
+
+
+def forward_bytes(model: Any, variables: Any, input_shape: tuple[int, ...]) -> int:
+    """Per-device bytes of `model`'s inference forward (`train=False`) compiled for a
+    float32 batch of `input_shape` `[N, H, W, C]` on the variables' device; nothing runs."""
+    images = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+    apply = jax.jit(functools.partial(model.apply, train=False))
+    used = compiled_bytes(apply.lower(variables, images).compile())
+    if used is None:
+        raise ValueError("--tile_size=auto: this backend's compiler reports no memory "
+                         "analysis; give --tile_size.")
+    return used
+
+
+def tile_candidates(geometry: Any, max_size: int) -> list[int]:
+    """Square tile sizes up to `max_size` a model takes, ascending: the multiples of its
+    stride for a same-size model, the sizes its geometry accepts otherwise (the VALID
+    U-Net's, one every `2**depth` pixels)."""
+    sizes = range(max(geometry.min_size, 1), max_size + 1)
+    if geometry.output_size is None:
+        return [s for s in sizes if s % geometry.stride == 0]
+    return [s for s in sizes if geometry.accepts(s)]
+
+
+def fit_tile_size(bytes_for: Callable[[int], int], candidates: list[int], budget: int
+                  ) -> tuple[int, str]:
+    """The largest of `candidates` (ascending) whose `bytes_for(size)` is at most `budget`,
+    found by bisection (a forward pass's memory grows with its tile), and a line saying
+    why. Raises ValueError if none fits."""
+    if not candidates:
+        raise ValueError("--tile_size=auto: the model takes no tile size up to --max_tile.")
+    cache: dict[int, int] = {}
+
+    def fits(index: int) -> bool:
+        size = candidates[index]
+        if size not in cache:
+            cache[size] = bytes_for(size)
+        return cache[size] <= budget
+
+    if not fits(0):
+        raise ValueError(
+            f"--tile_size=auto: even a {candidates[0]} px tile needs "
+            f"{format_bytes(cache[candidates[0]])} per device, over the "
+            f"{format_bytes(budget)} budget; lower --tile_batch or raise the budget.")
+    low, high = 0, len(candidates) - 1  # fits(low); the answer is in [low, high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    size = candidates[low]
+    # Bisection only lowers `high` past a tile that failed, so the next one up is cached.
+    above = (f"{size} px is the largest up to --max_tile" if low + 1 == len(candidates)
+             else f"{candidates[low + 1]} px would need "
+                  f"{format_bytes(cache[candidates[low + 1]])}")
+    return size, (f"--tile_size=auto chose {size}x{size}: its compiled forward needs "
+                  f"{format_bytes(cache[size])} per device of the {format_bytes(budget)} "
+                  f"budget; {above} ({len(cache)} compiles)")
