@@ -616,7 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment()
     chief = jax.process_index() == 0
     # One peak per dtype: the data sheet, or on CPU a matmul probe run before any model.
-    device_peaks = {dtype: peaks.device_peak(env["device_kind"], env["platform"], dtype)
+    device_peaks = {dtype: None if args.memory_only
+                    else peaks.device_peak(env["device_kind"], env["platform"], dtype)
                     for dtype in args.dtype}
     pipeline: dict[tuple[int, int], float | None] = {}
     records = []
