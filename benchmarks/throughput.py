@@ -526,7 +526,7 @@ def cases(args: argparse.Namespace, max_devices: int, num_processes: int = 1) ->
 def add_scaling_efficiency(records: list[dict[str, Any]]) -> None:
     """Sets `weak_scaling_efficiency` = img/s(n) / (n / n0 * img/s(n0)) on mesh and pmap
     records, n0 the fewest devices the same configuration ran on (None for jit)."""
-    key = ("model", "image_size", "per_device_batch", "dtype", "mode", "parallel")
+    key = ("model", "image_size", "per_device_batch", "dtype", "mode", "remat", "parallel")
     spread = [r for r in records if r["parallel"] != "jit" and r["spatial_partitions"] == 1]
     fewest: dict[tuple, dict[str, Any]] = {}
     for r in sorted(spread, key=lambda r: r["num_devices"]):
