@@ -209,16 +209,3 @@ if full_from:
 sys.argv = ["flaxseg.train", *sys.argv[1:]]
 runpy.run_module("flaxseg.train", run_name="__main__", alter_sys=True)
 """
-
-
-# The longest files first: under `-n 2 --dist=loadfile --no-loadscope-reorder` each file
-# goes to one worker in this order, so none of them starts last and runs alone at the end
-# (xdist's own order, most tests first, put the few slow multi-process tests last).
-SLOW_FILES_FIRST = ("test_multiprocess.py", "test_resume.py", "test_benchmarks.py",
-                    "test_reliability.py", "test_models_pretrained.py",
-                    "test_evaluate_predict.py", "test_data_layouts.py", "test_remat.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
