@@ -170,3 +170,22 @@ def test_check_image_batch_errors():
 
 def test_group_count_divides_features():
     assert [layers.group_count(f) for f in (4, 48, 64, 1024)] == [4, 16, 32, 32]
+
+
+def test_max_pool_after_bfloat16_conv_relu_under_jit_is_exact():
+    # XLA:CPU in jax 0.11.2 gave NaN for a bfloat16 max-reduction fed by conv + ReLU under
+    # jit (this very chain); the pool is written as elementwise maxima to avoid it.
+    def chain(x, k1, k2):
+        for k in (k1, k2):
+            x = jax.nn.relu(jax.lax.conv_general_dilated(
+                x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        return layers.max_pool_2x2(x)
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.uniform(keys[0], (2, 40, 40, 3)).astype(jnp.bfloat16)
+    k1 = (jax.random.normal(keys[1], (3, 3, 3, 64)) * 0.3).astype(jnp.bfloat16)
+    k2 = (jax.random.normal(keys[2], (3, 3, 64, 64)) * 0.06).astype(jnp.bfloat16)
+    jitted = jax.jit(chain)(x, k1, k2)
+    assert bool(jnp.all(jnp.isfinite(jitted)))
+    np.testing.assert_array_equal(np.asarray(jitted, np.float32),
+                                  np.asarray(chain(x, k1, k2), np.float32))

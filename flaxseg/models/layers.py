@@ -104,8 +104,13 @@ def max_pool_2x2(x: jax.Array, ceil_mode: bool = False) -> jax.Array:
 
 @jax.custom_vjp
 def _pool_2x2(x: jax.Array) -> jax.Array:
+    # The elementwise maximum of each window's four pixels, not a max-reduction: XLA:CPU
+    # in jax 0.11.2 returns NaN for a bfloat16 max-reduction (reduce and reduce_window
+    # alike) fed by conv + ReLU under jit. Both are exact, so the results are equal.
     b, h, w, c = x.shape
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    q = x.reshape(b, h // 2, 2, w // 2, 2, c)
+    return jnp.maximum(jnp.maximum(q[:, :, 0, :, 0], q[:, :, 0, :, 1]),
+                       jnp.maximum(q[:, :, 1, :, 0], q[:, :, 1, :, 1]))
 
 
 def _pool_2x2_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
