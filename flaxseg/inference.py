@@ -49,8 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxseg import tiling, visualize
-from flaxseg.image_files import (  # noqa: F401  (re-exported: the file side of predict)
-    IMAGE_EXTENSIONS,
+from flaxseg.image_files import (
     Inputs,
     PredictionResult,
     channel_mismatch,

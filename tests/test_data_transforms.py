@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from flaxseg.data import augment_config, transforms
-from flaxseg.data.config import IMAGENET_MEAN, IMAGENET_STD
+from flaxseg.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 IGNORE = 255
 # Pixel value that encodes each class; 0 is left for padding.

@@ -17,7 +17,6 @@ from ml_collections.config_dict import placeholder
 
 from flaxseg.data import classes, layouts
 from flaxseg.data.base import DEFAULT_IGNORE_INDEX, parse_value_map
-from flaxseg.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (used by transforms)
 
 ISBI_DIR_ENV = "FLAXSEG_ISBI_DIR"
 

@@ -40,8 +40,8 @@ import ml_collections
 import numpy as np
 
 from flaxseg.data import classes
+from flaxseg.image_files import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SPLITS = ("train", "val", "test")
 METADATA_FILE = "dataset.json"
 # The label keys a dataset.json (or a layout) may give; the config's own values win.

@@ -17,8 +17,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from flaxseg.data.config import IMAGENET_MEAN, IMAGENET_STD, normalize_image_size
+from flaxseg.data.config import normalize_image_size
 from flaxseg.extras import require
+from flaxseg.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 Example = dict[str, np.ndarray]
 
