@@ -1,6 +1,7 @@
 """One image split over several devices: `spatial_partitions` on 4 CPU devices."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
@@ -17,17 +18,17 @@ MODEL = UNet(num_classes=3, features=4, depth=2, norm="batch", dropout_rate=0.0)
 SGD = create_optimizer({"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}, 10)
 
 
-def _batches(steps: int, size: int = 32) -> list[dict[str, np.ndarray]]:
+def _batches(steps: int, size: int = 32, dtype=np.float32) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(0)
-    return [{"image": rng.random((4, size, size, 1), np.float32),
+    return [{"image": rng.random((4, size, size, 1)).astype(dtype),
              "label": rng.integers(0, 3, (4, size, size)).astype(np.int32)}
             for _ in range(steps)]
 
 
-def _train(spatial_partitions: int, batches) -> tuple:
+def _train(spatial_partitions: int, batches, model: UNet = MODEL) -> tuple:
     par = DataParallel("mesh", spatial_partitions=spatial_partitions)
-    state = par.put_state(create_train_state(MODEL, SGD, jax.random.key(0), (1, 32, 32, 1)))
-    step = make_train_step(MODEL, losses.get_loss_fn("cross_entropy"), 3, parallel=par)
+    state = par.put_state(create_train_state(model, SGD, jax.random.key(0), (1, 32, 32, 1)))
+    step = make_train_step(model, losses.get_loss_fn("cross_entropy"), 3, parallel=par)
     loss = []
     for batch in batches:
         state, metrics = step(state, par.put_batch(batch))
@@ -38,15 +39,24 @@ def _train(spatial_partitions: int, batches) -> tuple:
 
 def test_split_images_train_like_whole_ones(num_devices):
     """5 SGD steps of a BatchNorm U-Net on the same batches: each image on one device (the
-    batch over 4), split over 2 devices, and split over 4 devices."""
-    batches = _batches(5)
-    params, loss = _train(1, batches)
-    for spatial in (2, 4):
-        other, other_loss = _train(spatial, batches)
-        np.testing.assert_allclose(other_loss, loss, rtol=1e-5)
-        diff = max(float(np.abs(a - b).max()) for a, b in
-                   zip(jax.tree.leaves(other), jax.tree.leaves(params), strict=True))
-        assert diff / max(float(np.abs(b).max()) for b in jax.tree.leaves(params)) < 1e-5
+    batch over 4), split over 2 devices, and split over 4 devices.
+
+    In float64, as tests/test_train_core.py's four-devices test explains: in float32 a
+    pre-activation within rounding of a ReLU kink can flip its gate between the layouts,
+    and that CPU-dependent jump has no tolerance. Measured here: params equal to 2.2e-16
+    of the largest (the layouts reduce in nearly the same order); 1e-7 as there.
+    """
+    with jax.enable_x64(True):
+        model = MODEL.clone(dtype=jnp.float64, param_dtype=jnp.float64)
+        batches = _batches(5, dtype=np.float64)
+        params, loss = _train(1, batches, model)
+        for spatial in (2, 4):
+            other, other_loss = _train(spatial, batches, model)
+            np.testing.assert_allclose(other_loss, loss, rtol=1e-5)  # summed in float32
+            diff = max(float(np.abs(a - b).max()) for a, b in
+                       zip(jax.tree.leaves(other), jax.tree.leaves(params), strict=True))
+            rel = diff / max(float(np.abs(b).max()) for b in jax.tree.leaves(params))
+            assert rel < 1e-7
 
 
 def test_a_large_image_in_one_pass_equals_the_unsplit_logits():
