@@ -8,7 +8,8 @@ Submodules load on first use, so `import flaxseg` stays cheap:
 
 Public submodules: `models`, `losses`, `metrics`, `optim`, `data`, `train`, `inference`,
 `export` (a run as one jax.export artifact), `exported` (running one: jax only),
-`visualize`, `configs`, `run_config`.
+`visualize`, `configs`, `run_config`; `api` lists the public names and where moved
+ones went.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = (
+    "api",
     "configs",
     "data",
     "export",

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from flaxseg import losses
 from flaxseg.models import UNet, unet_output_size
@@ -170,14 +171,21 @@ def test_no_dropout_key_is_used_twice(loss_fn):
     probe = _DropoutProbe()
     state = create_train_state(probe, ADAM, jax.random.key(0), SHAPE)
     same = {k: np.concatenate([v[:2]] * DEVICES) for k, v in _batch(0).items()}
-    # Under pmap every device folds in its index: the per-device step, seen per replica.
-    per_device = jax.pmap(train_step_fn(probe, loss_fn, NUM_CLASSES, axis_name="data"),
-                          axis_name="data", in_axes=(None, 0))
+    # Under 'pmap' every device folds in its index: the per-device step (as
+    # DataParallel('pmap') runs it), with each device's mask returned as its own row.
+    par = DataParallel("pmap")
+    step = train_step_fn(probe, loss_fn, NUM_CLASSES, axis_name=par.axis_name)
+
+    def with_masks(state, batch):
+        new_state, _ = step(state, batch)
+        return new_state, new_state.batch_stats["mask"][None]
+
+    per_device = jax.jit(jax.shard_map(with_masks, mesh=par.mesh, in_specs=(P(), P("data")),
+                                       out_specs=(P(), P("data")), check_vma=False))
     masks = []
     for _ in range(2):  # the same examples on every device, twice
-        replicas, _ = per_device(state, DataParallel("pmap").put_batch(same))
-        masks.extend(np.asarray(replicas.batch_stats["mask"]))  # one mask per replica
-        state = jax.tree.map(lambda x: x[0], replicas)
+        state, device_masks = per_device(state, par.put_batch(same))  # device 0's state
+        masks.extend(np.asarray(device_masks))  # one mask per device
     assert len({m.tobytes() for m in masks}) == 2 * DEVICES
 
 
@@ -353,6 +361,7 @@ def test_put_state_replicates_and_keeps_typed_keys(sgd_state, num_devices):
         assert len(leaf.sharding.device_set) == devices and leaf.sharding.is_fully_replicated
         _assert_bitwise_equal(par.to_host(placed), sgd_state)
         _assert_bitwise_equal(par.local_copy(placed), sgd_state)
-    pmap_batch = DataParallel("pmap").put_batch(_batch(0))
-    assert pmap_batch["image"].shape == (DEVICES, 2, SIZE, SIZE, 1)
-    assert DataParallel("mesh").put_batch(_batch(0))["image"].shape == (8, SIZE, SIZE, 1)
+    for mode in ("mesh", "pmap"):  # one layout: the global batch, its rows over 'data'
+        image = DataParallel(mode).put_batch(_batch(0))["image"]
+        assert image.shape == (8, SIZE, SIZE, 1) and len(image.sharding.device_set) == DEVICES
+        assert {s.data.shape for s in image.addressable_shards} == {(2, SIZE, SIZE, 1)}

@@ -12,8 +12,11 @@ config has) and fills in `model`, `dataset`, `augment`, `loss` and `optimizer`.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import ml_collections
+
+from flaxseg.api import moved_attribute
 
 SHIPPED_CONFIGS = (
     "default",
@@ -41,3 +44,9 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
             "For your own config, write a file with get_config() and pass --config=path.py."
         )
     return importlib.import_module(f"{__name__}.{name}").get_config()
+
+
+def __getattr__(name: str) -> Any:
+    """Names that used to live here (`base_config`, `optimizer_config`, ...) still import,
+    with a DeprecationWarning naming their new home (`flaxseg.api.MOVED`)."""
+    return moved_attribute(__name__, name)

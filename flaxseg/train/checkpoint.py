@@ -143,6 +143,21 @@ class Restored:
     config: dict
 
 
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Each item's save and restore args -> its handler (orbax's replacement for the
+    deprecated `item_handlers`): the state as arrays, the loop and the config as JSON."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item, save, restore, handler in (
+            (STATE, ocp.args.StandardSave, ocp.args.StandardRestore,
+             ocp.StandardCheckpointHandler),
+            (LOOP, ocp.args.JsonSave, ocp.args.JsonRestore, ocp.JsonCheckpointHandler),
+            (CONFIG, ocp.args.JsonSave, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)):
+        instance = handler()  # one handler saves and restores its item
+        for args in (save, restore):
+            registry.add(item, args, instance)
+    return registry
+
+
 class Checkpointer:
     """The checkpoints of one workdir.
 
@@ -179,14 +194,7 @@ class Checkpointer:
             save_interval_steps=0 if read_only else 1,  # orbax warns unless set so
         )
         self._manager = ocp.CheckpointManager(
-            self.directory,
-            item_handlers={
-                STATE: ocp.StandardCheckpointHandler(),
-                LOOP: ocp.JsonCheckpointHandler(),
-                CONFIG: ocp.JsonCheckpointHandler(),
-            },
-            options=options,
-        )
+            self.directory, handler_registry=_handler_registry(), options=options)
 
     # -- queries ------------------------------------------------------------------------
     def all_steps(self) -> list[int]:

@@ -17,10 +17,11 @@ these arrays; only the table below depends on the mode.
   partitions the one program and inserts the all-reduces.
 * 'jit': the same `jax.jit` program on a 1-device mesh (the first local device, one
   process).
-* 'pmap': every device of every process; the batch laid out `[D, B / D, ...]` (sharded
-  `P('data')`); the step is `jax.pmap` of the per-device program with `axis_name='data'`,
-  `in_axes=(None, 0)` and `out_axes=None`. Collectives are explicit: `pmean` in BatchNorm
-  (`model.axis_name`), `psum` of the gradients, the pixel weight and the metric sums.
+* 'pmap': every device of every process; the batch `[B, ...]` sharded `P('data')` as for
+  'mesh'; the step is the per-device program (each device sees its `[B / D, ...]` rows)
+  under `jax.shard_map` with the axis `'data'`, the state `P()` in and out, jitted.
+  Collectives are explicit: `pmean` in BatchNorm (`model.axis_name`), `psum` of the
+  gradients, the pixel weight and the metric sums.
 
 Why 'mesh' is the default: it is the idiom the JAX documentation recommends for data
 parallelism (the training cookbook, `migrate_pmap`); `jax.pmap` has been a wrapper over
@@ -28,18 +29,18 @@ parallelism (the training cookbook, `migrate_pmap`); `jax.pmap` has been a wrapp
 computation written once: it equals the one-device step up to the order of floating-point
 reductions, and its random numbers (dropout) are the same whatever the device count.
 'pmap' stays for those who want the per-device program with explicit collectives; each
-device draws its own dropout masks there (`fold_in(key, axis_index)`).
+device draws its own dropout masks there (`fold_in(key, axis_index)`). The mode keeps its
+name (configs say `parallel='pmap'`) but runs on `jax.shard_map`, which `jax.pmap` wraps
+and whose docstring it points to since JAX 0.12: the same per-device program, on global
+arrays, so several processes need no conversion at the boundary.
 
 Several processes (`jax.distributed`): a mesh spans the devices of all of them. Each
 process passes its own rows of the global batch to `put_batch`
 (`jax.make_array_from_process_local_data`); `process_rows()` says which rows those are.
-`jax.pmap` takes and returns per-process arrays in that setting, so the 'pmap' step
-converts at its boundary (`jax.experimental.multihost_utils`), without copies.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -204,7 +205,7 @@ class DataParallel:
     def put_batch(self, batch: PyTree) -> PyTree:
         """This process's rows `[b, ...]` of the global batch -> global arrays.
 
-        'mesh' / 'jit': `[B, ...]` sharded `P('data')`; 'pmap': `[D, B / D, ...]`.
+        `[B, ...]` sharded `P('data')` (split over 'space' too with spatial partitions).
         """
         local = len(self.local_devices) // self.spatial_partitions
 
@@ -214,10 +215,6 @@ class DataParallel:
                 raise ValueError(
                     f"This process's batch of {x.shape[0]} cannot be split over its {local} "
                     "devices; load process_rows(global_batch_size) of the global batch.")
-            if self.mode == "pmap":
-                x = x.reshape((local, x.shape[0] // local, *x.shape[1:]))
-                return jax.make_array_from_process_local_data(
-                    NamedSharding(self.mesh, PartitionSpec(AXIS_NAME)), x)
             return jax.make_array_from_process_local_data(self.batch_sharding, x)
 
         return jax.tree.map(put, batch)
@@ -257,27 +254,15 @@ class DataParallel:
         like the batch (e.g. logits). `donate` lets the step reuse the state's buffers.
         """
         donate_argnums = (0,) if donate else ()
-        if self.mode != "pmap":
-            return jax.jit(fn, in_shardings=(self.replicated, self.batch_sharding),
-                           out_shardings=self.batch_sharding if sharded_output
-                           else self.replicated, donate_argnums=donate_argnums)
-        pmapped = jax.pmap(fn, axis_name=AXIS_NAME, in_axes=(None, 0),
-                           out_axes=0 if sharded_output else None, devices=self.devices,
-                           donate_argnums=donate_argnums)
-        if not self._multiprocess:
-            return pmapped
-        out_spec = PartitionSpec(AXIS_NAME) if sharded_output else PartitionSpec()
-        return functools.partial(_call_multiprocess_pmap, pmapped, self.mesh, out_spec)
-
-
-def _call_multiprocess_pmap(pmapped: Callable, mesh: Mesh, out_spec: PartitionSpec,
-                            state: PyTree, batch: PyTree) -> PyTree:
-    """jax.pmap under several processes speaks per-process arrays: rewrap at the boundary."""
-    state = multihost_utils.global_array_to_host_local_array(state, mesh, PartitionSpec())
-    batch = multihost_utils.global_array_to_host_local_array(batch, mesh,
-                                                             PartitionSpec(AXIS_NAME))
-    return multihost_utils.host_local_array_to_global_array(pmapped(state, batch), mesh,
-                                                            out_spec)
+        out_sharding = self.batch_sharding if sharded_output else self.replicated
+        if self.mode == "pmap":
+            # The outputs are psum-ed (or per-device rows): equal where P() says so, which
+            # shard_map cannot infer through the model's pmean (hence check_vma=False).
+            fn = jax.shard_map(fn, mesh=self.mesh,
+                               in_specs=(PartitionSpec(), PartitionSpec(AXIS_NAME)),
+                               out_specs=out_sharding.spec, check_vma=False)
+        return jax.jit(fn, in_shardings=(self.replicated, self.batch_sharding),
+                       out_shardings=out_sharding, donate_argnums=donate_argnums)
 
 
 def sum_over_processes(counts: np.ndarray) -> np.ndarray:

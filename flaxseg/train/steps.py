@@ -91,8 +91,7 @@ def _check_batch(batch: Batch, num_classes: int) -> tuple[jax.Array, jax.Array]:
     if images.ndim != 4 or labels.ndim != 3 or images.shape[:3] != labels.shape:
         raise ValueError(
             f"Expected image [B, H, W, C] and label [B, H, W]; got image "
-            f"{tuple(images.shape)} and label {tuple(labels.shape)}. Under parallel='pmap' "
-            "lay the batch out with DataParallel('pmap').put_batch."
+            f"{tuple(images.shape)} and label {tuple(labels.shape)}."
         )
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise TypeError(
