@@ -37,14 +37,44 @@ FLAGS = [f"--config={REPO / 'flaxseg' / 'configs' / 'default.py'}",
          "--config.dataset.image_size=(32, 32)", "--config.dataset.num_val=32",
          "--config.optimizer.warmup_steps=2", "--config.optimizer.name=sgd",
          "--config.optimizer.learning_rate=0.05",
-         f"--heartbeat_timeout_seconds={HEARTBEAT_S}"]
+         f"--heartbeat_timeout_seconds={HEARTBEAT_S}",
+         # A process that cannot reach its peer fails within a minute, not at JAX's 300 s.
+         "--initialization_timeout=60"]
 # 1e-5 of the largest parameter: the cross-process sums are added in another order.
 RTOL = 1e-5
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+    """A coordinator port no other test or connection can take meanwhile.
+
+    An OS-assigned port (bind to 0) is free only until the socket closes: gloo's own
+    connections and the other xdist worker's jobs draw from the same ephemeral range and
+    can take it before JAX's coordinator binds it. So: a port below the ephemeral range
+    (the kernel never hands those out), from a block of 1,000 per xdist worker, the first
+    of them that binds.
+    """
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)
+    top = _ephemeral_low() - 1000 * worker
+    for port in range(top - 1, top - 1000, -1):
+        if port in _HANDED_OUT:  # a job of this worker may not have bound it yet
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("localhost", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port in [{top - 1000}, {top}) for the coordinator")
 
 
 class Job:
@@ -73,12 +103,20 @@ class Job:
         return results
 
     def wait_for_checkpoint(self, step: int, timeout: float = 240) -> None:
+        """Waits for checkpoint `step`; on a deadline or an early exit, kills the job and
+        fails with what every process printed."""
         target = self.workdir / "checkpoints" / str(step)
         deadline = time.monotonic() + timeout
-        while not target.is_dir() and time.monotonic() < deadline:
-            assert all(p.poll() is None for p in self.procs), self.wait()
+        while not target.is_dir():
+            exited = [p.returncode for p in self.procs if p.poll() is not None]
+            if exited or time.monotonic() > deadline:
+                for proc in self.procs:
+                    proc.kill()
+                outputs = "\n".join(f"--- process {i} (exit {code}):\n{out[-2000:]}"
+                                     for i, (code, out) in enumerate(self.wait()))
+                why = "a process exited" if exited else f"none after {timeout:.0f} s"
+                pytest.fail(f"no checkpoint {step} ({why}):\n{outputs}")
             time.sleep(0.05)
-        assert target.is_dir(), f"no checkpoint {step} after {timeout} s"
 
 
 def _run(workdir: Path, num_processes: int, devices: int,
