@@ -22,6 +22,7 @@ from flaxseg.data import folder, layouts
 from flaxseg.data.balance import ClassBalance
 from flaxseg.data.base import suggest_classes, suggestion_flags
 from flaxseg.data.tfds import DatasetNotPreparedError, MissingSplitError
+from flaxseg.image_files import is_rotated
 
 Loader = Callable[[], dict[str, np.ndarray]]
 
@@ -50,6 +51,7 @@ class DatasetReport:
     raw_values: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     raw_colours: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     suggestion: dict[str, Any] | None = None
+    rotated_files: int = 0  # files read turned by their EXIF orientation tag
 
     @property
     def num_examples(self) -> int:
@@ -122,17 +124,24 @@ def _scan(
         )
 
 
-def _folder_items(pairs: list[layouts.Pair], decoder) -> Iterator[tuple[str, Loader]]:
+def _size_mismatch(pair: layouts.Pair, image: np.ndarray, raw: np.ndarray) -> str:
+    """The size-mismatch problem, with its likely cause where one is known."""
+    sizes = [(image.shape[1], image.shape[0]), (raw.shape[1], raw.shape[0])]
+    return (f"size mismatch: {pair.image} is {sizes[0][0]}x{sizes[0][1]} (WxH) but "
+            f"{pair.mask} is {sizes[1][0]}x{sizes[1][1]}{folder.turned_cause(sizes)}")
+
+
+def _folder_items(pairs: list[layouts.Pair], decoder, report: DatasetReport
+                  ) -> Iterator[tuple[str, Loader]]:
     for pair in pairs:
 
         def load(pair=pair):
             # Each loader names its own file when it cannot decode it.
             image, raw = folder.load_pair_image(pair), folder.load_mask(pair.mask)
+            files = pair.images + (() if pair.mask.endswith(".mat") else (pair.mask,))
+            report.rotated_files += sum(is_rotated(path) for path in files)
             if image.shape[:2] != raw.shape[:2]:
-                raise ValueError(
-                    f"size mismatch: {pair.image} is {image.shape[1]}x{image.shape[0]} (WxH) "
-                    f"but {pair.mask} is {raw.shape[1]}x{raw.shape[0]}"
-                )
+                raise ValueError(_size_mismatch(pair, image, raw))
             if decoder is None:
                 return {"image": image, "label": raw}
             try:
@@ -168,7 +177,7 @@ def _check_folder(config: ml_collections.ConfigDict, max_examples: int | None) -
             report.problems.append(folder.empty_split_message(config, split, found))
         split_report = SplitReport(split)
         report.splits.append(split_report)
-        _scan(report, split_report, _folder_items(found.pairs, decoder),
+        _scan(report, split_report, _folder_items(found.pairs, decoder, report),
               config.num_channels, max_examples)
     if not known and report.raw_values:
         report.suggestion = suggest_classes(report.raw_values, config.ignore_index)
@@ -301,6 +310,9 @@ def format_report(report: DatasetReport) -> str:
         lines.append(f"{s.name:<8}{s.count:>8}  {sizes or '-':<32}{channels or '-'}")
     if report.splits:
         lines.append(f"{'total':<8}{report.num_examples:>8}")
+    if report.rotated_files:
+        lines.append(f"EXIF orientation: {report.rotated_files} file(s) carry a rotation tag; "
+                     "they are read turned as displayed (as annotation tools show them)")
     lines += _class_lines(report) + _raw_lines(report)
     lines.extend(f"Warning: {w}" for w in report.warnings)
     if report.problems:

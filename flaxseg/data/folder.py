@@ -10,7 +10,8 @@ Masks are 8-bit class-index images (L, or P whose palette indices are the classe
 16-bit index images, RGB colour-coded with `palette`, or SBD's `cls/*.mat`
 (`GTcls.Segmentation`, read with scipy). Raw values go through `reduce_zero_label` or
 `value_map` (e.g. ISBI's {0: 0, 255: 1}); `void_values` become `ignore_index`.
-A file that cannot be decoded raises `DataFileError` naming it.
+A file that cannot be decoded raises `DataFileError` naming it. Images and masks are read
+upright: their EXIF orientation is applied (`flaxseg.image_files.open_upright`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from flaxseg.data.base import (
 from flaxseg.data.config import dataset_config
 from flaxseg.data.layouts import SPLITS, Listing, Pair, listing
 from flaxseg.extras import require
+from flaxseg.image_files import open_upright, upright_size
 
 # PIL mode -> channels of the uint8 array flaxseg makes of it (P is expanded to RGB).
 _IMAGE_MODES = {"1": 1, "L": 1, "LA": 2, "P": 3, "RGB": 3, "RGBA": 4}
@@ -57,9 +59,9 @@ def image_channels(mode: str) -> int | None:
 
 
 def load_image(path: str) -> np.ndarray:
-    """Reads an 8-bit image as uint8 `[H, W, C]` (palette images become RGB)."""
+    """Reads an 8-bit image as uint8 `[H, W, C]`, upright (palette images become RGB)."""
     try:
-        with Image.open(path) as img:
+        with open_upright(path) as img:
             if img.mode not in _IMAGE_MODES:
                 raise ValueError(
                     f"{path}: image mode {img.mode!r} is not 8-bit; convert it to 8-bit L or RGB."
@@ -82,11 +84,11 @@ def load_pair_image(pair: Pair) -> np.ndarray:
 
 
 def load_mask(path: str) -> np.ndarray:
-    """Reads a mask's raw values: `[H, W]` for index masks, `[H, W, 3]` for RGB masks."""
+    """Reads a mask's raw values, upright: `[H, W]` for index masks, `[H, W, 3]` for RGB."""
     if path.endswith(".mat"):
         return _load_sbd_mask(path)
     try:
-        with Image.open(path) as img:
+        with open_upright(path) as img:
             if img.mode in ("RGBA", "RGB"):
                 return np.asarray(img.convert("RGB"))
             if img.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
@@ -277,13 +279,23 @@ def empty_split_message(config: ml_collections.ConfigDict, split: str, found: Li
             f"{layouts.layouts_help()}")
 
 
+def turned_cause(sizes: list[tuple[int, int]]) -> str:
+    """For files whose sizes disagree: the likely cause when one is a quarter turn of
+    another (a clause to append), else ''."""
+    if not any((h, w) in sizes for w, h in sizes if w != h):
+        return ""
+    return ("; one is the other turned a quarter: likely a photo saved turned without its "
+            "EXIF orientation tag, or a mask drawn on the unturned photo")
+
+
 def header_problems(pair: Pair, num_channels: int) -> list[str]:
-    """Problems visible from the file headers alone: unreadable, size, channels."""
+    """Problems visible from the file headers alone: unreadable, size (as displayed, after
+    the EXIF orientation), channels."""
     sizes, channels, problems = {}, 0, []
     for path in pair.images + (() if pair.mask.endswith(".mat") else (pair.mask,)):
         try:
             with Image.open(path) as img:
-                sizes[path] = img.size
+                sizes[path] = upright_size(img)
                 if path != pair.mask:
                     mode_channels = image_channels(img.mode)
                     if mode_channels is None:
@@ -296,7 +308,7 @@ def header_problems(pair: Pair, num_channels: int) -> list[str]:
         return problems
     if len(set(sizes.values())) > 1:
         shown = ", ".join(f"{p} is {w}x{h}" for p, (w, h) in sizes.items())
-        problems.append(f"size mismatch (WxH): {shown}")
+        problems.append(f"size mismatch (WxH): {shown}{turned_cause(list(sizes.values()))}")
     if channels != num_channels:
         problems.append(
             f"{pair.image} has {channels} channel(s) but the config says "

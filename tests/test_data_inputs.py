@@ -1,0 +1,67 @@
+"""What a user's files can get wrong, read as data: photos turned by their EXIF tag, absurd
+`dataset.json` values, masks in a lossy format, proposed classes that are void. Each case
+asserts the one line, the exit status and that nothing the user had was modified."""
+
+import os
+
+import numpy as np
+from conftest import file_mtimes
+from PIL import Image
+
+from flaxseg import exported, image_files
+from flaxseg.data import create_source, dataset_config
+from flaxseg.data.__main__ import main as data_cli
+
+# Four colours far apart (JPEG keeps them apart) and the class each one paints.
+_COLOURS = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20]], np.uint8)
+
+
+def _displayed(height, width):
+    """A photo as displayed (four coloured quadrants) and the mask drawn on it."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[: height // 2, width // 2 :] = 1
+    mask[height // 2 :, : width // 2] = 2
+    mask[height // 2 :, width // 2 :] = 3
+    return _COLOURS[mask], mask
+
+
+def _save_turned(path, displayed):
+    """Saves the sensor's rows of `displayed` with EXIF orientation 6 (turn 90 degrees
+    clockwise to display), as a phone does."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(displayed, 1)).save(path, exif=exif, quality=95)
+
+
+def _nearest_class(image):
+    distance = ((image[..., None, :].astype(int) - _COLOURS.astype(int)) ** 2).sum(-1)
+    return distance.argmin(-1)
+
+
+def test_photos_with_an_exif_rotation_are_read_as_displayed_everywhere(tmp_path, capsys):
+    # A non-square JPEG (once "size mismatch 48x32 vs 32x48") and a square PNG (once read
+    # silently out of register) with orientation 6, masks drawn on the displayed photos.
+    root = tmp_path / "data"
+    for split, (name, (height, width)) in {"train": ("a.jpg", (32, 48)),
+                                           "val": ("a.png", (32, 32))}.items():
+        displayed, mask = _displayed(height, width)
+        for folder in ("images", "masks"):
+            os.makedirs(root / split / folder)
+        _save_turned(root / split / "images" / name, displayed)
+        Image.fromarray(mask).save(root / split / "masks" / "a.png")
+    before = file_mtimes(root)
+    assert data_cli(["check", str(root), "--num-classes", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "EXIF orientation: 2 file(s) carry a rotation tag; they are read turned as " \
+           "displayed" in out and "No problems found." in out
+    config = dataset_config("folder", path=str(root), num_classes=4)
+    for split in ("train", "val"):  # what training and evaluation read
+        example = create_source(config, split)[0]
+        in_register = (_nearest_class(example["image"]) == example["label"]).mean()
+        assert in_register > 0.97, (split, in_register)
+    # predict (in-process and the exported artifact's runtime) reads the same way.
+    assert exported.load_image is image_files.load_image
+    image = image_files.load_image(str(root / "train" / "images" / "a.jpg"))
+    assert image.shape == (32, 48, 3)
+    assert (_nearest_class(image) == _displayed(32, 48)[1]).mean() > 0.97
+    assert file_mtimes(root) == before
