@@ -2,9 +2,11 @@
 `dataset.json` values, masks in a lossy format, proposed classes that are void. Each case
 asserts the one line, the exit status and that nothing the user had was modified."""
 
+import json
 import os
 
 import numpy as np
+import pytest
 from conftest import file_mtimes
 from PIL import Image
 
@@ -64,4 +66,45 @@ def test_photos_with_an_exif_rotation_are_read_as_displayed_everywhere(tmp_path,
     image = image_files.load_image(str(root / "train" / "images" / "a.jpg"))
     assert image.shape == (32, 48, 3)
     assert (_nearest_class(image) == _displayed(32, 48)[1]).mean() > 0.97
+    assert file_mtimes(root) == before
+
+
+def _tiny_folder(root, masks):
+    """A `split_subfolders` dataset: one 8x8 grey image per mask, all in train."""
+    for folder in ("images", "masks"):
+        os.makedirs(root / "train" / folder, exist_ok=True)
+    for i, mask in enumerate(masks):
+        Image.fromarray(np.full(mask.shape, 99, np.uint8)).save(root / "train" / "images"
+                                                               / f"{i}.png")
+        Image.fromarray(mask.astype(np.uint8)).save(root / "train" / "masks" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("meta, key", [
+    ({"num_classes": 1000000000}, "num_classes"),
+    ({"num_classes": -3}, "num_classes"),
+    ({"num_classes": 3.7}, "num_classes"),
+    ({"num_classes": "3; import os"}, "num_classes"),
+    ({"num_classes": True}, "num_classes"),
+    ({"num_classes": 3, "class_names": ["a", "b"]}, None),
+    ({"num_classes": 3, "void_values": [70000]}, "void_values"),
+    ({"num_classes": 3, "value_map": {"0": 0, "-1": 1}}, "value_map"),
+])
+def test_dataset_json_is_validated_as_data_in_one_line(tmp_path, capsys, meta, key):
+    from flaxseg import cli
+
+    root = _tiny_folder(tmp_path / "data", [np.zeros((8, 8))])
+    (root / "dataset.json").write_text(json.dumps(meta))
+    before = file_mtimes(root)
+    metadata = str(root / "dataset.json")
+    assert data_cli(["check", str(root)]) == 1  # at once: no 4 GB table for 10**9 classes
+    problems = [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("  - ")]
+    assert len(problems) == 1 and problems[0].startswith(f"  - {metadata}: "), problems
+    assert (f"{key!r} must be " if key else "the class counts disagree (num_classes 3, "
+            "class_names 2)") in problems[0]
+    with pytest.raises(ValueError) as error:  # what training and evaluation meet
+        create_source(dataset_config("folder", path=str(root)), "train")
+    line, status = cli.describe(error.value)
+    assert status == 2 and line.startswith(metadata) and "\n" not in line
     assert file_mtimes(root) == before

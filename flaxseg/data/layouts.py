@@ -39,7 +39,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from flaxseg.data import classes
+from flaxseg.data import classes, metadata
 from flaxseg.image_files import IMAGE_EXTENSIONS
 
 SPLITS = ("train", "val", "test")
@@ -200,6 +200,7 @@ def read_metadata(base: str) -> dict[str, Any]:
     unknown = sorted(set(meta) - set(LABEL_KEYS))
     if unknown:
         raise ValueError(f"{path} may only hold the keys {LABEL_KEYS}; got extra {unknown}.")
+    metadata.validate(meta, path)
     return meta
 
 
