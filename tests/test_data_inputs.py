@@ -108,3 +108,27 @@ def test_dataset_json_is_validated_as_data_in_one_line(tmp_path, capsys, meta, k
     line, status = cli.describe(error.value)
     assert status == 2 and line.startswith(metadata) and "\n" not in line
     assert file_mtimes(root) == before
+
+
+def test_check_names_the_values_that_look_like_void_beside_the_class_count(tmp_path, capsys):
+    # Masks holding 0..11 where 11 is void (CamVid's encoding), in 3 of 8 masks.
+    rng = np.random.default_rng(0)
+    masks = [rng.integers(0, 11, (8, 8)) for _ in range(8)]
+    for mask in masks[:3]:
+        mask[0, 0] = 11
+    root = _tiny_folder(tmp_path / "data", masks)
+    before = file_mtimes(root)
+    assert data_cli(["check", str(root)]) == 0  # no class information is not a failure
+    out = capsys.readouterr().out
+    assert "These masks would read with: --num-classes 12 " in out
+    assert ("Values that look like void rather than a class: 11 (the largest value; in only 3 "
+            "of 8 masks). If 11 is void: --num-classes 11 --void-values 11 (in a training "
+            "config: --config.dataset.num_classes=11 --config.dataset.void_values='(11,)')"
+            ) in out
+    assert data_cli(["check", str(root), "--num-classes", "11", "--void-values", "11"]) == 0
+    out = capsys.readouterr().out
+    assert "11 classes" in out and "No problems found." in out
+    with pytest.raises(ValueError, match=r"if 11 is void: --config.dataset.num_classes=11 "
+                                         r"--config.dataset.void_values='\(11,\)'"):
+        create_source(dataset_config("folder", path=str(root)), "train")  # what training says
+    assert file_mtimes(root) == before

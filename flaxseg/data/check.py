@@ -20,7 +20,7 @@ import numpy as np
 
 from flaxseg.data import folder, layouts
 from flaxseg.data.balance import ClassBalance
-from flaxseg.data.base import suggest_classes, suggestion_flags
+from flaxseg.data.base import suggest_classes, suggestion_flags, void_proposal
 from flaxseg.data.tfds import DatasetNotPreparedError, MissingSplitError
 from flaxseg.image_files import is_rotated
 
@@ -51,6 +51,9 @@ class DatasetReport:
     raw_values: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     raw_colours: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     suggestion: dict[str, Any] | None = None
+    # How many masks hold each raw value, and how many masks were tallied.
+    raw_masks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    raw_mask_count: int = 0
     rotated_files: int = 0  # files read turned by their EXIF orientation tag
 
     @property
@@ -116,6 +119,8 @@ def _scan(
         else:
             found, counts = np.unique(label, return_counts=True)
             report.raw_values.update(dict(zip(found.tolist(), counts.tolist(), strict=True)))
+            report.raw_masks.update(found.tolist())
+            report.raw_mask_count += 1
     for channels, names in sorted(wrong_channels.items()):
         report.problems.append(
             f"{len(names)} image(s) of split {split.name!r} have {channels} channel(s) but the "
@@ -290,6 +295,13 @@ def _raw_lines(report: DatasetReport) -> list[str]:
         lines.append(f"These masks would read with: {suggestion_flags(report.suggestion, 'check')}"
                      f" (in a training config: {suggestion_flags(report.suggestion, 'train')};"
                      f" other void values: --void-values V,...)")
+        proposal = void_proposal(report.raw_values, report.raw_masks, report.raw_mask_count,
+                                 report.ignore_index)
+        if proposal:
+            text, void = proposal
+            lines.append(f"Values that look like void rather than a class: {text}. If "
+                         f"{void['void_values'][0]} is void: {suggestion_flags(void, 'check')} "
+                         f"(in a training config: {suggestion_flags(void, 'train')})")
     return lines
 
 

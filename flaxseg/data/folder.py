@@ -30,6 +30,7 @@ from flaxseg.data.base import (
     default_class_names,
     suggest_classes,
     suggestion_flags,
+    void_proposal,
 )
 from flaxseg.data.config import dataset_config
 from flaxseg.data.layouts import SPLITS, Listing, Pair, listing
@@ -224,6 +225,7 @@ def _first_image_channels(config: ml_collections.ConfigDict, layout: layouts.Lay
 
 def _no_classes_message(config: ml_collections.ConfigDict, layout: layouts.Layout) -> str:
     values: collections.Counter = collections.Counter()
+    masks_with: collections.Counter = collections.Counter()  # masks holding each value
     colours: collections.Counter = collections.Counter()
     pairs = _first_pairs(config, layout)[:_SAMPLED_MASKS]
     for pair in pairs:
@@ -235,6 +237,7 @@ def _no_classes_message(config: ml_collections.ConfigDict, layout: layouts.Layou
         else:
             found, counts = np.unique(raw, return_counts=True)
             values.update(dict(zip(found.tolist(), counts.tolist(), strict=True)))
+            masks_with.update(found.tolist())
     where = f"{config.path} ({layout.name} layout)"
     metadata = os.path.join(config.path, layouts.METADATA_FILE)
     text = (f"No class information for {where}: the config sets no num_classes, class_names "
@@ -244,6 +247,11 @@ def _no_classes_message(config: ml_collections.ConfigDict, layout: layouts.Layou
         suggestion = suggest_classes(values, int(config.ignore_index))
         text += (f"{len(pairs)} sampled masks hold the values {found}; e.g. "
                  f"{suggestion_flags(suggestion, 'train')}, and ")
+        proposal = void_proposal(values, masks_with, len(pairs), int(config.ignore_index))
+        if proposal:
+            text += (f"(values that look like void rather than a class: {proposal[0]}; if "
+                     f"{proposal[1]['void_values'][0]} is void: "
+                     f"{suggestion_flags(proposal[1], 'train')}), and ")
     elif colours:
         found = ", ".join(str(c) for c, _ in colours.most_common(20))
         text += (f"{len(pairs)} sampled masks are RGB with the colours {found}; set "
