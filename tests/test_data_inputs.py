@@ -132,3 +132,41 @@ def test_check_names_the_values_that_look_like_void_beside_the_class_count(tmp_p
                                          r"--config.dataset.void_values='\(11,\)'"):
         create_source(dataset_config("folder", path=str(root)), "train")  # what training says
     assert file_mtimes(root) == before
+
+
+def _problems(capsys):
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("  - ")]
+
+
+def test_check_names_the_likely_cause_beside_the_symptom(tmp_path, capsys):
+    # JPEG masks: values that are no class, caused by the lossy format.
+    root = _tiny_folder(tmp_path / "jpeg", [])
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 3
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "train" / "images" / "0.png")
+    Image.fromarray(mask).save(root / "train" / "masks" / "0.jpg", quality=75)
+    before = file_mtimes(root)
+    assert data_cli(["check", str(root), "--num-classes", "4"]) == 1
+    [line] = _problems(capsys)
+    assert "0.jpg: mask values" in line and "(likely cause: .jpg is a lossy format, whose " \
+        "compression changes values at region edges, so it cannot hold exact class indices " \
+        "or colours; save masks as PNG)" in line
+    with pytest.raises(ValueError, match=r"0.jpg: mask values .*\(likely cause: .jpg is a lossy"):
+        create_source(dataset_config("folder", path=str(root), num_classes=4), "train")[0]
+    assert file_mtimes(root) == before
+
+    # Files of one split disagreeing among themselves: channels, mask kinds, a resized mask.
+    root = _tiny_folder(tmp_path / "mixed", [np.zeros((8, 8))] * 4)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "images" / "1.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "masks" / "2.png")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "train" / "masks" / "0.png")
+    before = file_mtimes(root)
+    assert data_cli(["check", str(root), "--num-classes", "2"]) == 1
+    problems = "\n".join(_problems(capsys))
+    assert "have 3 channel(s) but the config says num_channels=1 (set dataset.num_channels / " \
+           "--num-channels 3, or convert them); the split's images disagree among themselves " \
+           "(1 with 1 channel(s), 1 with 3 channel(s)): convert them all to one mode (e.g. " \
+           "RGB)" in problems
+    assert "the masks disagree among themselves: 1 RGB and 3 class-index images" in problems
+    assert "0.png is 4x4; they have the same aspect ratio: likely one was resized" in problems
+    assert file_mtimes(root) == before

@@ -55,6 +55,7 @@ class DatasetReport:
     raw_masks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     raw_mask_count: int = 0
     rotated_files: int = 0  # files read turned by their EXIF orientation tag
+    mask_kinds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     @property
     def num_examples(self) -> int:
@@ -121,11 +122,17 @@ def _scan(
             report.raw_values.update(dict(zip(found.tolist(), counts.tolist(), strict=True)))
             report.raw_masks.update(found.tolist())
             report.raw_mask_count += 1
+    # Images of one split with different channel counts: the cause is their disagreement,
+    # not the config (whose count may come from the first image).
+    disagree = "" if len(split.channels) < 2 else (
+        "; the split's images disagree among themselves ("
+        + ", ".join(f"{n} with {c} channel(s)" for c, n in sorted(split.channels.items()))
+        + "): convert them all to one mode (e.g. RGB)")
     for channels, names in sorted(wrong_channels.items()):
         report.problems.append(
             f"{len(names)} image(s) of split {split.name!r} have {channels} channel(s) but the "
             f"config says num_channels={num_channels} (set dataset.num_channels / "
-            f"--num-channels {channels}, or convert them): {layouts.listing(names)}"
+            f"--num-channels {channels}, or convert them){disagree}: {layouts.listing(names)}"
         )
 
 
@@ -133,7 +140,7 @@ def _size_mismatch(pair: layouts.Pair, image: np.ndarray, raw: np.ndarray) -> st
     """The size-mismatch problem, with its likely cause where one is known."""
     sizes = [(image.shape[1], image.shape[0]), (raw.shape[1], raw.shape[0])]
     return (f"size mismatch: {pair.image} is {sizes[0][0]}x{sizes[0][1]} (WxH) but "
-            f"{pair.mask} is {sizes[1][0]}x{sizes[1][1]}{folder.turned_cause(sizes)}")
+            f"{pair.mask} is {sizes[1][0]}x{sizes[1][1]}{folder.size_cause(sizes)}")
 
 
 def _folder_items(pairs: list[layouts.Pair], decoder, report: DatasetReport
@@ -145,6 +152,7 @@ def _folder_items(pairs: list[layouts.Pair], decoder, report: DatasetReport
             image, raw = folder.load_pair_image(pair), folder.load_mask(pair.mask)
             files = pair.images + (() if pair.mask.endswith(".mat") else (pair.mask,))
             report.rotated_files += sum(is_rotated(path) for path in files)
+            report.mask_kinds["RGB" if raw.ndim == 3 else "class-index"] += 1
             if image.shape[:2] != raw.shape[:2]:
                 raise ValueError(_size_mismatch(pair, image, raw))
             if decoder is None:
@@ -152,7 +160,7 @@ def _folder_items(pairs: list[layouts.Pair], decoder, report: DatasetReport
             try:
                 label = decoder(raw)
             except ValueError as e:
-                raise ValueError(f"{pair.mask}: {e}") from None
+                raise ValueError(f"{pair.mask}: {e}{folder.lossy_cause(pair.mask)}") from None
             return {"image": image, "label": label}
 
         yield pair.image, load
@@ -184,6 +192,12 @@ def _check_folder(config: ml_collections.ConfigDict, max_examples: int | None) -
         report.splits.append(split_report)
         _scan(report, split_report, _folder_items(found.pairs, decoder, report),
               config.num_channels, max_examples)
+    if len(report.mask_kinds) > 1:  # the cause of the "RGB but no palette" lines
+        kinds = " and ".join(f"{n} {kind}" for kind, n in sorted(report.mask_kinds.items()))
+        report.problems.append(
+            f"the masks disagree among themselves: {kinds} images; one dataset's masks are "
+            "all one kind: convert the RGB ones to class-index PNGs (or give a palette and "
+            "convert the others to colours)")
     if not known and report.raw_values:
         report.suggestion = suggest_classes(report.raw_values, config.ignore_index)
     _warn_binary(report, identity=not (config.value_map or config.reduce_zero_label))

@@ -287,13 +287,31 @@ def empty_split_message(config: ml_collections.ConfigDict, split: str, found: Li
             f"{layouts.layouts_help()}")
 
 
-def turned_cause(sizes: list[tuple[int, int]]) -> str:
-    """For files whose sizes disagree: the likely cause when one is a quarter turn of
-    another (a clause to append), else ''."""
-    if not any((h, w) in sizes for w, h in sizes if w != h):
+# Formats whose compression changes pixel values: a mask in one cannot hold exact classes.
+LOSSY_MASK_EXTENSIONS = (".jpg", ".jpeg", ".webp")
+
+
+def lossy_cause(mask_path: str) -> str:
+    """For a mask whose values or colours are not the dataset's: the likely cause when the
+    mask is in a lossy format (a clause to append), else ''."""
+    if not mask_path.lower().endswith(LOSSY_MASK_EXTENSIONS):
         return ""
-    return ("; one is the other turned a quarter: likely a photo saved turned without its "
-            "EXIF orientation tag, or a mask drawn on the unturned photo")
+    return (f" (likely cause: {os.path.splitext(mask_path)[1]} is a lossy format, whose "
+            "compression changes values at region edges, so it cannot hold exact class "
+            "indices or colours; save masks as PNG)")
+
+
+def size_cause(sizes: list[tuple[int, int]]) -> str:
+    """For files whose (W, H) sizes disagree: the likely cause (a clause to append): one a
+    quarter turn of another (an EXIF orientation lost or missing), or one a resized copy of
+    another (the same aspect ratio); else ''."""
+    if any((h, w) in sizes for w, h in sizes if w != h):
+        return ("; one is the other turned a quarter: likely a photo saved turned without "
+                "its EXIF orientation tag, or a mask drawn on the unturned photo")
+    if len({round(w / h, 2) for w, h in sizes}) == 1:
+        return ("; they have the same aspect ratio: likely one was resized (masks must be "
+                "at the image's full resolution)")
+    return ""
 
 
 def header_problems(pair: Pair, num_channels: int) -> list[str]:
@@ -316,7 +334,7 @@ def header_problems(pair: Pair, num_channels: int) -> list[str]:
         return problems
     if len(set(sizes.values())) > 1:
         shown = ", ".join(f"{p} is {w}x{h}" for p, (w, h) in sizes.items())
-        problems.append(f"size mismatch (WxH): {shown}{turned_cause(list(sizes.values()))}")
+        problems.append(f"size mismatch (WxH): {shown}{size_cause(list(sizes.values()))}")
     if channels != num_channels:
         problems.append(
             f"{pair.image} has {channels} channel(s) but the config says "
@@ -391,8 +409,8 @@ class FolderSource:
             label = self.decode_mask(raw)
         except ValueError as e:
             raise ValueError(
-                f"{pair.mask}: {e}; fix the mask or the dataset's value_map / palette / "
-                "void_values / reduce_zero_label") from None
+                f"{pair.mask}: {e}{lossy_cause(pair.mask)}; fix the mask or the dataset's "
+                "value_map / palette / void_values / reduce_zero_label") from None
         if image.shape[-1] != self.info.num_channels or image.shape[:2] != label.shape:
             raise ValueError(
                 f"{pair.image} ({image.shape}) and {pair.mask} ({label.shape}) do not match "
