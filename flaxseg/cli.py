@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,8 @@ TRACEBACK_ENV = "FLAXSEG_TRACEBACK"
 
 USER_ERROR = 2
 TRAINING_FAILURE = 1
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _wants_traceback() -> bool:
@@ -68,6 +71,48 @@ def _dataset_key_message(key: str) -> str | None:
             + switch_dataset_hint(value if key == "path" else None))
 
 
+def _config_flag_value() -> str:
+    """The `--config` file named on the command line (for messages)."""
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(args):
+            return args[i + 1]
+    return "given with --config"
+
+
+def config_file_message(error: BaseException) -> str | None:
+    """The one line for a config file the user passed that has no `get_config()`, or whose
+    `get_config()` raised something other than ValueError / OSError (those already say
+    what is wrong); None for any other error. Shipped configs keep their traceback."""
+    if isinstance(error, AttributeError) and "has no attribute 'get_config'" in str(error):
+        return (f"the config file {_config_flag_value()} defines no get_config(); a config "
+                "file is Python whose get_config() returns an ml_collections.ConfigDict "
+                "(see flaxseg/configs/).")
+    if isinstance(error, ValueError | OSError):
+        return None
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.name == "get_config"
+              and not os.path.abspath(f.filename).startswith(_PACKAGE_DIR + os.sep)]
+    if not frames:
+        return None
+    detail = " ".join(f"{type(error).__name__}: {error}".split())
+    return (f"the config file {frames[-1].filename}: get_config() raised {detail} (line "
+            f"{frames[-1].lineno}). Fix the file, or set {TRACEBACK_ENV}=1 for the traceback.")
+
+
+def unexpected_arguments(argv: list[str]) -> ValueError:
+    """The error for positional arguments an absl entry point does not take (`argv[1:]`):
+    often the rest of an unquoted path with spaces."""
+    stray = argv[1:]
+    before = next((sys.argv[i - 1] for i, arg in enumerate(sys.argv)
+                   if i and arg == stray[0] and sys.argv[i - 1].startswith("--")), None)
+    hint = (f"; quote a value with spaces: {before.split('=', 1)[0]}='"
+            f"{before.split('=', 1)[1]} {' '.join(stray)}'"
+            if before and "=" in before else "")
+    return ValueError(f"unexpected arguments {stray}: options are --flag=value{hint}.")
+
+
 def describe(error: BaseException) -> tuple[str, int] | None:
     """(one-line message, exit status) for an error the user can fix, else None."""
     steps = sys.modules.get("flaxseg.train.steps")  # only a training run raises its error
@@ -76,6 +121,9 @@ def describe(error: BaseException) -> tuple[str, int] | None:
     if isinstance(error, SyntaxError) and error.filename:
         return (f"the config file {error.filename} does not import: {error.msg} at line "
                 f"{error.lineno}."), USER_ERROR
+    config_line = config_file_message(error)
+    if config_line:
+        return config_line, USER_ERROR
     if isinstance(error, AttributeError):
         message = unknown_config_key_message(error)
         return (message, USER_ERROR) if message else None

@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from flaxseg import cli, inference, metrics
 from flaxseg.models import model_geometry
@@ -320,7 +320,7 @@ def load_run(argv: list[str]) -> tuple[Any, Any, ml_collections.ConfigDict, dict
     cannot be used.
     """
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --flag=value).")
+        raise cli.unexpected_arguments(argv)
     from flaxseg.train.checkpoint import load_for_inference
     from flaxseg.train.parallel import DataParallel
     from flaxseg.train.reporting import quiet_library_logs
