@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import file_mtimes
 from PIL import Image
 
 from flaxseg import evaluate, inference, metrics, visualize
@@ -233,6 +234,7 @@ def test_every_evaluate_option_is_applied_or_refused_and_named(trained_run, tmp_
     from flaxseg.train.checkpoint import load_for_inference
 
     workdir, _ = trained_run
+    before = file_mtimes(workdir)
     scores_path = tmp_path / "scores.json"
     result = _cli("flaxseg.evaluate", f"--workdir={workdir}", "--split=test",
                   "--scales=0.75,1,1.25", f"--output_json={scores_path}")
@@ -253,6 +255,7 @@ def test_every_evaluate_option_is_applied_or_refused_and_named(trained_run, tmp_
     assert result.returncode == 2 and result.stderr.strip() == (
         "Error: --tile_size applies to the tiled modes, not to mode 'pad'; drop it or pick "
         "such a --mode.")
+    assert file_mtimes(workdir) == before  # the run is read, never written
 
 
 def test_predict_cli_writes_masks_and_names_the_files_it_cannot_take(trained_run, tmp_path):
