@@ -84,21 +84,21 @@ def _config_flag_value() -> str:
 
 def config_file_message(error: BaseException) -> str | None:
     """The one line for a config file the user passed that has no `get_config()`, or whose
-    `get_config()` raised something other than ValueError / OSError (those already say
-    what is wrong); None for any other error. Shipped configs keep their traceback."""
+    `get_config()` raised (a ValueError / OSError from flaxseg code it called keeps that
+    code's own message); None for any other error. Shipped configs keep their traceback."""
     if isinstance(error, AttributeError) and "has no attribute 'get_config'" in str(error):
         return (f"the config file {_config_flag_value()} defines no get_config(); a config "
                 "file is Python whose get_config() returns an ml_collections.ConfigDict "
                 "(see flaxseg/configs/).")
-    if isinstance(error, ValueError | OSError):
-        return None
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.name == "get_config"
-              and not os.path.abspath(f.filename).startswith(_PACKAGE_DIR + os.sep)]
-    if not frames:
+    frames = traceback.extract_tb(error.__traceback__)
+    user = [f for f in frames if f.name == "get_config"
+            and not os.path.abspath(f.filename).startswith(_PACKAGE_DIR + os.sep)]
+    if not user or (isinstance(error, ValueError | OSError)
+                    and frames[-1].filename != user[-1].filename):
         return None
     detail = " ".join(f"{type(error).__name__}: {error}".split())
-    return (f"the config file {frames[-1].filename}: get_config() raised {detail} (line "
-            f"{frames[-1].lineno}). Fix the file, or set {TRACEBACK_ENV}=1 for the traceback.")
+    return (f"the config file {user[-1].filename}: get_config() raised {detail} (line "
+            f"{user[-1].lineno}). Fix the file, or set {TRACEBACK_ENV}=1 for the traceback.")
 
 
 def unexpected_arguments(argv: list[str]) -> ValueError:
@@ -159,7 +159,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        print(f"Error: {error}. Run with --helpshort to see the flags.", file=sys.stderr)
+        # A ValueError / TypeError from a config file's get_config() arrives wrapped twice
+        # (ml_collections, then absl), its traceback pasted into the message: name it in
+        # one line (the message with the traceback when one is asked for).
+        cause, message = error.__context__, None
+        while cause is not None and message is None and not _wants_traceback():
+            message, cause = config_file_message(cause), cause.__context__
+        print(f"Error: {message or f'{error}. Run with --helpshort to see the flags.'}",
+              file=sys.stderr)
         sys.exit(USER_ERROR)
 
 

@@ -37,6 +37,9 @@ def _one_error_line(err):
     ("def get_config():\n    raise RuntimeError('no GPU here')\n",
      "Error: the config file {path}: get_config() raised RuntimeError: no GPU here (line 2). "
      "Fix the file, or set FLAXSEG_TRACEBACK=1 for the traceback."),
+    ("def get_config():\n    raise ValueError('set DATA_DIR first')\n",
+     "Error: the config file {path}: get_config() raised ValueError: set DATA_DIR first "
+     "(line 2). Fix the file, or set FLAXSEG_TRACEBACK=1 for the traceback."),
     ("config = {}\n",
      "Error: the config file {path} defines no get_config(); a config file is Python whose "
      "get_config() returns an ml_collections.ConfigDict (see flaxseg/configs/)."),
