@@ -170,3 +170,16 @@ def test_check_names_the_likely_cause_beside_the_symptom(tmp_path, capsys):
     assert "the masks disagree among themselves: 1 RGB and 3 class-index images" in problems
     assert "0.png is 4x4; they have the same aspect ratio: likely one was resized" in problems
     assert file_mtimes(root) == before
+
+    # Images and masks that do not pair because the masks' names carry a suffix.
+    root = _tiny_folder(tmp_path / "suffix", [np.zeros((8, 8))] * 2)
+    for i in range(2):
+        os.rename(root / "train" / "masks" / f"{i}.png", root / "train" / "masks" / f"{i}_m.png")
+    before = file_mtimes(root)
+    assert data_cli(["check", str(root), "--num-classes", "2"]) == 1
+    problems = _problems(capsys)
+    assert len(problems) == 2 and all(p.endswith(
+        "(likely cause: the mask names carry the suffix '_m.png'; pair them with --mask-suffix "
+        "_m.png / dataset.mask_suffix='_m.png')") for p in problems), problems
+    assert data_cli(["check", str(root), "--num-classes", "2", "--mask-suffix", "_m.png"]) == 0
+    assert file_mtimes(root) == before
