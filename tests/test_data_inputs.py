@@ -169,6 +169,9 @@ def test_check_names_the_likely_cause_beside_the_symptom(tmp_path, capsys):
            "RGB)" in problems
     assert "the masks disagree among themselves: 1 RGB and 3 class-index images" in problems
     assert "0.png is 4x4; they have the same aspect ratio: likely one was resized" in problems
+    with pytest.raises(ValueError, match=r"split 'train': the split's images disagree among "
+                                         r"themselves \(3 with 1 channel\(s\), 1 with 3"):
+        create_source(dataset_config("folder", path=str(root), num_classes=2), "train")
     assert file_mtimes(root) == before
 
     # Images and masks that do not pair because the masks' names carry a suffix.

@@ -122,12 +122,8 @@ def _scan(
             report.raw_values.update(dict(zip(found.tolist(), counts.tolist(), strict=True)))
             report.raw_masks.update(found.tolist())
             report.raw_mask_count += 1
-    # Images of one split with different channel counts: the cause is their disagreement,
-    # not the config (whose count may come from the first image).
-    disagree = "" if len(split.channels) < 2 else (
-        "; the split's images disagree among themselves ("
-        + ", ".join(f"{n} with {c} channel(s)" for c, n in sorted(split.channels.items()))
-        + "): convert them all to one mode (e.g. RGB)")
+    disagree = folder.channels_cause(split.channels)
+    disagree = f"; {disagree}" if disagree else ""
     for channels, names in sorted(wrong_channels.items()):
         report.problems.append(
             f"{len(names)} image(s) of split {split.name!r} have {channels} channel(s) but the "

@@ -314,9 +314,21 @@ def size_cause(sizes: list[tuple[int, int]]) -> str:
     return ""
 
 
-def header_problems(pair: Pair, num_channels: int) -> list[str]:
+def channels_cause(channels: collections.Counter) -> str:
+    """For images of one split whose channel counts (`{channels: images}`) disagree: that
+    disagreement, the cause of the channel problems, else ''. The config's count is not the
+    cause: it may come from the first image."""
+    if len(channels) < 2:
+        return ""
+    counts = ", ".join(f"{n} with {c} channel(s)" for c, n in sorted(channels.items()))
+    return (f"the split's images disagree among themselves ({counts}): convert them all to "
+            "one mode (e.g. RGB)")
+
+
+def header_problems(pair: Pair, num_channels: int,
+                    tally: collections.Counter | None = None) -> list[str]:
     """Problems visible from the file headers alone: unreadable, size (as displayed, after
-    the EXIF orientation), channels."""
+    the EXIF orientation), channels (counted in `tally` when given)."""
     sizes, channels, problems = {}, 0, []
     for path in pair.images + (() if pair.mask.endswith(".mat") else (pair.mask,)):
         try:
@@ -335,6 +347,8 @@ def header_problems(pair: Pair, num_channels: int) -> list[str]:
     if len(set(sizes.values())) > 1:
         shown = ", ".join(f"{p} is {w}x{h}" for p, (w, h) in sizes.items())
         problems.append(f"size mismatch (WxH): {shown}{size_cause(list(sizes.values()))}")
+    if tally is not None:
+        tally[channels] += 1
     if channels != num_channels:
         problems.append(
             f"{pair.image} has {channels} channel(s) but the config says "
@@ -370,8 +384,11 @@ class FolderSource:
         problems = list(found.problems)
         if not found.pairs and not problems:
             problems.append(empty_split_message(config, split, found))
+        channels: collections.Counter = collections.Counter()
         for pair in found.pairs:
-            problems.extend(header_problems(pair, config.num_channels))
+            problems.extend(header_problems(pair, config.num_channels, channels))
+        if len(channels) > 1:
+            problems.append(f"split {split!r}: {channels_cause(channels)}")
         _raise_problems(f"Problems in the {split!r} split of {config.path}", problems,
                         config.path)
         self.config, self.split, self.pairs = config, split, found.pairs
