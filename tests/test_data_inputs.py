@@ -186,3 +186,14 @@ def test_check_names_the_likely_cause_beside_the_symptom(tmp_path, capsys):
         "_m.png / dataset.mask_suffix='_m.png')") for p in problems), problems
     assert data_cli(["check", str(root), "--num-classes", "2", "--mask-suffix", "_m.png"]) == 0
     assert file_mtimes(root) == before
+
+
+def test_an_absurd_class_count_in_a_config_fails_before_any_allocation():
+    from flaxseg import cli
+
+    for bad in (1000000000, 0, True):
+        with pytest.raises(ValueError) as error:
+            dataset_config("synthetic", num_classes=bad)
+        assert cli.describe(error.value) == (
+            f"dataset.num_classes must be an integer from 1 to 4096 (the most classes flaxseg "
+            f"trains), got {bad!r}.", 2)
