@@ -21,8 +21,9 @@ is an error), and the first line names every option in effect.
 
 `--mode=whole --input_size=config` without `--flip`, `--scales` or `--limit` is the
 training loop's own evaluation (`flaxseg.train.loop.evaluate`: global batches over every
-device of every process); the other modes run `evaluate(model, variables, source, ...)` below, each
-process on its share of the examples, the confusion matrices summed over processes.
+device of every process); the other modes run `evaluate(model, variables, source, ...)`
+below, each process on its share of the examples, the confusion matrices summed over
+processes.
 Several processes take the same flags as `python -m flaxseg.train`
 (`--coordinator_address`, `--num_processes`, `--process_id`, ...).
 
@@ -315,8 +316,9 @@ def refuse_unused_flags(mode: str, given: set[str]) -> None:
 
 
 def options_text(options: dict[str, Any], mode_flag: str) -> str:
-    """Every inference option in effect, for a command's header line: `mode=pad (auto),
-    flip=False, scales=(0.75, 1.0, 1.25), ...` (scales 1 where not given)."""
+    """Every inference option in effect, for a command's header line: `mode=pad (auto:
+    from the model's geometry), flip=False, batch_size=4, scales=(0.75, 1.0, 1.25), ...`
+    (scales (1.0,) where none are given)."""
     shown = {"mode": options["mode"] + (" (auto: from the model's geometry)"
                                         if mode_flag == "auto" else ""),
              **{k: v for k, v in options.items() if k not in ("mode", "sharding")}}
