@@ -101,15 +101,20 @@ def config_file_message(error: BaseException) -> str | None:
             f"{user[-1].lineno}). Fix the file, or set {TRACEBACK_ENV}=1 for the traceback.")
 
 
-def unexpected_arguments(argv: list[str]) -> ValueError:
-    """The error for positional arguments an absl entry point does not take (`argv[1:]`):
-    often the rest of an unquoted path with spaces."""
-    stray = argv[1:]
-    before = next((sys.argv[i - 1] for i, arg in enumerate(sys.argv)
-                   if i and arg == stray[0] and sys.argv[i - 1].startswith("--")), None)
-    hint = (f"; quote a value with spaces: {before.split('=', 1)[0]}='"
-            f"{before.split('=', 1)[1]} {' '.join(stray)}'"
-            if before and "=" in before else "")
+def unexpected_arguments(stray: list[str], command_line: list[str] | None = None
+                         ) -> ValueError:
+    """The error for positional arguments `stray` an entry point does not take: often the
+    rest of an unquoted path with spaces, so it shows the argument quoted. `command_line`
+    (default `sys.argv`) is searched for the argument the stray ones followed."""
+    words = sys.argv if command_line is None else command_line
+    before = next((words[i - 1] for i, word in enumerate(words)
+                   if i and word == stray[0] and words[i - 1] not in stray), None)
+    hint = ""
+    if before and before.startswith("--") and "=" in before:  # --config=/x/my config.py
+        flag, value = before.split("=", 1)
+        hint = f"; quote a value with spaces: {flag}='{value} {' '.join(stray)}'"
+    elif before and not before.startswith("-"):  # check /data/my dataset
+        hint = f"; quote a path with spaces: '{before} {' '.join(stray)}'"
     return ValueError(f"unexpected arguments {stray}: options are --flag=value{hint}.")
 
 

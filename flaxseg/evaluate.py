@@ -369,7 +369,7 @@ def load_run(argv: list[str]) -> tuple[Any, Any, ml_collections.ConfigDict, dict
     cannot be used.
     """
     if len(argv) > 1:
-        raise cli.unexpected_arguments(argv)
+        raise cli.unexpected_arguments(argv[1:])
     from flaxseg.train.checkpoint import load_for_inference
     from flaxseg.train.parallel import DataParallel
     from flaxseg.train.reporting import quiet_library_logs

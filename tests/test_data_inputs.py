@@ -197,3 +197,14 @@ def test_an_absurd_class_count_in_a_config_fails_before_any_allocation():
         assert cli.describe(error.value) == (
             f"dataset.num_classes must be an integer from 1 to 4096 (the most classes flaxseg "
             f"trains), got {bad!r}.", 2)
+
+
+def test_check_of_an_unquoted_path_with_spaces_says_to_quote_it(tmp_path, capsys):
+    root = _tiny_folder(tmp_path / "my data", [np.zeros((8, 8))])
+    before = file_mtimes(tmp_path)
+    assert data_cli(["check", str(tmp_path / "my"), "data", "--num-classes", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"Error: unexpected arguments ['data']: options are --flag=value; quote a "
+                   f"path with spaces: '{tmp_path / 'my'} data'.")
+    assert data_cli(["check", str(root), "--num-classes", "2"]) == 0
+    assert file_mtimes(tmp_path) == before

@@ -57,7 +57,7 @@ def default_workdir(config_path: str) -> str:
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        raise cli.unexpected_arguments(argv)
+        raise cli.unexpected_arguments(argv[1:])
     from flaxseg.train.reporting import quiet_library_logs
 
     quiet_library_logs()
