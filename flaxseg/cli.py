@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,8 @@ TRACEBACK_ENV = "FLAXSEG_TRACEBACK"
 
 USER_ERROR = 2
 TRAINING_FAILURE = 1
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _wants_traceback() -> bool:
@@ -68,6 +71,53 @@ def _dataset_key_message(key: str) -> str | None:
             + switch_dataset_hint(value if key == "path" else None))
 
 
+def _config_flag_value() -> str:
+    """The `--config` file named on the command line (for messages)."""
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(args):
+            return args[i + 1]
+    return "given with --config"
+
+
+def config_file_message(error: BaseException) -> str | None:
+    """The one line for a config file the user passed that has no `get_config()`, or whose
+    `get_config()` raised (a ValueError / OSError from flaxseg code it called keeps that
+    code's own message); None for any other error. Shipped configs keep their traceback."""
+    if isinstance(error, AttributeError) and "has no attribute 'get_config'" in str(error):
+        return (f"the config file {_config_flag_value()} defines no get_config(); a config "
+                "file is Python whose get_config() returns an ml_collections.ConfigDict "
+                "(see flaxseg/configs/).")
+    frames = traceback.extract_tb(error.__traceback__)
+    user = [f for f in frames if f.name == "get_config"
+            and not os.path.abspath(f.filename).startswith(_PACKAGE_DIR + os.sep)]
+    if not user or (isinstance(error, ValueError | OSError)
+                    and frames[-1].filename != user[-1].filename):
+        return None
+    detail = " ".join(f"{type(error).__name__}: {error}".split())
+    return (f"the config file {user[-1].filename}: get_config() raised {detail} (line "
+            f"{user[-1].lineno}). Fix the file, or set {TRACEBACK_ENV}=1 for the traceback.")
+
+
+def unexpected_arguments(stray: list[str], command_line: list[str] | None = None
+                         ) -> ValueError:
+    """The error for positional arguments `stray` an entry point does not take: often the
+    rest of an unquoted path with spaces, so it shows the argument quoted. `command_line`
+    (default `sys.argv`) is searched for the argument the stray ones followed."""
+    words = sys.argv if command_line is None else command_line
+    before = next((words[i - 1] for i, word in enumerate(words)
+                   if i and word == stray[0] and words[i - 1] not in stray), None)
+    hint = ""
+    if before and before.startswith("--") and "=" in before:  # --config=/x/my config.py
+        flag, value = before.split("=", 1)
+        hint = f"; quote a value with spaces: {flag}='{value} {' '.join(stray)}'"
+    elif before and not before.startswith("-"):  # check /data/my dataset
+        hint = f"; quote a path with spaces: '{before} {' '.join(stray)}'"
+    return ValueError(f"unexpected arguments {stray}: options are --flag=value{hint}.")
+
+
 def describe(error: BaseException) -> tuple[str, int] | None:
     """(one-line message, exit status) for an error the user can fix, else None."""
     steps = sys.modules.get("flaxseg.train.steps")  # only a training run raises its error
@@ -76,6 +126,9 @@ def describe(error: BaseException) -> tuple[str, int] | None:
     if isinstance(error, SyntaxError) and error.filename:
         return (f"the config file {error.filename} does not import: {error.msg} at line "
                 f"{error.lineno}."), USER_ERROR
+    config_line = config_file_message(error)
+    if config_line:
+        return config_line, USER_ERROR
     if isinstance(error, AttributeError):
         message = unknown_config_key_message(error)
         return (message, USER_ERROR) if message else None
@@ -111,7 +164,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        print(f"Error: {error}. Run with --helpshort to see the flags.", file=sys.stderr)
+        # A ValueError / TypeError from a config file's get_config() arrives wrapped twice
+        # (ml_collections, then absl), its traceback pasted into the message: name it in
+        # one line (the message with the traceback when one is asked for).
+        cause, message = error.__context__, None
+        while cause is not None and message is None and not _wants_traceback():
+            message, cause = config_file_message(cause), cause.__context__
+        print(f"Error: {message or f'{error}. Run with --helpshort to see the flags.'}",
+              file=sys.stderr)
         sys.exit(USER_ERROR)
 
 

@@ -14,10 +14,16 @@ as the training loop's evaluation does; `native` keeps each image's own size (fo
 `pad`, `sliding` and `overlap_tile`); `auto` (default) picks `config` for `--mode=whole`
 and `native` otherwise.
 
-`--mode=whole --input_size=config` without `--flip` or `--limit` is the training loop's
-own evaluation (`flaxseg.train.loop.evaluate`: global batches over every device of every
-process); the other modes run `evaluate(model, variables, source, ...)` below, each
-process on its share of the examples, the confusion matrices summed over processes.
+`--mode` defaults to `auto` (from the model's geometry: `pad` for most nets), as in
+`predict` and `export`, so the default scores are those of the procedure an exported
+artifact runs. Every option given is applied or refused (`--tile_size` with `--mode=pad`
+is an error), and the first line names every option in effect.
+
+`--mode=whole --input_size=config` without `--flip`, `--scales` or `--limit` is the
+training loop's own evaluation (`flaxseg.train.loop.evaluate`: global batches over every
+device of every process); the other modes run `evaluate(model, variables, source, ...)`
+below, each process on its share of the examples, the confusion matrices summed over
+processes.
 Several processes take the same flags as `python -m flaxseg.train`
 (`--coordinator_address`, `--num_processes`, `--process_id`, ...).
 
@@ -35,7 +41,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from flaxseg import cli, inference, metrics
 from flaxseg.models import model_geometry
@@ -203,13 +209,17 @@ def image_normalizer(config: ml_collections.ConfigDict) -> Callable[[np.ndarray]
 # -- flags shared with `python -m flaxseg.predict` ------------------------------------------
 
 
-def define_inference_flags(default_mode: str) -> None:
-    """Defines the flags that pick the run and the inference mode (absl, global FLAGS)."""
+def define_inference_flags() -> None:
+    """Defines the flags that pick the run and the inference mode (absl, global FLAGS).
+
+    One default mode for evaluate, predict and export (`auto`), so that `evaluate`'s
+    default number is the one an exported artifact reproduces.
+    """
     flags.DEFINE_string("workdir", None, "A training run's --workdir (holds checkpoints/).")
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
     flags.DEFINE_enum(
         "mode",
-        default_mode,
+        "auto",
         ("auto", *inference.MODES),
         "whole | pad | sliding | gaussian | overlap_tile; auto (from the model's geometry): "
         "overlap_tile for a net whose output is smaller than its input (the VALID U-Net), "
@@ -280,11 +290,50 @@ def auto_tile_size(model: Any, variables: Any, channels: int, tile_batch: int,
     return size
 
 
+# The flags that apply only to some modes (or only with another flag): any other
+# combination is refused, so that no option given is silently ignored.
+_FLAG_APPLIES = {
+    "tile_size": (inference.TILED_MODES, "the tiled modes"),
+    "tile_batch": (inference.TILED_MODES, "the tiled modes"),
+    "overlap": (("sliding", "gaussian"), "--mode=sliding and gaussian"),
+    "stride": (("sliding", "gaussian"), "--mode=sliding and gaussian"),
+    "multiple": (("pad",), "--mode=pad"),
+}
+
+
+def refuse_unused_flags(mode: str, given: set[str]) -> None:
+    """Raises ValueError for a flag in `given` (the flags on the command line) that the
+    resolved `mode` would ignore."""
+    for name, (modes, where) in _FLAG_APPLIES.items():
+        if name in given and mode not in modes:
+            raise ValueError(f"--{name} applies to {where}, not to mode {mode!r}; drop it "
+                             "or pick such a --mode.")
+    auto_tile = mode in inference.TILED_MODES and flags.FLAGS.tile_size == ["auto"]
+    for name in ("memory_budget_gb", "max_tile"):
+        if name in given and not auto_tile:
+            raise ValueError(f"--{name} applies to --tile_size=auto (a tiled mode) only; "
+                             "drop it or pass --tile_size=auto.")
+
+
+def options_text(options: dict[str, Any], mode_flag: str) -> str:
+    """Every inference option in effect, for a command's header line: `mode=pad (auto:
+    from the model's geometry), flip=False, batch_size=4, scales=(0.75, 1.0, 1.25), ...`
+    (scales (1.0,) where none are given)."""
+    shown = {"mode": options["mode"] + (" (auto: from the model's geometry)"
+                                        if mode_flag == "auto" else ""),
+             **{k: v for k, v in options.items() if k not in ("mode", "sharding")}}
+    shown["scales"] = tuple(options.get("scales") or (1.0,))
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
 def inference_options(model: Any, variables: Any,
                       config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """`predict_logits` keyword arguments from the shared flags (after parsing)."""
+    """`predict_logits` keyword arguments from the shared flags (after parsing); raises
+    ValueError for a flag the mode would ignore."""
     values = flags.FLAGS
     mode = inference.default_mode(model) if values.mode == "auto" else values.mode
+    refuse_unused_flags(mode, {name for name in _FLAG_APPLIES.keys() | {
+        "memory_budget_gb", "max_tile"} if values[name].present})
     options: dict[str, Any] = {"mode": mode, "flip": values.flip, "batch_size": values.batch_size,
                                "scales": _scales_flag(values.scales)}
     if mode in inference.TILED_MODES:
@@ -320,7 +369,7 @@ def load_run(argv: list[str]) -> tuple[Any, Any, ml_collections.ConfigDict, dict
     cannot be used.
     """
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --flag=value).")
+        raise cli.unexpected_arguments(argv[1:])
     from flaxseg.train.checkpoint import load_for_inference
     from flaxseg.train.parallel import DataParallel
     from flaxseg.train.reporting import quiet_library_logs
@@ -369,9 +418,10 @@ def membrane_class_of(dataset: ml_collections.ConfigDict) -> int | None:
 def _like_the_loop(options: dict[str, Any], input_size: str, limit: int | None,
                    membrane_class: int | None) -> bool:
     """Whether the flags ask for exactly the training loop's evaluation (which has no ISBI
-    errors)."""
+    errors, no test-time augmentation and no other option)."""
     return (options["mode"] == "whole" and input_size == "config" and not options["flip"]
-            and limit is None and membrane_class is None)
+            and options.get("scales") in (None, (1.0,)) and limit is None
+            and membrane_class is None)
 
 
 def _loop_evaluation(model: Any, variables: Any, config: ml_collections.ConfigDict,
@@ -401,13 +451,15 @@ def main(argv: list[str]) -> int:
     if input_size == "auto":
         input_size = "config" if options["mode"] == "whole" else "native"
     source = create_source(config.dataset, values.split)
+    membrane_class = membrane_class_of(config.dataset)
+    like_the_loop = _like_the_loop(options, input_size, values.limit, membrane_class)
     distributed.say(
         f"Evaluating {values.workdir} on {config.dataset.name}/{values.split} "
-        f"({len(source)} images, mode={options['mode']}, flip={options['flip']}, "
-        f"input size: {input_size})"
+        f"({len(source)} images, {options_text(options, values.mode)}, input_size="
+        f"{input_size}" + (f", limit={values.limit}" if values.limit is not None else "")
+        + ("; the training loop's evaluation" if like_the_loop else "") + ")"
     )
-    membrane_class = membrane_class_of(config.dataset)
-    if _like_the_loop(options, input_size, values.limit, membrane_class):
+    if like_the_loop:
         scores = _loop_evaluation(model, variables, config, source, values.batch_size)
     else:
         local_variables, local_options = for_this_process(variables, config, options)
@@ -431,7 +483,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    define_inference_flags(default_mode="whole")
+    define_inference_flags()
     flags.DEFINE_string("split", "val", "Dataset split: train | val | test.")
     flags.DEFINE_enum(
         "input_size",

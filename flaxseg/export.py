@@ -142,7 +142,7 @@ def sidecar(exported: jax.export.Exported, data: bytes, *, plan: inference.Plan,
             class_names: Sequence[str], palette: np.ndarray | None) -> dict[str, Any]:
     """The JSON sidecar of an artifact whose serialised bytes are `data`."""
     num_classes = len(class_names)
-    palette = visualize.default_palette(num_classes) if palette is None else palette
+    palette, palette_source = visualize.palette_or_generated(palette, num_classes)
     return {
         "format": FORMAT,
         "bytes": len(data),
@@ -154,7 +154,9 @@ def sidecar(exported: jax.export.Exported, data: bytes, *, plan: inference.Plan,
         "output_shapes": [str(aval.str_short()) for aval in exported.out_avals],
         "num_classes": num_classes,
         "class_names": list(class_names),
-        "palette": np.asarray(palette, np.uint8).tolist(),
+        "palette": palette.tolist(),
+        # 'generated': the dataset gave no colours; these are flaxseg's, no dataset's.
+        "palette_source": palette_source,
         "normalization": {**normalization.to_dict(), "inside": True},
         "procedure": {"mode": plan.mode, "flip": plan.flip,
                       "scales": [float(s) for s in plan.scales], "multiple": plan.multiple,
@@ -197,7 +199,7 @@ def _define_flags() -> None:
 
     from flaxseg import evaluate
 
-    evaluate.define_inference_flags(default_mode="auto")
+    evaluate.define_inference_flags()
     flags.DEFINE_string("out", None, "The artifact to write (e.g. model.jax); the sidecar "
                         "goes beside it as <out>.json.")
     flags.DEFINE_enum("outputs", "labels", OUTPUTS,
@@ -236,7 +238,9 @@ def main(argv: list[str]) -> int:
     print(f"Wrote {values.out} ({len(data) / 2**20:.1f} MiB) and {sidecar_path}: mode "
           f"{plan.mode}, flip={plan.flip}, scales={info['procedure']['scales']}, outputs "
           f"{values.outputs}, platforms {','.join(exported.platforms)}; input uint8 "
-          f"{info['input']['shape']}: {size_rule_text(rule)}.")
+          f"{info['input']['shape']}: {size_rule_text(rule)}; palette: "
+          + ("the dataset's." if info["palette_source"] == "dataset" else
+             "generated (the dataset gives none; these colours are no dataset's)."))
     return 0
 
 

@@ -136,8 +136,8 @@ def segment_files(artifact: Artifact, inputs: Inputs, output_dir: str | os.PathL
             continue
         out = out[0] if isinstance(out, tuple) else out
         mask = out[0] if out.ndim == 3 else np.argmax(out[0], axis=-1)
-        colours = (np.asarray(palette, np.uint8) if palette is not None
-                   else visualize.default_palette(artifact.info.get("num_classes", 256)))
+        colours = visualize.palette_or_generated(
+            palette, artifact.info.get("num_classes", 256))[0]
         results.append(PredictionResult(
             path, *write_prediction(output_dir, stem, image, mask, colours, alpha)))
     return results

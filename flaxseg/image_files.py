@@ -3,16 +3,22 @@
 NumPy and Pillow only (no JAX, no Flax), so both `flaxseg.inference.predict` (a model
 in this process) and `flaxseg.exported` (an exported artifact, where flaxseg's training
 stack may not be installed) read and write files the same way.
+
+`open_upright` is the one place an image or mask file is opened for its pixels: it applies
+the EXIF orientation tag (phones and cameras save the sensor's rows and a tag saying how to
+turn them; annotation tools label the photo as displayed, so a mask drawn on it is only in
+register with the turned image). Datasets (`flaxseg.data.folder`) read through it too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from flaxseg import visualize
 
@@ -70,10 +76,48 @@ def output_stems(files: Sequence[str]) -> list[str]:
     return stems
 
 
-def load_image(path: str) -> np.ndarray:
-    """An image file as uint8 `[H, W, C]`: C = 1 for greyscale, 3 for RGB, 4 with alpha.
-    Palette images become RGB; 16-bit greyscale is rejected (no silent rescaling)."""
+# EXIF orientations that swap width and height (a quarter turn, possibly mirrored).
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an opened image, 1 (as stored) when it has none.
+
+    Reads headers only: a PNG's eXIf chunk is in `info` at open when it precedes the
+    pixels (where writers put it), and asking PNG for more would decode the whole file.
+    """
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if value in range(1, 9) else 1
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as displayed, i.e. after its EXIF orientation."""
+    width, height = image.size
+    return (height, width) if orientation(image) in _QUARTER_TURNS else (width, height)
+
+
+def is_rotated(path: str) -> bool:
+    """Whether the file carries an EXIF orientation other than 'as stored' (headers only)."""
     with Image.open(path) as image:
+        return orientation(image) != 1
+
+
+@contextlib.contextmanager
+def open_upright(path: str) -> Iterator[Image.Image]:
+    """The image file opened and turned as its EXIF orientation says (decodes it)."""
+    with Image.open(path) as image:
+        if orientation(image) != 1:
+            ImageOps.exif_transpose(image, in_place=True)
+        yield image
+
+
+def load_image(path: str) -> np.ndarray:
+    """An image file as uint8 `[H, W, C]`, upright (EXIF orientation applied): C = 1 for
+    greyscale, 3 for RGB, 4 with alpha. Palette images become RGB; 16-bit greyscale is
+    rejected (no silent rescaling)."""
+    with open_upright(path) as image:
         if image.mode == "P":
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         elif image.mode == "1":

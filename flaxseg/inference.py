@@ -543,7 +543,8 @@ def predict(
       inputs: an image file, a directory of images, or a list of files.
       mode, predict_kwargs: passed to `predict_logits` (`flip`, `tile_size`, ...).
         With the VALID U-Net in mode `'whole'` the mask covers the image's centre.
-      palette: uint8 `[num_classes, 3]`; default `visualize.default_palette`.
+      palette: uint8 `[num_classes, 3]`; default `visualize.generated_palette` (no
+        dataset's colours).
       num_channels: the channel count the model was trained on; a file with another
         count fails with a clear message. None: any count the model takes.
       preprocess: uint8 `[H, W, C]` -> float32 `[H, W, C]`, as in training;
@@ -577,7 +578,7 @@ def predict(
         num_classes = logits.shape[-1]
         if num_classes > 256:
             raise ValueError(f"{num_classes} classes do not fit a uint8 PNG mask")
-        colours = visualize.default_palette(num_classes) if palette is None else palette
+        colours = visualize.palette_or_generated(palette, num_classes)[0]
         mask = np.argmax(logits, axis=-1).astype(np.uint8)
         paths = write_prediction(output_dir, stem, image, mask, colours, alpha)
         results.append(PredictionResult(path, *paths))

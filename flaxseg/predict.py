@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     if jax.process_index() == 0:
         print(
             f"Segmented {num_ok} of {num_ok + num_failed} images "
-            f"(mode={options['mode']}, flip={options['flip']}) into {values.output}"
+            f"({evaluate.options_text(options, values.mode)}) into {values.output}"
         )
     for result in failed:
         print(f"  failed: {result.error}", file=sys.stderr)
@@ -71,7 +71,7 @@ def _define_flags() -> None:
 
     from flaxseg import evaluate
 
-    evaluate.define_inference_flags(default_mode="auto")
+    evaluate.define_inference_flags()
     flags.DEFINE_string("input", None, "An image file or a directory of images.")
     flags.DEFINE_string("output", None, "Directory for masks/ and overlays/.")
     flags.mark_flags_as_required(["input", "output"])

@@ -11,7 +11,9 @@ display, so what you see is the image's contrast, not its absolute values.
 
 from __future__ import annotations
 
+import colorsys
 import os
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -44,6 +46,32 @@ def default_palette(num_classes: int) -> np.ndarray:
             code >>= 3
         palette[index] = rgb
     return palette
+
+
+# The golden angle as a fraction of the hue circle: consecutive classes far apart in hue.
+_GOLDEN_HUE_STEP = 0.38196601125
+
+
+def generated_palette(num_classes: int) -> np.ndarray:
+    """Colours for classes whose dataset gives none: uint8 `[num_classes, 3]`.
+
+    Hues step round the circle by the golden angle, brightness alternates; no black,
+    white or grey. Unlike `default_palette` (PASCAL VOC's map) it does not pretend to be
+    a dataset's colours, and it keeps void (white) apart.
+    """
+    if not isinstance(num_classes, int | np.integer) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    colours = [colorsys.hsv_to_rgb((i * _GOLDEN_HUE_STEP) % 1.0, 0.75, 0.95 - 0.3 * (i % 2))
+               for i in range(int(num_classes))]
+    return np.round(np.array(colours) * 255).astype(np.uint8)
+
+
+def palette_or_generated(palette: Any, num_classes: int) -> tuple[np.ndarray, str]:
+    """`(colours, source)`: the dataset's `palette` (source 'dataset'), or, where it gave
+    none, `generated_palette` (source 'generated')."""
+    if palette is None:
+        return generated_palette(num_classes), "generated"
+    return np.asarray(palette, np.uint8), "dataset"
 
 
 def _check_palette(palette: np.ndarray) -> np.ndarray:

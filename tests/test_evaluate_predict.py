@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import file_mtimes
 from PIL import Image
 
-from flaxseg import evaluate, inference, metrics
+from flaxseg import evaluate, inference, metrics, visualize
 from flaxseg.data.base import SourceInfo
 from flaxseg.models import Geometry
 
@@ -204,9 +205,12 @@ def _cli(module, *args):
 def test_evaluate_cli_reproduces_the_loops_final_evaluation(trained_run, tmp_path):
     workdir, summary = trained_run
     scores_path = tmp_path / "scores.json"
-    result = _cli("flaxseg.evaluate", f"--workdir={workdir}", f"--output_json={scores_path}")
+    result = _cli("flaxseg.evaluate", f"--workdir={workdir}", "--mode=whole",
+                  f"--output_json={scores_path}")
     assert result.returncode == 0, result.stderr
     assert "pixel acc  mean acc  mean IU  f.w. IU" in result.stdout
+    assert "input_size=config; the training loop's evaluation)" in result.stdout
+    assert "Given directory is read only" not in result.stderr  # orbax's notice, dropped
     scores = json.loads(scores_path.read_text())
     assert scores["mode"] == "whole" and scores["input_size"] == "config"
     # The same checkpoint, split and eval transform as the loop's last evaluation.
@@ -222,6 +226,36 @@ def test_evaluate_cli_reproduces_the_loops_final_evaluation(trained_run, tmp_pat
     assert result.returncode != 0 and "tiles" in result.stderr
     result = _cli("flaxseg.evaluate", f"--workdir={tmp_path / 'none'}")
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_every_evaluate_option_is_applied_or_refused_and_named(trained_run, tmp_path):
+    # --scales in the default mode once went to the loop's evaluation, which ignored them.
+    from flaxseg.data import create_source
+    from flaxseg.train.checkpoint import load_for_inference
+
+    workdir, _ = trained_run
+    before = file_mtimes(workdir)
+    scores_path = tmp_path / "scores.json"
+    result = _cli("flaxseg.evaluate", f"--workdir={workdir}", "--split=test",
+                  "--scales=0.75,1,1.25", f"--output_json={scores_path}")
+    assert result.returncode == 0, result.stderr
+    # One default mode for evaluate, predict and export: auto (pad for this U-Net).
+    assert "mode=pad (auto: from the model's geometry), flip=False, batch_size=4, " \
+           "scales=(0.75, 1.0, 1.25), input_size=native)" in result.stdout.splitlines()[0]
+    model, variables, config = load_for_inference(workdir)
+    source = create_source(config.dataset, "test")
+    preprocess = evaluate.eval_preprocess(config, "native")
+    scaled, plain = (evaluate.evaluate(model, variables, source, mode="pad", scales=scales,
+                                       preprocess=preprocess)["mean_iou"]
+                     for scales in ((0.75, 1.0, 1.25), None))
+    assert scaled != plain  # the scales change the scores, so the check below means something
+    assert json.loads(scores_path.read_text())["mean_iou"] == pytest.approx(scaled, abs=1e-9)
+
+    result = _cli("flaxseg.evaluate", f"--workdir={workdir}", "--mode=pad", "--tile_size=16")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "Error: --tile_size applies to the tiled modes, not to mode 'pad'; drop it or pick "
+        "such a --mode.")
+    assert file_mtimes(workdir) == before  # the run is read, never written
 
 
 def test_predict_cli_writes_masks_and_names_the_files_it_cannot_take(trained_run, tmp_path):
@@ -276,6 +310,13 @@ def test_export_then_predict_with_the_artifact_alone(trained_run, tmp_path):
     result = _cli("flaxseg.export", f"--workdir={workdir}", f"--out={out}")
     assert result.returncode == 0, result.stderr
     assert "mode pad" in result.stdout and "any height and width" in result.stdout
+    assert "Given directory is read only" not in result.stderr
+    # The synthetic dataset has no palette: the sidecar's colours say they are no dataset's.
+    assert "palette: generated (the dataset gives none; these colours are no dataset's)." \
+        in result.stdout
+    info = json.loads((tmp_path / "model.jax.json").read_text())
+    assert info["palette_source"] == "generated"
+    assert info["palette"] == visualize.generated_palette(4).tolist()
     inputs = tmp_path / "in"
     inputs.mkdir()
     rng = np.random.default_rng(0)

@@ -135,6 +135,7 @@ def test_the_sidecar_describes_the_contract(artifact_file):
     info = json.loads(open(path + ".json").read())
     assert info["bytes"] == os.path.getsize(path) and info["input"]["channels"] == 3
     assert info["class_names"] == ["a", "b", "c"] and len(info["palette"]) == 3
+    assert info["palette_source"] == "generated"  # none given: not VOC's colours
     assert info["platforms"] == ["cpu", "cuda", "tpu"] and info["outputs"] == ["labels"]
     assert info["procedure"]["mode"] == "pad" and info["versions"]["jax"] == jax.__version__
     assert info["input"]["size_rule_text"] == "images of any height and width"

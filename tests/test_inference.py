@@ -340,7 +340,7 @@ def test_predict_writes_masks_and_overlays_and_reports_bad_files(tmp_path):
     expected = _apply(model, variables, grey[None, :, :, None] / np.float32(255)).argmax(-1)[0]
     np.testing.assert_array_equal(mask, expected)
     overlay = np.asarray(Image.open(good.overlay_path))
-    palette = visualize.default_palette(3)
+    palette = visualize.generated_palette(3)  # no palette given: no dataset's colours
     np.testing.assert_array_equal(overlay, visualize.overlay(grey, mask, palette))
     assert not rgb.ok and "b_rgb.png" in rgb.error and "3 channel(s)" in rgb.error
     assert not odd.ok and "c_odd.png" in odd.error and "13x9" in odd.error

@@ -118,3 +118,15 @@ def test_save_png_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "mask.png")), indices)
     with pytest.raises(ValueError, match="uint8"):
         visualize.save_png(tmp_path / "bad.png", indices.astype(np.int32))
+
+
+def test_generated_palette_is_distinct_and_no_datasets():
+    palette = visualize.generated_palette(64)
+    assert palette.shape == (64, 3) and palette.dtype == np.uint8
+    assert len({tuple(c) for c in palette.tolist()}) == 64
+    assert (palette.max(-1) - palette.min(-1) > 40).all()  # no black, white or grey
+    voc = {tuple(c) for c in visualize.default_palette(64).tolist()}
+    assert not voc & {tuple(c) for c in palette.tolist()}
+    colours, source = visualize.palette_or_generated(None, 3)
+    assert source == "generated" and (colours == palette[:3]).all()
+    assert visualize.palette_or_generated([[1, 2, 3]], 1)[1] == "dataset"

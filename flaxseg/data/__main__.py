@@ -21,6 +21,7 @@ import sys
 
 import ml_collections
 
+from flaxseg import cli
 from flaxseg.data.check import check_dataset, format_report
 from flaxseg.data.config import available_datasets, dataset_config
 from flaxseg.data.layouts import LAYOUT_NAMES
@@ -127,8 +128,10 @@ def config_from_args(args: argparse.Namespace) -> ml_collections.ConfigDict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, stray = _parser().parse_known_args(argv)
     try:
+        if stray:  # argparse would print its usage and a second line
+            raise cli.unexpected_arguments(stray, sys.argv[1:] if argv is None else argv)
         config = config_from_args(args)
         if args.command == "prepare":
             from flaxseg.data.tfds import prepare_folder_dataset
@@ -145,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         report = check_dataset(config, max_examples=args.max_examples)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"Error: {e}", file=sys.stderr)
+        return cli.USER_ERROR
     print(format_report(report))
     return 1 if report.problems else 0
 

@@ -14,6 +14,12 @@ from typing import Any, Protocol
 import numpy as np
 
 DEFAULT_IGNORE_INDEX = 255
+# The most classes a dataset may have: the confusion matrix holds MAX_CLASSES**2 int64
+# counts (128 MiB at 4096) and the logits MAX_CLASSES floats a pixel. Far above any public
+# benchmark (ADE20K-full: 3688 classes).
+MAX_CLASSES = 4096
+# The largest raw mask value: masks are 8-bit or 16-bit index images.
+MAX_MASK_VALUE = 65535
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,16 +201,49 @@ def suggest_classes(values: Iterable[int], ignore_index: int = DEFAULT_IGNORE_IN
             "value_map": {v: i for i, v in enumerate(classes_found)}}
 
 
+def void_proposal(pixels: Mapping[int, int], masks_with: Mapping[int, int], num_masks: int,
+                  ignore_index: int = DEFAULT_IGNORE_INDEX) -> tuple[str, dict[str, Any]] | None:
+    """Which raw values look like void rather than a class, and the keys reading the likeliest
+    one as void: `(text, suggestion)`, or None with fewer than two candidate classes.
+
+    A count of classes from the values alone would make a void label a class (CamVid's 11).
+    The signs: 255 (the usual void label) when it is not already `ignore_index`; the largest
+    value; a value absent from most masks (at most the three rarest are named). The
+    proposal takes 255 if present, else the largest value.
+    """
+    found = sorted(int(v) for v in pixels if v != ignore_index)
+    if len(found) < 2:
+        return None
+    reasons: dict[int, list[str]] = {v: [] for v in found}
+    if 255 in reasons:
+        reasons[255].append("the usual void label")
+    reasons[found[-1]].append("the largest value")
+    rare = sorted((masks_with.get(v, 0), v) for v in found
+                  if num_masks >= 2 and masks_with.get(v, 0) * 2 <= num_masks)
+    for count, v in rare[:3]:
+        reasons[v].append(f"in only {count} of {num_masks} masks")
+    void = 255 if 255 in reasons else found[-1]
+    suggestion = {**suggest_classes([v for v in pixels if v != void], ignore_index),
+                  "void_values": (void,)}
+    text = ", ".join(f"{v} ({'; '.join(why)})" for v, why in reasons.items() if why)
+    return text, suggestion
+
+
 def suggestion_flags(suggestion: dict[str, Any], style: str) -> str:
-    """`suggest_classes`' keys as `python -m flaxseg.data check` flags (`style='check'`)
-    or as `python -m flaxseg.train` config overrides (`style='train'`)."""
-    value_map = suggestion["value_map"]
+    """`suggest_classes`' (or `void_proposal`'s) keys as `python -m flaxseg.data check`
+    flags (`style='check'`) or as `python -m flaxseg.train` config overrides
+    (`style='train'`)."""
+    value_map, void = suggestion["value_map"], suggestion.get("void_values")
     if style == "check":
         out = f"--num-classes {suggestion['num_classes']}"
         if value_map:
             out += " --value-map " + ",".join(f"{k}:{v}" for k, v in value_map.items())
+        if void:
+            out += " --void-values " + ",".join(str(v) for v in void)
         return out
     out = f"--config.dataset.num_classes={suggestion['num_classes']}"
     if value_map:
         out += f" --config.dataset.value_map='{value_map}'"
+    if void:
+        out += f" --config.dataset.void_values='{tuple(void)}'"
     return out

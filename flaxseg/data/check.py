@@ -20,8 +20,9 @@ import numpy as np
 
 from flaxseg.data import folder, layouts
 from flaxseg.data.balance import ClassBalance
-from flaxseg.data.base import suggest_classes, suggestion_flags
+from flaxseg.data.base import suggest_classes, suggestion_flags, void_proposal
 from flaxseg.data.tfds import DatasetNotPreparedError, MissingSplitError
+from flaxseg.image_files import is_rotated
 
 Loader = Callable[[], dict[str, np.ndarray]]
 
@@ -50,6 +51,11 @@ class DatasetReport:
     raw_values: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     raw_colours: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     suggestion: dict[str, Any] | None = None
+    # How many masks hold each raw value, and how many masks were tallied.
+    raw_masks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    raw_mask_count: int = 0
+    rotated_files: int = 0  # files read turned by their EXIF orientation tag
+    mask_kinds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     @property
     def num_examples(self) -> int:
@@ -114,31 +120,43 @@ def _scan(
         else:
             found, counts = np.unique(label, return_counts=True)
             report.raw_values.update(dict(zip(found.tolist(), counts.tolist(), strict=True)))
+            report.raw_masks.update(found.tolist())
+            report.raw_mask_count += 1
+    disagree = folder.channels_cause(split.channels)
+    disagree = f"; {disagree}" if disagree else ""
     for channels, names in sorted(wrong_channels.items()):
         report.problems.append(
             f"{len(names)} image(s) of split {split.name!r} have {channels} channel(s) but the "
             f"config says num_channels={num_channels} (set dataset.num_channels / "
-            f"--num-channels {channels}, or convert them): {layouts.listing(names)}"
+            f"--num-channels {channels}, or convert them){disagree}: {layouts.listing(names)}"
         )
 
 
-def _folder_items(pairs: list[layouts.Pair], decoder) -> Iterator[tuple[str, Loader]]:
+def _size_mismatch(pair: layouts.Pair, image: np.ndarray, raw: np.ndarray) -> str:
+    """The size-mismatch problem, with its likely cause where one is known."""
+    sizes = [(image.shape[1], image.shape[0]), (raw.shape[1], raw.shape[0])]
+    return (f"size mismatch: {pair.image} is {sizes[0][0]}x{sizes[0][1]} (WxH) but "
+            f"{pair.mask} is {sizes[1][0]}x{sizes[1][1]}{folder.size_cause(sizes)}")
+
+
+def _folder_items(pairs: list[layouts.Pair], decoder, report: DatasetReport
+                  ) -> Iterator[tuple[str, Loader]]:
     for pair in pairs:
 
         def load(pair=pair):
             # Each loader names its own file when it cannot decode it.
             image, raw = folder.load_pair_image(pair), folder.load_mask(pair.mask)
+            files = pair.images + (() if pair.mask.endswith(".mat") else (pair.mask,))
+            report.rotated_files += sum(is_rotated(path) for path in files)
+            report.mask_kinds["RGB" if raw.ndim == 3 else "class-index"] += 1
             if image.shape[:2] != raw.shape[:2]:
-                raise ValueError(
-                    f"size mismatch: {pair.image} is {image.shape[1]}x{image.shape[0]} (WxH) "
-                    f"but {pair.mask} is {raw.shape[1]}x{raw.shape[0]}"
-                )
+                raise ValueError(_size_mismatch(pair, image, raw))
             if decoder is None:
                 return {"image": image, "label": raw}
             try:
                 label = decoder(raw)
             except ValueError as e:
-                raise ValueError(f"{pair.mask}: {e}") from None
+                raise ValueError(f"{pair.mask}: {e}{folder.lossy_cause(pair.mask)}") from None
             return {"image": image, "label": label}
 
         yield pair.image, load
@@ -168,8 +186,14 @@ def _check_folder(config: ml_collections.ConfigDict, max_examples: int | None) -
             report.problems.append(folder.empty_split_message(config, split, found))
         split_report = SplitReport(split)
         report.splits.append(split_report)
-        _scan(report, split_report, _folder_items(found.pairs, decoder),
+        _scan(report, split_report, _folder_items(found.pairs, decoder, report),
               config.num_channels, max_examples)
+    if len(report.mask_kinds) > 1:  # the cause of the "RGB but no palette" lines
+        kinds = " and ".join(f"{n} {kind}" for kind, n in sorted(report.mask_kinds.items()))
+        report.problems.append(
+            f"the masks disagree among themselves: {kinds} images; one dataset's masks are "
+            "all one kind: convert the RGB ones to class-index PNGs (or give a palette and "
+            "convert the others to colours)")
     if not known and report.raw_values:
         report.suggestion = suggest_classes(report.raw_values, config.ignore_index)
     _warn_binary(report, identity=not (config.value_map or config.reduce_zero_label))
@@ -281,6 +305,13 @@ def _raw_lines(report: DatasetReport) -> list[str]:
         lines.append(f"These masks would read with: {suggestion_flags(report.suggestion, 'check')}"
                      f" (in a training config: {suggestion_flags(report.suggestion, 'train')};"
                      f" other void values: --void-values V,...)")
+        proposal = void_proposal(report.raw_values, report.raw_masks, report.raw_mask_count,
+                                 report.ignore_index)
+        if proposal:
+            text, void = proposal
+            lines.append(f"Values that look like void rather than a class: {text}. If "
+                         f"{void['void_values'][0]} is void: {suggestion_flags(void, 'check')} "
+                         f"(in a training config: {suggestion_flags(void, 'train')})")
     return lines
 
 
@@ -301,6 +332,9 @@ def format_report(report: DatasetReport) -> str:
         lines.append(f"{s.name:<8}{s.count:>8}  {sizes or '-':<32}{channels or '-'}")
     if report.splits:
         lines.append(f"{'total':<8}{report.num_examples:>8}")
+    if report.rotated_files:
+        lines.append(f"EXIF orientation: {report.rotated_files} file(s) carry a rotation tag; "
+                     "they are read turned as displayed (as annotation tools show them)")
     lines += _class_lines(report) + _raw_lines(report)
     lines.extend(f"Warning: {w}" for w in report.warnings)
     if report.problems:

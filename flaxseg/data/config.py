@@ -9,6 +9,7 @@ be a tfds dataset prepared with `flaxseg.data.tfds.prepare_folder_dataset`.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 from typing import Any
 
@@ -16,7 +17,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from flaxseg.data import classes, layouts
-from flaxseg.data.base import DEFAULT_IGNORE_INDEX, parse_value_map
+from flaxseg.data.base import DEFAULT_IGNORE_INDEX, MAX_CLASSES, parse_value_map
 
 ISBI_DIR_ENV = "FLAXSEG_ISBI_DIR"
 
@@ -241,6 +242,13 @@ def _canonical(cfg: dict[str, Any]) -> dict[str, Any]:
     """`cfg` with every value in its one form (see `dataset_config`)."""
     out = dict(cfg)
     out["image_size"] = normalize_image_size(cfg["image_size"])
+    num_classes = cfg.get("num_classes")
+    if num_classes is not None and not (
+            isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool)
+            and 1 <= num_classes <= MAX_CLASSES):
+        # Before anything sized by it (label tables, confusion matrices) is allocated.
+        raise ValueError(f"dataset.num_classes must be an integer from 1 to {MAX_CLASSES} "
+                         f"(the most classes flaxseg trains), got {num_classes!r}.")
     for key in ("class_names", "palette", "void_values"):
         value = cfg.get(key)
         if value is not None:

@@ -10,7 +10,8 @@ Masks are 8-bit class-index images (L, or P whose palette indices are the classe
 16-bit index images, RGB colour-coded with `palette`, or SBD's `cls/*.mat`
 (`GTcls.Segmentation`, read with scipy). Raw values go through `reduce_zero_label` or
 `value_map` (e.g. ISBI's {0: 0, 255: 1}); `void_values` become `ignore_index`.
-A file that cannot be decoded raises `DataFileError` naming it.
+A file that cannot be decoded raises `DataFileError` naming it. Images and masks are read
+upright: their EXIF orientation is applied (`flaxseg.image_files.open_upright`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from flaxseg.data.base import (
     default_class_names,
     suggest_classes,
     suggestion_flags,
+    void_proposal,
 )
 from flaxseg.data.config import dataset_config
 from flaxseg.data.layouts import SPLITS, Listing, Pair, listing
 from flaxseg.extras import require
+from flaxseg.image_files import open_upright, upright_size
 
 # PIL mode -> channels of the uint8 array flaxseg makes of it (P is expanded to RGB).
 _IMAGE_MODES = {"1": 1, "L": 1, "LA": 2, "P": 3, "RGB": 3, "RGBA": 4}
@@ -57,9 +60,9 @@ def image_channels(mode: str) -> int | None:
 
 
 def load_image(path: str) -> np.ndarray:
-    """Reads an 8-bit image as uint8 `[H, W, C]` (palette images become RGB)."""
+    """Reads an 8-bit image as uint8 `[H, W, C]`, upright (palette images become RGB)."""
     try:
-        with Image.open(path) as img:
+        with open_upright(path) as img:
             if img.mode not in _IMAGE_MODES:
                 raise ValueError(
                     f"{path}: image mode {img.mode!r} is not 8-bit; convert it to 8-bit L or RGB."
@@ -82,11 +85,11 @@ def load_pair_image(pair: Pair) -> np.ndarray:
 
 
 def load_mask(path: str) -> np.ndarray:
-    """Reads a mask's raw values: `[H, W]` for index masks, `[H, W, 3]` for RGB masks."""
+    """Reads a mask's raw values, upright: `[H, W]` for index masks, `[H, W, 3]` for RGB."""
     if path.endswith(".mat"):
         return _load_sbd_mask(path)
     try:
-        with Image.open(path) as img:
+        with open_upright(path) as img:
             if img.mode in ("RGBA", "RGB"):
                 return np.asarray(img.convert("RGB"))
             if img.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
@@ -222,6 +225,7 @@ def _first_image_channels(config: ml_collections.ConfigDict, layout: layouts.Lay
 
 def _no_classes_message(config: ml_collections.ConfigDict, layout: layouts.Layout) -> str:
     values: collections.Counter = collections.Counter()
+    masks_with: collections.Counter = collections.Counter()  # masks holding each value
     colours: collections.Counter = collections.Counter()
     pairs = _first_pairs(config, layout)[:_SAMPLED_MASKS]
     for pair in pairs:
@@ -233,6 +237,7 @@ def _no_classes_message(config: ml_collections.ConfigDict, layout: layouts.Layou
         else:
             found, counts = np.unique(raw, return_counts=True)
             values.update(dict(zip(found.tolist(), counts.tolist(), strict=True)))
+            masks_with.update(found.tolist())
     where = f"{config.path} ({layout.name} layout)"
     metadata = os.path.join(config.path, layouts.METADATA_FILE)
     text = (f"No class information for {where}: the config sets no num_classes, class_names "
@@ -242,6 +247,11 @@ def _no_classes_message(config: ml_collections.ConfigDict, layout: layouts.Layou
         suggestion = suggest_classes(values, int(config.ignore_index))
         text += (f"{len(pairs)} sampled masks hold the values {found}; e.g. "
                  f"{suggestion_flags(suggestion, 'train')}, and ")
+        proposal = void_proposal(values, masks_with, len(pairs), int(config.ignore_index))
+        if proposal:
+            text += (f"(values that look like void rather than a class: {proposal[0]}; if "
+                     f"{proposal[1]['void_values'][0]} is void: "
+                     f"{suggestion_flags(proposal[1], 'train')}), and ")
     elif colours:
         found = ", ".join(str(c) for c, _ in colours.most_common(20))
         text += (f"{len(pairs)} sampled masks are RGB with the colours {found}; set "
@@ -277,13 +287,53 @@ def empty_split_message(config: ml_collections.ConfigDict, split: str, found: Li
             f"{layouts.layouts_help()}")
 
 
-def header_problems(pair: Pair, num_channels: int) -> list[str]:
-    """Problems visible from the file headers alone: unreadable, size, channels."""
+# Formats whose compression changes pixel values: a mask in one cannot hold exact classes.
+LOSSY_MASK_EXTENSIONS = (".jpg", ".jpeg", ".webp")
+
+
+def lossy_cause(mask_path: str) -> str:
+    """For a mask whose values or colours are not the dataset's: the likely cause when the
+    mask is in a lossy format (a clause to append), else ''."""
+    if not mask_path.lower().endswith(LOSSY_MASK_EXTENSIONS):
+        return ""
+    return (f" (likely cause: {os.path.splitext(mask_path)[1]} is a lossy format, whose "
+            "compression changes values at region edges, so it cannot hold exact class "
+            "indices or colours; save masks as PNG)")
+
+
+def size_cause(sizes: list[tuple[int, int]]) -> str:
+    """For files whose (W, H) sizes disagree: the likely cause (a clause to append): one a
+    quarter turn of another (an EXIF orientation lost or missing), or one a resized copy of
+    another (the same aspect ratio); else ''."""
+    if any((h, w) in sizes for w, h in sizes if w != h):
+        return ("; one is the other turned a quarter: likely a photo saved turned without "
+                "its EXIF orientation tag, or a mask drawn on the unturned photo")
+    if len({round(w / h, 2) for w, h in sizes}) == 1:
+        return ("; they have the same aspect ratio: likely one was resized (masks must be "
+                "at the image's full resolution)")
+    return ""
+
+
+def channels_cause(channels: collections.Counter) -> str:
+    """For images of one split whose channel counts (`{channels: images}`) disagree: that
+    disagreement, the cause of the channel problems, else ''. The config's count is not the
+    cause: it may come from the first image."""
+    if len(channels) < 2:
+        return ""
+    counts = ", ".join(f"{n} with {c} channel(s)" for c, n in sorted(channels.items()))
+    return (f"the split's images disagree among themselves ({counts}): convert them all to "
+            "one mode (e.g. RGB)")
+
+
+def header_problems(pair: Pair, num_channels: int,
+                    tally: collections.Counter | None = None) -> list[str]:
+    """Problems visible from the file headers alone: unreadable, size (as displayed, after
+    the EXIF orientation), channels (counted in `tally` when given)."""
     sizes, channels, problems = {}, 0, []
     for path in pair.images + (() if pair.mask.endswith(".mat") else (pair.mask,)):
         try:
             with Image.open(path) as img:
-                sizes[path] = img.size
+                sizes[path] = upright_size(img)
                 if path != pair.mask:
                     mode_channels = image_channels(img.mode)
                     if mode_channels is None:
@@ -296,7 +346,9 @@ def header_problems(pair: Pair, num_channels: int) -> list[str]:
         return problems
     if len(set(sizes.values())) > 1:
         shown = ", ".join(f"{p} is {w}x{h}" for p, (w, h) in sizes.items())
-        problems.append(f"size mismatch (WxH): {shown}")
+        problems.append(f"size mismatch (WxH): {shown}{size_cause(list(sizes.values()))}")
+    if tally is not None:
+        tally[channels] += 1
     if channels != num_channels:
         problems.append(
             f"{pair.image} has {channels} channel(s) but the config says "
@@ -332,8 +384,11 @@ class FolderSource:
         problems = list(found.problems)
         if not found.pairs and not problems:
             problems.append(empty_split_message(config, split, found))
+        channels: collections.Counter = collections.Counter()
         for pair in found.pairs:
-            problems.extend(header_problems(pair, config.num_channels))
+            problems.extend(header_problems(pair, config.num_channels, channels))
+        if len(channels) > 1:
+            problems.append(f"split {split!r}: {channels_cause(channels)}")
         _raise_problems(f"Problems in the {split!r} split of {config.path}", problems,
                         config.path)
         self.config, self.split, self.pairs = config, split, found.pairs
@@ -371,8 +426,8 @@ class FolderSource:
             label = self.decode_mask(raw)
         except ValueError as e:
             raise ValueError(
-                f"{pair.mask}: {e}; fix the mask or the dataset's value_map / palette / "
-                "void_values / reduce_zero_label") from None
+                f"{pair.mask}: {e}{lossy_cause(pair.mask)}; fix the mask or the dataset's "
+                "value_map / palette / void_values / reduce_zero_label") from None
         if image.shape[-1] != self.info.num_channels or image.shape[:2] != label.shape:
             raise ValueError(
                 f"{pair.image} ({image.shape}) and {pair.mask} ({label.shape}) do not match "

@@ -39,7 +39,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from flaxseg.data import classes
+from flaxseg.data import classes, metadata
 from flaxseg.image_files import IMAGE_EXTENSIONS
 
 SPLITS = ("train", "val", "test")
@@ -136,6 +136,29 @@ def _files_by_key(directory: str, suffix: str, recursive: bool) -> tuple[dict[st
     return {stem: paths[0] for stem, paths in by_key.items()}, problems
 
 
+def _suffix_cause(images: dict[str, str], masks: dict[str, str], no_mask: set[str],
+                  no_image: set[str]) -> str:
+    """For unpaired files: when every unpaired mask's key is an unpaired image's key plus one
+    suffix (or the reverse), that naming convention as the likely cause and the option that
+    pairs them (a clause to append), else ''."""
+    for longer, shorter, files, option in ((no_image, no_mask, masks, "mask"),
+                                           (no_mask, no_image, images, "image")):
+        if not longer or not shorter:
+            continue
+        # The suffix one file suggests (its longest stem among the others), then checked
+        # on every file: linear, for datasets of any size.
+        first = min(longer)
+        stem = max((s for s in shorter if first.startswith(s) and first != s), key=len,
+                   default=None)
+        suffix = None if stem is None else first[len(stem):]
+        if suffix and all(k.endswith(suffix) and k[: -len(suffix)] in shorter for k in longer):
+            ends = {os.path.splitext(files[k])[1] for k in longer}
+            flag = suffix + (ends.pop() if len(ends) == 1 else "")
+            return (f" (likely cause: the {option} names carry the suffix {flag!r}; pair them "
+                    f"with --{option}-suffix {flag} / dataset.{option}_suffix={flag!r})")
+    return ""
+
+
 def pair_files(
     images_dir: str,
     masks_dir: str,
@@ -155,16 +178,18 @@ def pair_files(
     images, problems = _files_by_key(images_dir, image_suffix, recursive)
     masks, mask_problems = _files_by_key(masks_dir, mask_suffix, recursive)
     problems += mask_problems
-    no_mask = sorted(images[s] for s in set(images) - set(masks))
-    no_image = sorted(masks[s] for s in set(masks) - set(images))
+    no_mask_keys, no_image_keys = set(images) - set(masks), set(masks) - set(images)
+    no_mask = sorted(images[s] for s in no_mask_keys)
+    no_image = sorted(masks[s] for s in no_image_keys)
+    cause = _suffix_cause(images, masks, no_mask_keys, no_image_keys)
     if no_mask:
         problems.append(
-            f"{len(no_mask)} image(s) without a mask in {masks_dir}: {listing(no_mask)}"
+            f"{len(no_mask)} image(s) without a mask in {masks_dir}: {listing(no_mask)}{cause}"
         )
     if no_image:
         problems.append(
             f"{len(no_image)} mask(s) without an image in {images_dir}: {listing(no_image)}"
-        )
+            f"{cause}")
     pairs = [Pair(s, (images[s],), masks[s]) for s in sorted(set(images) & set(masks))]
     return Listing(pairs, problems, [images_dir, masks_dir],
                    {images_dir: image_suffix, masks_dir: mask_suffix})
@@ -200,6 +225,7 @@ def read_metadata(base: str) -> dict[str, Any]:
     unknown = sorted(set(meta) - set(LABEL_KEYS))
     if unknown:
         raise ValueError(f"{path} may only hold the keys {LABEL_KEYS}; got extra {unknown}.")
+    metadata.validate(meta, path)
     return meta
 
 

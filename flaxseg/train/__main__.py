@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from flaxseg import cli
@@ -57,7 +57,7 @@ def default_workdir(config_path: str) -> str:
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --flag=value).")
+        raise cli.unexpected_arguments(argv[1:])
     from flaxseg.train.reporting import quiet_library_logs
 
     quiet_library_logs()

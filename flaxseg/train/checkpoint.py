@@ -451,8 +451,10 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
     missing workdir or one without checkpoints.
     """
     from flaxseg.train.config import build_model, restored_config
+    from flaxseg.train.workdir import refuse_file
 
     workdir = Path(workdir)
+    refuse_file(workdir)
     if not workdir.is_dir():
         raise FileNotFoundError(f"Workdir {workdir} does not exist; pass the --workdir of a "
                                 "training run (python -m flaxseg.train --workdir=...).")

@@ -299,7 +299,7 @@ def _grid(model: Any, state: TrainState, par: DataParallel, source: Any,
           config: ml_collections.ConfigDict) -> np.ndarray | None:
     """image | truth | prediction rows (uint8) of the first eval examples (process 0 only,
     on its own copy of the weights)."""
-    from flaxseg.visualize import default_palette, prediction_grid
+    from flaxseg.visualize import palette_or_generated, prediction_grid
 
     if jax.process_index() != 0:
         return None
@@ -310,7 +310,7 @@ def _grid(model: Any, state: TrainState, par: DataParallel, source: Any,
         batch = next(batches)
     preds = _predict_classes(model, par.local_copy(variables_of(state)), batch["image"])
     return prediction_grid(batch["image"], batch["label"], np.asarray(preds),
-                           default_palette(model.num_classes),
+                           palette_or_generated(source.info.palette, model.num_classes)[0],
                            ignore_index=int(config.dataset.ignore_index))
 
 

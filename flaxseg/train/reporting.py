@@ -313,12 +313,22 @@ class Throughput:
         return self.train_images / self.train_time if self.train_time > 0 else None
 
 
+def _not_a_read_only_notice(record: Any) -> bool:
+    # orbax warns `Given directory is read only=...` whenever a checkpoint directory is
+    # opened for reading, which is what evaluate, predict and export mean to do.
+    return not str(record.msg).startswith("Given directory is read only")
+
+
 def quiet_library_logs() -> None:
-    """Sets absl logging to WARNING unless the user passed `--verbosity`.
+    """Sets absl logging to WARNING, and drops orbax's read-only notice, unless the user
+    passed `--verbosity`.
 
     orbax logs every checkpoint save and restore at INFO; a command's own output (the
     progress, the tables) is what its user reads. For the entry points, after flag parsing.
     """
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        absl_logger = logging.get_absl_logger()
+        if _not_a_read_only_notice not in absl_logger.filters:
+            absl_logger.addFilter(_not_a_read_only_notice)
 

@@ -28,6 +28,14 @@ class WorkdirBusy(ValueError):
     """Another run holds the workdir."""
 
 
+def refuse_file(workdir: str | os.PathLike) -> None:
+    """Raises ValueError when `workdir` is an existing file (mkdir would only say
+    `[Errno 17] File exists`, naming no cause)."""
+    if os.path.isfile(workdir):
+        raise ValueError(f"the workdir {os.fspath(workdir)} is a file, not a directory; pass "
+                         "--workdir a directory (a new one, or a training run's).")
+
+
 def _holder(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text() or "{}")
@@ -69,6 +77,7 @@ class WorkdirLock:
 
     def acquire(self) -> None:
         """Takes the lock, or raises WorkdirBusy naming its holder."""
+        refuse_file(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
