@@ -403,17 +403,20 @@ def _copy_matching(target: PyTree, source: PyTree) -> tuple[PyTree, int, list[st
     return jax.tree_util.tree_map_with_path(pick, target), copied, fresh
 
 
-def init_from(state: PyTree, workdir: str | os.PathLike) -> tuple[PyTree, str]:
+def init_from(state: PyTree, workdir: str | os.PathLike, *, model_name: str | None = None,
+              trust_saved_code: bool = False) -> tuple[PyTree, str]:
     """`state` with the parameters (and BatchNorm statistics) that `workdir`'s latest
     checkpoint shares with it by name and shape: FCN-16s from FCN-32s, FCN-8s from
     FCN-16s. The optimiser state starts fresh. Returns the state and a line saying what
     was copied; raises ValueError if nothing matches.
 
     Every leaf of `state` must be placed the same way (e.g. replicated by
-    `DataParallel.put_state`); the source is restored onto that placement.
+    `DataParallel.put_state`); the source is restored onto that placement. The source's
+    model is built only as `load_for_inference` allows (`model_name`: the new run's).
     """
     placement = jax.tree.leaves(state.params)[0].sharding
-    _, variables, other_config = load_for_inference(workdir, sharding=placement)
+    _, variables, other_config = load_for_inference(
+        workdir, sharding=placement, model_name=model_name, trust_saved_code=trust_saved_code)
     params, copied, fresh = _copy_matching(state.params, variables["params"])
     if copied == 0:
         raise ValueError(
@@ -430,7 +433,8 @@ def init_from(state: PyTree, workdir: str | os.PathLike) -> tuple[PyTree, str]:
 
 
 def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
-                       sharding: jax.sharding.Sharding | None = None
+                       sharding: jax.sharding.Sharding | None = None,
+                       model_name: str | None = None, trust_saved_code: bool = False
                        ) -> tuple[Any, dict, ml_collections.ConfigDict]:
     """Loads a trained model from a workdir: `(model, variables, config)`.
 
@@ -441,7 +445,12 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
     several processes, a sharding over all of them: every process must call this).
     `step=None` takes the latest readable checkpoint. Raises FileNotFoundError for a
     missing workdir or one without checkpoints.
+
+    The saved config is data: a `package.module:Attr` model it names is imported only when
+    `model_name` names the same model or `trust_saved_code` is set; otherwise
+    `flaxseg.models.registry.UntrustedCode` (a ValueError) says what it asks to import.
     """
+    from flaxseg.models.registry import check_saved_model
     from flaxseg.train.config import build_model, restored_config
 
     workdir = Path(workdir)
@@ -465,6 +474,9 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
         for candidate in candidates:
             try:
                 config = restored_config(ckpt.saved_config(candidate))
+                check_saved_model(config.model.name, named=model_name,
+                                  trusted=trust_saved_code,
+                                  source=f"The run in {workdir} (step {candidate})")
                 model = build_model(config)
                 abstract = abstract_state_for(model, config,
                                               ckpt.saved_loop(candidate)["input_shape"])

@@ -70,7 +70,8 @@ from flaxseg.train.steps import (
 from flaxseg.train.workdir import lock_workdir
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       trust_saved_code: bool = False) -> dict[str, Any]:
     """Trains and evaluates a model as `config` says, writing everything to `workdir`.
 
     Resumes from `workdir`'s latest checkpoint if there is one. Returns the summary
@@ -80,7 +81,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run early; the summary then describes the last evaluation, if any).
 
     Raises ValueError for a bad config (before compiling) and for a workdir that holds
-    checkpoints of a different model (before writing anything).
+    checkpoints of a different model (before writing anything). The model is always the
+    one `config` names; `config.init_from`'s saved `package.module:Attr` model is imported
+    only if it is the same or `trust_saved_code` is set (`load_for_inference`).
     """
     wall_start = time.perf_counter()
     workdir = str(workdir)
@@ -108,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt = stack.enter_context(
             contextlib.closing(checkpoint.Checkpointer(workdir, keep=int(config.keep_checkpoints))))
         state, start_step, saved_loop = _restore_or_create(ckpt, par, model, tx, config,
-                                                           input_shape)
+                                                           input_shape, trust_saved_code)
         if start_step >= num_steps and (Path(workdir) / SUMMARY_FILE).exists():
             return _finished_summary(workdir, start_step, num_steps)
 
@@ -217,8 +220,8 @@ def _input_shape(config: ml_collections.ConfigDict, info: data.SourceInfo
 
 
 def _restore_or_create(ckpt: checkpoint.Checkpointer, par: DataParallel, model: Any, tx: Any,
-                       config: ml_collections.ConfigDict, input_shape: tuple[int, ...]
-                       ) -> tuple[TrainState, int, dict | None]:
+                       config: ml_collections.ConfigDict, input_shape: tuple[int, ...],
+                       trust_saved_code: bool = False) -> tuple[TrainState, int, dict | None]:
     """(replicated state, its step, the saved loop JSON or None for a fresh start)."""
     abstract = abstract_train_state(model, tx, input_shape)
     restored = ckpt.restore(par.abstract(abstract), config=config,
@@ -231,7 +234,9 @@ def _restore_or_create(ckpt: checkpoint.Checkpointer, par: DataParallel, model: 
         say(message)
     state = par.put_state(state)
     if config.init_from:
-        state, message = checkpoint.init_from(state, config.init_from)
+        state, message = checkpoint.init_from(state, config.init_from,
+                                               model_name=config.model.name,
+                                               trust_saved_code=trust_saved_code)
         say(message)
     return state, 0, None
 
