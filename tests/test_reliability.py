@@ -6,6 +6,7 @@ in) and assert the exit status and that the error is one `Error: ...` line, no t
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -183,3 +184,26 @@ def test_the_rand_error_without_scipy_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.ndimage", None)
     with pytest.raises(ImportError, match=r"Rand error.*pip install 'flaxseg\[scipy\]'"):
         rand_pair_counts(np.zeros((4, 4), np.int32), np.zeros((4, 4), np.int32), 0)
+
+
+def test_a_run_mostly_skipped_fails_and_is_not_saved_as_finished(tmp_path):
+    from flaxseg import cli
+    from flaxseg.configs import get_config
+    from flaxseg.train.loop import train_and_evaluate
+    from flaxseg.train.steps import NonFiniteLossError
+
+    config = get_config("test")
+    config.parallel = "jit"
+    config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 4
+    config.optimizer.learning_rate = 1e6
+    config.nan_policy = "skip"
+    workdir = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as error:
+        train_and_evaluate(config, str(workdir))
+    line, status = cli.describe(error.value)
+    assert status == 1
+    assert re.fullmatch(r"\d of the 4 steps up to step 4 were non-finite and skipped \(more "
+                        r"than 10%; last finite loss .* at step \d\): the run has not trained "
+                        r"and is not saved as finished\. .*", line), line
+    assert not (workdir / "summary.json").exists()
+    assert os.listdir(workdir / "checkpoints") == []  # no final checkpoint to resume as done

@@ -133,7 +133,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                    ignore_index=ignore_index)
         train_metrics = TrainMetrics(
             num_classes, NonFiniteGuard(config.nan_policy, on_skip=reporter.skipped_step,
-                                        max_consecutive_skips=_skip_limit(num_steps)),
+                                        max_consecutive_skips=_skip_limit(num_steps),
+                                        max_skipped_fraction=MAX_SKIPPED_FRACTION),
             _saved_sums(saved_loop, num_classes))
         throughput = Throughput(int(config.batch_size))
         last_eval, stopped_by, step = None, None, start_step
@@ -146,6 +147,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         for step in range(start_step + 1, num_steps + 1):
             state, metrics = train_step(state, par.put_batch(next(train_iter)))
             train_metrics.add(step, metrics)
+            if step == num_steps:  # before the final checkpoint, which would read as done
+                train_metrics.sums()  # reads the last step's flag
+                train_metrics.guard.check_run(step, num_steps - start_step)
             if step == start_step + 2:  # the first step (compiling) is done
                 throughput.mark(step - 1)
                 reporter.start_timer(step - 1)
@@ -197,6 +201,11 @@ def _auto_batch_size(config: ml_collections.ConfigDict, model: Any, tx: Any,
         step=par.batch_splits)
     say(f"{why}, the budget from {where}.")
     return batch
+
+
+# Under nan_policy='skip', a run whose steps were more than this fraction skipped fails
+# (exit 1, no final checkpoint, no summary.json): skipping is for rare bad batches.
+MAX_SKIPPED_FRACTION = 0.1
 
 
 def _skip_limit(num_steps: int) -> int:
