@@ -197,15 +197,16 @@ if delay:
         return real_next(self)
     pipeline.TrainIterator.__next__ = slow_next
 full_from = int(os.environ.get("FLAXSEG_TEST_DISK_FULL_FROM", "0"))
-if full_from:
-    import orbax.checkpoint as ocp
-    real_save = ocp.CheckpointManager.save
-    def save(self, step, *args, **kwargs):
-        if step >= full_from:
-            raise ValueError("RESOURCE_EXHAUSTED: Error writing ... Failed to write 4096 bytes "
-                             "to file 19: No space left on device [os_error_code='28']")
-        return real_save(self, step, *args, **kwargs)
-    ocp.CheckpointManager.save = save
+if full_from:  # the disk fills during the asynchronous (background) save of that step
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+    real_commit = async_checkpointer._background_wait_for_commit_futures
+    def commit(directory, futures, *args, **kwargs):
+        if int(os.path.basename(str(directory))) < full_from:
+            return real_commit(directory, futures, *args, **kwargs)
+        for f in futures:  # the arrays are written, then the disk is full
+            f.result()
+        raise OSError(28, "No space left on device", str(directory))
+    async_checkpointer._background_wait_for_commit_futures = commit
 sys.argv = ["flaxseg.train", *sys.argv[1:]]
 runpy.run_module("flaxseg.train", run_name="__main__", alter_sys=True)
 """

@@ -1,5 +1,7 @@
 """Checkpointer: keep-latest + keep-best, corrupt checkpoints, model mismatch, load errors."""
 
+import errno
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +154,33 @@ def test_a_failed_write_names_the_intact_checkpoints_and_leaves_no_partial_save(
         ckpt.save(3, _state(3.0), loop={}, config=SAVED_CONFIG)
     ckpt.close()  # the failure is reported once, not again on close
     assert sorted(p.name for p in ckpt.directory.iterdir()) == ["1", "2"]
+
+
+def test_a_full_disk_in_the_background_save_names_its_step_in_one_line(
+        tmp_path, monkeypatch, caplog):
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    ckpt = _save_all(tmp_path, [(1, None), (2, None)], keep=3)
+    before = file_mtimes(tmp_path)
+    real_commit = async_checkpointer._background_wait_for_commit_futures
+
+    def commit(directory, futures, *args, **kwargs):  # the arrays written, then ENOSPC
+        if not str(directory).endswith("/3"):
+            return real_commit(directory, futures, *args, **kwargs)
+        for f in futures:
+            f.result()
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", commit)
+    ckpt.save(3, _state(3.0), loop={}, config=SAVED_CONFIG)  # fails in the background
+    with pytest.raises(CheckpointWriteError, match=r"^no space left on device while saving "
+                                                   r"checkpoint 3 in .*; checkpoints 1, 2 are "
+                                                   r"intact\.$"):
+        ckpt.save(4, _state(4.0), loop={}, config=SAVED_CONFIG)  # orbax waits for 3 first
+    ckpt.close()
+    assert sorted(p.name for p in ckpt.directory.iterdir()) == ["1", "2"]  # no 3.*-tmp
+    assert file_mtimes(tmp_path) == before
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no orbax traceback
 
 
 def test_save_rejects_metrics_without_mean_iou(tmp_path):

@@ -40,6 +40,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from flaxseg.cli import TRACEBACK_ENV
+
 PyTree = Any
 
 STATE, LOOP, CONFIG = "state", "loop", "config"
@@ -90,6 +92,25 @@ _IO_REASONS = (("No space left", "no space left on device"),
                ("Disk quota exceeded", "disk quota exceeded"),
                ("Permission denied", "permission denied"),
                ("Read-only file system", "read-only file system"))
+
+
+class _BackgroundSaveErrors(logging.Filter):
+    """Drops orbax's logged tracebacks of a failed background save (about 380 lines on a
+    full disk): `Checkpointer` reports that failure as one line naming its step. Kept with
+    FLAXSEG_TRACEBACK=1."""
+
+    PHRASES = ("in background save thread", "Save Finalize thread")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            return True
+        return not (record.levelno >= logging.ERROR
+                    and any(p in str(record.msg) for p in self.PHRASES))
+
+
+_ORBAX_LOGGER = logging.getLogger("absl")  # orbax logs through absl.logging
+if not any(isinstance(f, _BackgroundSaveErrors) for f in _ORBAX_LOGGER.filters):
+    _ORBAX_LOGGER.addFilter(_BackgroundSaveErrors())
 
 
 class UnreadableCheckpoint(RuntimeError):
@@ -219,8 +240,11 @@ class Checkpointer:
         if metrics is not None and BEST_METRIC not in metrics:
             raise ValueError(f"metrics must contain {BEST_METRIC!r}; got keys {sorted(metrics)}.")
         config_json = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+        # orbax's save first waits for the previous one: its failure is that step's.
+        with self._writing(self._pending):
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
         with self._writing(step):
-            self._manager.check_for_errors()  # an earlier asynchronous save that failed
             saved = self._manager.save(
                 int(step),
                 args=ocp.args.Composite(**{
