@@ -80,6 +80,28 @@ def child_env(num_devices: int, **extra: str) -> dict[str, str]:
             **extra}
 
 
+def save_tiny_run(workdir, steps=(6,), model_name: str | None = None) -> None:
+    """Checkpoints `steps` of the test config's untrained model into `workdir`, as a training
+    run would save them (state, loop, config), without training; `model_name` replaces the
+    saved config's model name."""
+    from flaxseg.configs import get_config
+    from flaxseg.optim import create_optimizer
+    from flaxseg.train.checkpoint import Checkpointer
+    from flaxseg.train.config import build_model
+    from flaxseg.train.state import create_train_state
+
+    config = get_config("test")
+    input_shape = (1, *config.dataset.image_size, 3)
+    state = create_train_state(build_model(config), create_optimizer(config.optimizer, 6),
+                               jax.random.key(0), input_shape)
+    saved = config.to_dict()
+    saved["model"]["name"] = model_name or saved["model"]["name"]
+    ckpt = Checkpointer(workdir, keep=len(steps))
+    for step in steps:
+        ckpt.save(step, state, loop={"input_shape": list(input_shape)}, config=saved)
+    ckpt.close()
+
+
 def final_params(workdir, step: int) -> list:
     """The params and BatchNorm statistics of checkpoint `step` of a run, as NumPy."""
     import numpy as np

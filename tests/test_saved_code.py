@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax
 import pytest
-from conftest import child_env, file_mtimes
+from conftest import child_env, file_mtimes, save_tiny_run
 
 from flaxseg.configs import get_config
 from flaxseg.models.registry import UntrustedCode
@@ -28,15 +28,7 @@ INPUT_SHAPE = (1, 32, 32, 3)
 def run_folder(tmp_path_factory) -> Path:
     """A workdir whose checkpoint 6 asks for `pwn:Net`; `pwn.py` beside it writes MARKER."""
     folder = tmp_path_factory.mktemp("sent_run")
-    config = get_config("test")
-    model = build_model(config)
-    state = create_train_state(model, create_optimizer(config.optimizer, 6),
-                               jax.random.key(0), INPUT_SHAPE)
-    saved = config.to_dict()
-    saved["model"]["name"] = EVIL
-    ckpt = checkpoint.Checkpointer(folder)
-    ckpt.save(6, state, loop={"input_shape": list(INPUT_SHAPE)}, config=saved)
-    ckpt.close()
+    save_tiny_run(folder, model_name=EVIL)
     (folder / "pwn.py").write_text(
         "from pathlib import Path\n"
         "Path(__file__).with_name('MARKER').write_text('ran')\n"

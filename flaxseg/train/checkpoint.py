@@ -15,7 +15,9 @@ and restore (orbax writes each array once and the JSON items from process 0). Re
 never depends on the topology that wrote a checkpoint: the restore target carries the
 shardings wanted now (`DataParallel.abstract`, or one local device by default), so a
 checkpoint of 2 processes x 2 devices restores onto 1 process x 4 devices, 1 device, or
-the reverse. A checkpoint that cannot be read (corrupt, truncated) is moved to
+the reverse. Once a save is on disk, a background thread writes the SHA-256 of each of
+its files beside them (`flaxseg.train.checksums`); restore verifies them. A checkpoint that
+cannot be read (corrupt, truncated, a checksum mismatch) is moved to
 `<workdir>/checkpoints_corrupt/` with a warning, and the previous good one is used.
 
 `init_from` copies the parameters a related run shares with a new model (FCN-16s from
@@ -24,6 +26,7 @@ FCN-32s), and `load_for_inference` rebuilds a trained model for evaluation and p
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -41,6 +44,8 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from flaxseg.cli import TRACEBACK_ENV
+from flaxseg.train import checksums
+from flaxseg.train.checksums import CorruptCheckpoint
 
 PyTree = Any
 
@@ -183,6 +188,10 @@ class Checkpointer:
         self.workdir = Path(workdir).absolute()
         self.directory = checkpoint_dir(workdir)
         self._pending: int | None = None  # the step of the last save started
+        self._unhashed: int | None = None  # a save whose checksums are not scheduled yet
+        self._hashing = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="flaxseg-checksums")
+        self._hash_jobs: list[concurrent.futures.Future] = []
         self._failed = False
         policy = checkpoint_managers.AnyPreservationPolicy([
             checkpoint_managers.LatestN(n=keep),
@@ -244,6 +253,7 @@ class Checkpointer:
         with self._writing(self._pending):
             self._manager.wait_until_finished()
             self._manager.check_for_errors()
+        self._schedule_checksums()
         with self._writing(step):
             saved = self._manager.save(
                 int(step),
@@ -259,19 +269,32 @@ class Checkpointer:
             raise RuntimeError(
                 f"orbax did not save step {step} in {self.directory}: a checkpoint of that "
                 "step already exists there.")
-        self._pending = int(step)
+        self._pending = self._unhashed = int(step)
+
+    def _schedule_checksums(self) -> None:
+        """Hands the finished save's checksums to the background thread (process 0)."""
+        if self._unhashed is not None and jax.process_index() == 0:
+            self._hash_jobs = [job for job in self._hash_jobs if not job.done()
+                               or job.exception()]
+            self._hash_jobs.append(self._hashing.submit(
+                checksums.write, self.directory / str(self._unhashed)))
+        self._unhashed = None
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk; raises CheckpointWriteError
-        if one failed."""
+        """Blocks until pending asynchronous saves are on disk with their checksums;
+        raises CheckpointWriteError if one failed."""
         with self._writing(self._pending):
             self._manager.wait_until_finished()
+            self._schedule_checksums()
+            for job in self._hash_jobs:
+                job.result()
 
     def close(self) -> None:
         try:
             if not self._failed:  # a failed save has been reported: do not report it again
                 self.wait()
         finally:
+            self._hashing.shutdown(wait=True)
             with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
                 self._manager.close()
 
@@ -384,11 +407,12 @@ class Checkpointer:
                       config: ml_collections.ConfigDict | dict | None) -> Restored:
         if config is not None:
             self.check_compatible(step, abstract_state, config)
-        out = self._manager.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(_placed(abstract_state)),
-            LOOP: ocp.args.JsonRestore(),
-            CONFIG: ocp.args.JsonRestore(),
-        }))
+        with checksums.verified(self.directory / str(step)):  # overlaps the read
+            out = self._manager.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardRestore(_placed(abstract_state)),
+                LOOP: ocp.args.JsonRestore(),
+                CONFIG: ocp.args.JsonRestore(),
+            }))
         return Restored(step=step, state=out[STATE], loop=out[LOOP], config=out[CONFIG])
 
     def _quarantine(self, step: int) -> Path:
@@ -509,6 +533,10 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
                         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         abstract)
                 restored = ckpt.restore(abstract, step=candidate)
+            except CorruptCheckpoint as e:  # never a model from damaged arrays
+                raise CorruptCheckpoint(
+                    f"{ckpt.directory}: {e}; refusing it. Pass --step with another of the "
+                    f"steps {steps}, or train it again.") from None
             except (ValueError, TypeError):
                 raise
             except Exception as e:  # unreadable checkpoint: try the previous
