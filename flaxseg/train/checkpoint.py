@@ -15,7 +15,7 @@ and restore (orbax writes each array once and the JSON items from process 0). Re
 never depends on the topology that wrote a checkpoint: the restore target carries the
 shardings wanted now (`DataParallel.abstract`, or one local device by default), so a
 checkpoint of 2 processes x 2 devices restores onto 1 process x 4 devices, 1 device, or
-the reverse. Once a save is on disk, a background thread writes the SHA-256 of each of
+the reverse. Once a save is on disk, a background thread writes the CRC-32 of each of
 its files beside them (`flaxseg.train.checksums`); restore verifies them. A checkpoint that
 cannot be read (corrupt, truncated, a checksum mismatch) is moved to
 `<workdir>/checkpoints_corrupt/` with a warning, and the previous good one is used.

@@ -1,32 +1,35 @@
 """Checksums of a checkpoint's files: written after the save, verified on restore.
 
-    write(step_dir)               # <step_dir>/checksums.sha256, in `sha256sum` format
+    write(step_dir)               # <step_dir>/checksums.crc32: "<crc32 hex>  <file>" lines
     with verified(step_dir):      # checks the files in a thread while the body reads them
         restore(...)              # raises CorruptCheckpoint on a mismatch
 
 A checkpoint directory (`checkpoints/<step>`) is hashed once orbax has finalised it, off
 the training thread (`Checkpointer` schedules it). Every file of its items is listed
 (the arrays' data files, their metadata, the loop and config JSON) except orbax's own
-`_CHECKPOINT_METADATA`, which orbax may rewrite. `cd checkpoints/6 && sha256sum -c
-checksums.sha256` checks one by hand. A checkpoint without the file (written before
-checksums existed, or killed between orbax's rename and the hashing) is not verified.
+`_CHECKPOINT_METADATA`, which orbax may rewrite. A checkpoint without the file (written
+before checksums existed, or killed between orbax's rename and the hashing) is not
+verified.
 
-This guards against accidents (a flipped bit, a truncated copy), not against someone who
-can write the folder: they can rewrite the checksums too.
+CRC-32 (zlib's, as in zip, gzip and PNG): it catches every error burst up to 32 bits and
+all but 2^-32 of the others, at twice SHA-256's speed here (1.9 vs 1.1 GB/s), which keeps
+the restore overhead to a few percent. It guards against accidents (a flipped bit, a
+truncated copy), not against someone who can write the folder: they can rewrite the
+checksums too.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-CHECKSUM_FILE = "checksums.sha256"
+CHECKSUM_FILE = "checksums.crc32"
 _SKIPPED = (CHECKSUM_FILE, "_CHECKPOINT_METADATA")
-_CHUNK = 8 << 20  # hashlib releases the GIL on large updates: the train loop runs on
+_CHUNK = 8 << 20  # zlib releases the GIL on large buffers: the train loop runs on
 
 
 class CorruptCheckpoint(ValueError):
@@ -44,23 +47,23 @@ def _files(step_dir: Path) -> list[str]:
     return sorted(out)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
+def file_crc32(path: str | os.PathLike) -> str:
+    """The CRC-32 of a file (8 hex digits), read in chunks."""
+    crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
 
 
 def write(step_dir: str | os.PathLike) -> None:
-    """Writes `<step_dir>/checksums.sha256` (atomically) for the files there now.
+    """Writes `<step_dir>/checksums.crc32` (atomically) for the files there now.
 
     A checkpoint deleted meanwhile (the keep policy) is skipped: it needs no checksums.
     """
     step_dir = Path(step_dir)
     try:
-        lines = [f"{file_sha256(step_dir / rel)}  {rel}\n" for rel in _files(step_dir)]
+        lines = [f"{file_crc32(step_dir / rel)}  {rel}\n" for rel in _files(step_dir)]
         partial = step_dir / f".{CHECKSUM_FILE}.tmp"
         partial.write_text("".join(lines))
         os.replace(partial, step_dir / CHECKSUM_FILE)
@@ -88,7 +91,7 @@ def first_mismatch(step_dir: str | os.PathLike) -> str | None:
     for rel, digest in (expected or {}).items():
         if not (step_dir / rel).is_file():
             return f"{rel} is missing"
-        if file_sha256(step_dir / rel) != digest:
+        if file_crc32(step_dir / rel) != digest:
             return f"{rel} does not match its checksum"
     return None
 
