@@ -86,7 +86,8 @@ def test_resume_and_init_from_never_build_the_saved_model(run_folder, tmp_path):
     model = build_model(config)
     state = create_train_state(model, create_optimizer(config.optimizer, 6),
                                jax.random.key(0), INPUT_SHAPE)
-    with pytest.raises(UntrustedCode, match=r"--trust_saved_code"):
+    with pytest.raises(UntrustedCode, match=r"name the model \(--config.model.name=pwn:Net\) "
+                                            r"or pass --trust_saved_code\.$"):
         checkpoint.init_from(state, run_folder, model_name=config.model.name)
     assert _no_marker(run_folder)
     assert file_mtimes(run_folder) == before

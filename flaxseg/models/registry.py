@@ -116,19 +116,20 @@ def names_code(name: str) -> bool:
 
 
 def check_saved_model(name: str, *, source: str, named: str | None = None,
-                      trusted: bool = False) -> None:
+                      trusted: bool = False, name_flag: str = "--model") -> None:
     """Allows building the model `name` read from a saved config at `source`, or raises.
 
     Registered names always pass. A `package.module:Attr` name passes when the user named
-    the same model (`named`) or trusts the saved code (`trusted`); otherwise UntrustedCode
-    names what `source` asks to import and how to allow it.
+    the same model (`named`, given as `name_flag` on the command line) or trusts the saved
+    code (`trusted`); otherwise UntrustedCode names what `source` asks to import and how
+    to allow it.
     """
     if not names_code(name) or trusted or named == name:
         return
     raise UntrustedCode(
         f"{source} asks to import code: model {name!r} (module {name.split(':', 1)[0]!r}). "
         "A saved config never imports code by itself; if you trust that code, name the model "
-        f"(--model={name}) or pass {TRUST_FLAG}.")
+        f"({name_flag}={name}) or pass {TRUST_FLAG}.")
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

@@ -464,7 +464,8 @@ def init_from(state: PyTree, workdir: str | os.PathLike, *, model_name: str | No
     """
     placement = jax.tree.leaves(state.params)[0].sharding
     _, variables, other_config = load_for_inference(
-        workdir, sharding=placement, model_name=model_name, trust_saved_code=trust_saved_code)
+        workdir, sharding=placement, model_name=model_name, trust_saved_code=trust_saved_code,
+        name_flag="--config.model.name")
     params, copied, fresh = _copy_matching(state.params, variables["params"])
     if copied == 0:
         raise ValueError(
@@ -482,7 +483,8 @@ def init_from(state: PyTree, workdir: str | os.PathLike, *, model_name: str | No
 
 def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
                        sharding: jax.sharding.Sharding | None = None,
-                       model_name: str | None = None, trust_saved_code: bool = False
+                       model_name: str | None = None, trust_saved_code: bool = False,
+                       name_flag: str = "--model"
                        ) -> tuple[Any, dict, ml_collections.ConfigDict]:
     """Loads a trained model from a workdir: `(model, variables, config)`.
 
@@ -496,7 +498,8 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
 
     The saved config is data: a `package.module:Attr` model it names is imported only when
     `model_name` names the same model or `trust_saved_code` is set; otherwise
-    `flaxseg.models.registry.UntrustedCode` (a ValueError) says what it asks to import.
+    `flaxseg.models.registry.UntrustedCode` (a ValueError) says what it asks to import
+    and how to allow it (`name_flag`: the flag that names a model).
     """
     from flaxseg.models.registry import check_saved_model
     from flaxseg.train.config import build_model, restored_config
@@ -523,7 +526,7 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
             try:
                 config = restored_config(ckpt.saved_config(candidate))
                 check_saved_model(config.model.name, named=model_name,
-                                  trusted=trust_saved_code,
+                                  trusted=trust_saved_code, name_flag=name_flag,
                                   source=f"The run in {workdir} (step {candidate})")
                 model = build_model(config)
                 abstract = abstract_state_for(model, config,
