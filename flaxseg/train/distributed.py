@@ -140,7 +140,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             "--coordinator_address=HOST:PORT (process 0's host, a free port) and "
             "--num_processes, and each its own --process_id; or run under SLURM / Open MPI "
             "/ a Cloud TPU VM, where JAX finds them itself.") from e
-    if jax.process_count() > 1 and not cli.wants_traceback():
+    if not cli.wants_traceback():
         PeerWatch(max(10.0, heartbeat_timeout_seconds / 2)).start()
 
 
@@ -236,17 +236,22 @@ class PeerWatch:
     """
 
     def __init__(self, limit_s: float):
-        import jax
-        from jax._src import distributed as jax_distributed  # the client JAX connected
+        # JAX's connected client, read without starting the backend (devices may still
+        # be configured, e.g. the benchmark's forced CPU device count).
+        from jax._src import distributed as jax_distributed
 
+        state = jax_distributed.global_state
         self.limit_s = limit_s
-        self._client = jax_distributed.global_state.client
-        self._me, self._count = jax.process_index(), jax.process_count()
+        self._client = state.client
+        self._me, self._count = state.process_id, state.num_processes
         self._stop = threading.Event()
 
     def start(self) -> None:
+        """Starts watching (nothing to watch in a one-process job)."""
         import atexit
 
+        if self._client is None or self._count < 2:
+            return
         atexit.register(self.stop)  # runs before jax.distributed's own shutdown
         threading.Thread(target=self._run, name="flaxseg-peer-watch", daemon=True).start()
 
