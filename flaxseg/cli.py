@@ -8,7 +8,8 @@ Errors that come from what the user gave -- a config file that is missing, does 
 or has an unknown key; a bad value (`ValueError`); a file that cannot be read or written, a
 workdir that cannot be created, a full disk (`OSError`) -- print `Error: <message>` on
 stderr and exit 2. A training failure (a non-finite loss under `nan_policy='raise'`, or a
-run whose updates are all being skipped) exits 1. Set `FLAXSEG_TRACEBACK=1` (or pass
+run whose updates are all being skipped, a process of a multi-process job that lost
+another) exits 1. Set `FLAXSEG_TRACEBACK=1` (or pass
 `--verbosity=1` to an absl entry point) to see the traceback for a bug report.
 Programming errors (TypeError, AttributeError, ...) keep their traceback.
 """
@@ -30,7 +31,8 @@ TRAINING_FAILURE = 1
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def _wants_traceback() -> bool:
+def wants_traceback() -> bool:
+    """Whether the user asked for tracebacks (FLAXSEG_TRACEBACK=1, or --verbosity=1)."""
     if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         return True
     if "absl.flags" not in sys.modules:  # an argparse entry point (absl may be absent)
@@ -123,6 +125,10 @@ def describe(error: BaseException) -> tuple[str, int] | None:
     steps = sys.modules.get("flaxseg.train.steps")  # only a training run raises its error
     if steps is not None and isinstance(error, steps.NonFiniteLossError):
         return str(error), TRAINING_FAILURE
+    distributed = sys.modules.get("flaxseg.train.distributed")
+    lost = distributed.lost_peer_message(error) if distributed is not None else None
+    if lost:
+        return lost, TRAINING_FAILURE
     if isinstance(error, SyntaxError) and error.filename:
         return (f"the config file {error.filename} does not import: {error.msg} at line "
                 f"{error.lineno}."), USER_ERROR
@@ -140,11 +146,14 @@ def describe(error: BaseException) -> tuple[str, int] | None:
 def report(error: BaseException) -> int:
     """Prints the one line for a user error and returns its exit status; re-raises
     anything else (and everything when a traceback is asked for)."""
-    described = None if _wants_traceback() else describe(error)
+    described = None if wants_traceback() else describe(error)
     if described is None:
         raise error
     message, status = described
     print(f"Error: {message}", file=sys.stderr, flush=True)
+    distributed = sys.modules.get("flaxseg.train.distributed")
+    if distributed is not None and distributed.lost_peer_message(error):
+        distributed.exit_now(status)
     return status
 
 
@@ -168,7 +177,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         # (ml_collections, then absl), its traceback pasted into the message: name it in
         # one line (the message with the traceback when one is asked for).
         cause, message = error.__context__, None
-        while cause is not None and message is None and not _wants_traceback():
+        while cause is not None and message is None and not wants_traceback():
             message, cause = config_file_message(cause), cause.__context__
         print(f"Error: {message or f'{error}. Run with --helpshort to see the flags.'}",
               file=sys.stderr)

@@ -217,6 +217,11 @@ def define_inference_flags() -> None:
     """
     flags.DEFINE_string("workdir", None, "A training run's --workdir (holds checkpoints/).")
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+    flags.DEFINE_string("model", None, "The run's model, when it is your own "
+                        "'package.module:Attr': naming it allows importing that module "
+                        "(a saved config never imports code by itself).")
+    flags.DEFINE_bool("trust_saved_code", False, "Import whatever 'package.module:Attr' model "
+                      "the run's saved config names (only for runs you trust).")
     flags.DEFINE_enum(
         "mode",
         "auto",
@@ -377,7 +382,8 @@ def load_run(argv: list[str]) -> tuple[Any, Any, ml_collections.ConfigDict, dict
     quiet_library_logs()
     distributed.initialize_from_flags()
     model, variables, config = load_for_inference(
-        flags.FLAGS.workdir, flags.FLAGS.step, sharding=DataParallel("mesh").replicated)
+        flags.FLAGS.workdir, flags.FLAGS.step, sharding=DataParallel("mesh").replicated,
+        model_name=flags.FLAGS.model, trust_saved_code=flags.FLAGS.trust_saved_code)
     return model, variables, config, inference_options(model, variables, config)
 
 

@@ -80,6 +80,28 @@ def child_env(num_devices: int, **extra: str) -> dict[str, str]:
             **extra}
 
 
+def save_tiny_run(workdir, steps=(6,), model_name: str | None = None) -> None:
+    """Checkpoints `steps` of the test config's untrained model into `workdir`, as a training
+    run would save them (state, loop, config), without training; `model_name` replaces the
+    saved config's model name."""
+    from flaxseg.configs import get_config
+    from flaxseg.optim import create_optimizer
+    from flaxseg.train.checkpoint import Checkpointer
+    from flaxseg.train.config import build_model
+    from flaxseg.train.state import create_train_state
+
+    config = get_config("test")
+    input_shape = (1, *config.dataset.image_size, 3)
+    state = create_train_state(build_model(config), create_optimizer(config.optimizer, 6),
+                               jax.random.key(0), input_shape)
+    saved = config.to_dict()
+    saved["model"]["name"] = model_name or saved["model"]["name"]
+    ckpt = Checkpointer(workdir, keep=len(steps))
+    for step in steps:
+        ckpt.save(step, state, loop={"input_shape": list(input_shape)}, config=saved)
+    ckpt.close()
+
+
 def final_params(workdir, step: int) -> list:
     """The params and BatchNorm statistics of checkpoint `step` of a run, as NumPy."""
     import numpy as np
@@ -197,15 +219,16 @@ if delay:
         return real_next(self)
     pipeline.TrainIterator.__next__ = slow_next
 full_from = int(os.environ.get("FLAXSEG_TEST_DISK_FULL_FROM", "0"))
-if full_from:
-    import orbax.checkpoint as ocp
-    real_save = ocp.CheckpointManager.save
-    def save(self, step, *args, **kwargs):
-        if step >= full_from:
-            raise ValueError("RESOURCE_EXHAUSTED: Error writing ... Failed to write 4096 bytes "
-                             "to file 19: No space left on device [os_error_code='28']")
-        return real_save(self, step, *args, **kwargs)
-    ocp.CheckpointManager.save = save
+if full_from:  # the disk fills during the asynchronous (background) save of that step
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+    real_commit = async_checkpointer._background_wait_for_commit_futures
+    def commit(directory, futures, *args, **kwargs):
+        if int(os.path.basename(str(directory))) < full_from:
+            return real_commit(directory, futures, *args, **kwargs)
+        for f in futures:  # the arrays are written, then the disk is full
+            f.result()
+        raise OSError(28, "No space left on device", str(directory))
+    async_checkpointer._background_wait_for_commit_futures = commit
 sys.argv = ["flaxseg.train", *sys.argv[1:]]
 runpy.run_module("flaxseg.train", run_name="__main__", alter_sys=True)
 """

@@ -1,11 +1,14 @@
 """Checkpointer: keep-latest + keep-best, corrupt checkpoints, model mismatch, load errors."""
 
+import errno
+import logging
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import file_mtimes
+from conftest import file_mtimes, save_tiny_run
 
 from flaxseg.train.checkpoint import (
     Checkpointer,
@@ -13,6 +16,7 @@ from flaxseg.train.checkpoint import (
     CheckpointWriteError,
     load_for_inference,
 )
+from flaxseg.train.checksums import CHECKSUM_FILE, CorruptCheckpoint, file_crc32
 
 
 def _state(value: float, shape=(3, 4)) -> dict:
@@ -77,6 +81,60 @@ def test_corrupt_latest_checkpoint_warns_and_uses_the_previous(tmp_path):
     assert (tmp_path / "checkpoints_corrupt" / "2").is_dir()
     ckpt.save(2, _state(2.0), loop={}, config={})
     ckpt.close()
+
+
+def _flip_mid_file(step_dir) -> str:
+    """Flips 4 bytes in the middle of the largest data file of `step_dir/state`."""
+    largest = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
+    largest.write_bytes(bytes(data))
+    return str(largest.relative_to(step_dir))
+
+
+def test_checksums_are_written_and_a_flipped_file_falls_back_to_the_previous(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=3)
+    big = np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32)
+    for step in (1, 2):
+        ckpt.save(step, {**_state(step), "params": {"conv": {"kernel": jnp.asarray(big)}}},
+                  loop={}, config=SAVED_CONFIG)
+    ckpt.close()
+    step_dir = tmp_path / "checkpoints" / "2"
+    listed = (step_dir / CHECKSUM_FILE).read_text().splitlines()
+    digest, rel = listed[0].split("  ")
+    assert digest == file_crc32(step_dir / rel)  # its CRC-32
+    flipped = _flip_mid_file(step_dir)
+    before = file_mtimes(tmp_path / "checkpoints" / "1")
+    warnings = []
+    ckpt = Checkpointer(tmp_path, keep=3)
+    restored = ckpt.restore(_abstract((256, 256)), on_corrupt=warnings.append)
+    ckpt.close()
+    assert restored.step == 1 and np.array_equal(restored.state["params"]["conv"]["kernel"], big)
+    assert len(warnings) == 1
+    assert re.fullmatch(rf"Checkpoint step 2 in .* is unreadable \(CorruptCheckpoint: "
+                        rf"checkpoint 2 is corrupt: {flipped} does not match its checksum "
+                        rf"\({CHECKSUM_FILE} saved with it\)\); moved it to "
+                        rf".*checkpoints_corrupt/2 and resumed from step 1\.", warnings[0])
+    assert file_mtimes(tmp_path / "checkpoints" / "1") == before
+
+
+def test_evaluate_and_predict_refuse_a_corrupt_checkpoint_in_one_line(tmp_path):
+    from flaxseg import cli
+
+    save_tiny_run(tmp_path, steps=(3, 6))
+    flipped = _flip_mid_file(tmp_path / "checkpoints" / "6")
+    before = file_mtimes(tmp_path)
+    with pytest.raises(CorruptCheckpoint) as error:  # what evaluate / predict / export load
+        load_for_inference(tmp_path)
+    line, status = cli.describe(error.value)
+    assert status == 2 and line == (
+        f"{tmp_path / 'checkpoints'}: checkpoint 6 is corrupt: {flipped} does not match its "
+        f"checksum ({CHECKSUM_FILE} saved with it); refusing it. Pass --step with another "
+        "of the steps [3, 6], or train it again.")
+    assert file_mtimes(tmp_path) == before  # nothing moved or written
+    assert load_for_inference(tmp_path, step=3)[2].model.name == "unet"
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
@@ -152,6 +210,33 @@ def test_a_failed_write_names_the_intact_checkpoints_and_leaves_no_partial_save(
         ckpt.save(3, _state(3.0), loop={}, config=SAVED_CONFIG)
     ckpt.close()  # the failure is reported once, not again on close
     assert sorted(p.name for p in ckpt.directory.iterdir()) == ["1", "2"]
+
+
+def test_a_full_disk_in_the_background_save_names_its_step_in_one_line(
+        tmp_path, monkeypatch, caplog):
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    ckpt = _save_all(tmp_path, [(1, None), (2, None)], keep=3)
+    before = file_mtimes(tmp_path)
+    real_commit = async_checkpointer._background_wait_for_commit_futures
+
+    def commit(directory, futures, *args, **kwargs):  # the arrays written, then ENOSPC
+        if not str(directory).endswith("/3"):
+            return real_commit(directory, futures, *args, **kwargs)
+        for f in futures:
+            f.result()
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", commit)
+    ckpt.save(3, _state(3.0), loop={}, config=SAVED_CONFIG)  # fails in the background
+    with pytest.raises(CheckpointWriteError, match=r"^no space left on device while saving "
+                                                   r"checkpoint 3 in .*; checkpoints 1, 2 are "
+                                                   r"intact\.$"):
+        ckpt.save(4, _state(4.0), loop={}, config=SAVED_CONFIG)  # orbax waits for 3 first
+    ckpt.close()
+    assert sorted(p.name for p in ckpt.directory.iterdir()) == ["1", "2"]  # no 3.*-tmp
+    assert file_mtimes(tmp_path) == before
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no orbax traceback
 
 
 def test_save_rejects_metrics_without_mean_iou(tmp_path):

@@ -1,9 +1,12 @@
 """jax.distributed start-up: when flaxseg calls it, and the errors it gives."""
 
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
+from conftest import child_env
 
 from flaxseg.train import distributed
 
@@ -65,3 +68,89 @@ def test_train_cli_refuses_bad_distributed_flags_with_exit_2(tmp_path, flags, me
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _train_as_process_0(tmp_path, port: int, timeout_s: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flaxseg.train", f"--workdir={tmp_path / 'run'}",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2", "--process_id=0",
+         f"--initialization_timeout={timeout_s}"],
+        env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _only_line(err: str) -> str:
+    assert "Traceback" not in err and "Check failure" not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err[-3000:]
+    return lines[0]
+
+
+def test_a_peer_that_never_starts_and_a_second_process_0_each_end_in_one_line(tmp_path):
+    with socket.socket() as held:  # a coordinator already on the port: the first process 0
+        held.bind(("", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        second = _train_as_process_0(tmp_path, taken, timeout_s=60)
+        free = socket.socket()
+        free.bind(("localhost", 0))
+        port = free.getsockname()[1]
+        free.close()  # the kernel does not hand it out again at once
+        alone = _train_as_process_0(tmp_path, port, timeout_s=3)  # its peer never starts
+        start = time.monotonic()
+        _, err = second.communicate(timeout=120)
+    assert second.returncode == 2
+    assert _only_line(err) == (
+        f"Error: process 0 of 2: the coordinator port {taken} "
+        f"(--coordinator_address=localhost:{taken}) is already in use on this "
+        "host: another process was given --process_id=0, or another program holds the port. "
+        "Give each process its own --process_id, or choose a free port.")
+    _, err = alone.communicate(timeout=120)
+    assert alone.returncode == 2 and time.monotonic() - start < 60
+    assert _only_line(err) == (
+        f"Error: process 0 of 2: the job did not start: not all 2 processes joined the "
+        f"coordinator localhost:{port} within 3 s (--initialization_timeout). Start every "
+        "process with the same --coordinator_address and --num_processes and its own "
+        "--process_id (0..1); if one did start, its log says why it stopped.")
+    assert not (tmp_path / "run").exists()
+
+
+WATCHED_CHILD = r"""
+import os, sys, time
+import jax
+from flaxseg.train import distributed
+port, me, victim = (int(a) for a in sys.argv[1:])
+jax.distributed.initialize(f"localhost:{port}", 2, me, heartbeat_timeout_seconds=60)
+distributed.PeerWatch(limit_s=2).start()  # what initialize() starts, with a short limit
+time.sleep(2 + me)  # the processes end at different times, as at the end of a run
+if me == victim:
+    os._exit(9)  # kill -9
+if victim >= 0:
+    time.sleep(30)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def test_a_dead_peer_ends_the_other_in_one_line_and_a_normal_end_is_no_death():
+    jobs = {}
+    for victim in (1, -1):  # process 1 killed; nobody killed
+        port = _free_port()
+        jobs[victim] = [subprocess.Popen(
+            [sys.executable, "-c", WATCHED_CHILD, str(port), str(me), str(victim)],
+            env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for me in (0, 1)]
+    survivor, killed = jobs[1]
+    _, err = survivor.communicate(timeout=120)
+    killed.wait(timeout=120)
+    assert survivor.returncode == 1 and killed.returncode == 9
+    assert _only_line(err) == (
+        "Error: process 0 of 2: process 1 stopped responding for 2 s (killed, crashed, or "
+        "its host went away); its log says why. Run the same commands again to resume from "
+        "the last finished checkpoint.")
+    for proc in jobs[-1]:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "Error" not in err, err[-3000:]

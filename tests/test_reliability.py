@@ -6,6 +6,7 @@ in) and assert the exit status and that the error is one `Error: ...` line, no t
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -156,11 +157,12 @@ def test_a_full_disk_stops_the_run_naming_the_intact_checkpoints(tmp_path):
     code, out, err = _train(f"--workdir={workdir}", "--config.checkpoint_every_steps=2",
                             env=child_env(1, FLAXSEG_TEST_DISK_FULL_FROM="4"))
     assert code == 2
-    line = _one_error_line(err)
+    line = _one_error_line(err)  # not orbax's ~380 lines of background-thread traceback
     assert line == (f"Error: no space left on device while saving checkpoint 4 in "
                     f"{workdir / 'checkpoints'}; checkpoints 2 are intact.")
-    assert "step 5/" not in out  # it stopped there, not training on without checkpoints
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    assert len(err.strip().splitlines()) == 1, err[-3000:]
+    assert not (workdir / "summary.json").exists()  # stopped at the next save, not "Done"
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # 4.orbax-checkpoint-tmp gone
     assert not (workdir / LOCK_FILE).exists()
 
 
@@ -183,3 +185,26 @@ def test_the_rand_error_without_scipy_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.ndimage", None)
     with pytest.raises(ImportError, match=r"Rand error.*pip install 'flaxseg\[scipy\]'"):
         rand_pair_counts(np.zeros((4, 4), np.int32), np.zeros((4, 4), np.int32), 0)
+
+
+def test_a_run_mostly_skipped_fails_and_is_not_saved_as_finished(tmp_path):
+    from flaxseg import cli
+    from flaxseg.configs import get_config
+    from flaxseg.train.loop import train_and_evaluate
+    from flaxseg.train.steps import NonFiniteLossError
+
+    config = get_config("test")
+    config.parallel = "jit"
+    config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 4
+    config.optimizer.learning_rate = 1e6
+    config.nan_policy = "skip"
+    workdir = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as error:
+        train_and_evaluate(config, str(workdir))
+    line, status = cli.describe(error.value)
+    assert status == 1
+    assert re.fullmatch(r"\d of the 4 steps up to step 4 were non-finite and skipped \(more "
+                        r"than 10%; last finite loss .* at step \d\): the run has not trained "
+                        r"and is not saved as finished\. .*", line), line
+    assert not (workdir / "summary.json").exists()
+    assert os.listdir(workdir / "checkpoints") == []  # no final checkpoint to resume as done

@@ -293,6 +293,19 @@ def test_nan_skip_policy_advances_the_step_and_counts(loss_fn):
     _assert_bitwise_equal(new_state.replace(step=state.step), state)
 
 
+def test_a_run_may_skip_up_to_its_skipped_fraction_and_no_more():
+    finite = {"nonfinite": 0, "loss_sum": 1.0, "weight_sum": 2.0}
+    guard = NonFiniteGuard("skip", max_skipped_fraction=0.1)
+    for step in range(1, 21):
+        guard(step, {**finite, "nonfinite": int(step in (5, 12))})
+    guard.check_run(20, 20)  # 2 of 20: exactly 10%
+    guard(21, {**finite, "nonfinite": 1})
+    with pytest.raises(NonFiniteLossError, match=r"^3 of the 21 steps up to step 21 were "
+                                                 r"non-finite and skipped \(more than 10%; "
+                                                 r"last finite loss 0.5 at step 20\)"):
+        guard.check_run(21, 21)
+
+
 @pytest.mark.parametrize("mode", ["mesh", "pmap"])
 def test_eval_step_modes_agree_and_padding_adds_nothing(sgd_state, loss_fn, mode):
     padded = _batch(5)

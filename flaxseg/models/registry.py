@@ -17,6 +17,10 @@ A model in your own package needs no registration here: name it `package.module:
 (or a function returning one) that follows the contract, or a name your module
 registers with `register_model` when imported.
 
+A run folder is data, never code: a `package.module:Attr` name read from a saved config
+(a checkpoint's, another run's) is imported only when the user names the same model
+(`check_saved_model`) or passes `--trust_saved_code`; registered models always build.
+
 The model contract: `model(num_classes=..., dtype=..., **kwargs)` is a Linen module with
 fields `num_classes`, `dtype` (compute), `param_dtype` and `axis_name` (BatchNorm's
 cross-device axis under pmap); `model.apply(variables, images, train=bool, rngs={'dropout':
@@ -96,6 +100,36 @@ def model_spec(name: str) -> ModelSpec:
                          f"{attr!r} (model {name!r}).")
     doc = (getattr(target, "__doc__", None) or attr).strip().splitlines()[0]
     return ModelSpec(name, target, doc)
+
+
+TRUST_FLAG = "--trust_saved_code"
+
+
+class UntrustedCode(ValueError):
+    """A saved config names a `package.module:Attr` model the user has not allowed."""
+
+
+def names_code(name: str) -> bool:
+    """Whether building the model `name` imports a module (a `package.module:Attr` name
+    that is not registered)."""
+    return isinstance(name, str) and ":" in name and name not in _REGISTRY
+
+
+def check_saved_model(name: str, *, source: str, named: str | None = None,
+                      trusted: bool = False, name_flag: str = "--model") -> None:
+    """Allows building the model `name` read from a saved config at `source`, or raises.
+
+    Registered names always pass. A `package.module:Attr` name passes when the user named
+    the same model (`named`, given as `name_flag` on the command line) or trusts the saved
+    code (`trusted`); otherwise UntrustedCode names what `source` asks to import and how
+    to allow it.
+    """
+    if not names_code(name) or trusted or named == name:
+        return
+    raise UntrustedCode(
+        f"{source} asks to import code: model {name!r} (module {name.split(':', 1)[0]!r}). "
+        "A saved config never imports code by itself; if you trust that code, name the model "
+        f"({name_flag}={name}) or pass {TRUST_FLAG}.")
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

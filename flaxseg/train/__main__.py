@@ -47,6 +47,9 @@ distributed.define_flags()
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, logs, pictures and summary.json go "
     "(default: runs/<config name>).")
+_TRUST = flags.DEFINE_bool(
+    "trust_saved_code", False, "Import the 'package.module:Attr' model that "
+    "config.init_from's saved config names even when it is not this run's model.")
 
 
 def default_workdir(config_path: str) -> str:
@@ -71,7 +74,7 @@ def main(argv: list[str]) -> int:
         workdir = default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
         if jax.process_index() == 0:
             print(f"No --workdir given: writing to {os.path.abspath(workdir)}", flush=True)
-    train_and_evaluate(_CONFIG.value, workdir)
+    train_and_evaluate(_CONFIG.value, workdir, trust_saved_code=_TRUST.value)
     return 0
 
 

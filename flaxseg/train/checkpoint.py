@@ -15,7 +15,9 @@ and restore (orbax writes each array once and the JSON items from process 0). Re
 never depends on the topology that wrote a checkpoint: the restore target carries the
 shardings wanted now (`DataParallel.abstract`, or one local device by default), so a
 checkpoint of 2 processes x 2 devices restores onto 1 process x 4 devices, 1 device, or
-the reverse. A checkpoint that cannot be read (corrupt, truncated) is moved to
+the reverse. Once a save is on disk, a background thread writes the CRC-32 of each of
+its files beside them (`flaxseg.train.checksums`); restore verifies them. A checkpoint that
+cannot be read (corrupt, truncated, a checksum mismatch) is moved to
 `<workdir>/checkpoints_corrupt/` with a warning, and the previous good one is used.
 
 `init_from` copies the parameters a related run shares with a new model (FCN-16s from
@@ -24,6 +26,7 @@ FCN-32s), and `load_for_inference` rebuilds a trained model for evaluation and p
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -39,6 +42,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
+
+from flaxseg.cli import TRACEBACK_ENV
+from flaxseg.train import checksums
+from flaxseg.train.checksums import CorruptCheckpoint
 
 PyTree = Any
 
@@ -90,6 +97,25 @@ _IO_REASONS = (("No space left", "no space left on device"),
                ("Disk quota exceeded", "disk quota exceeded"),
                ("Permission denied", "permission denied"),
                ("Read-only file system", "read-only file system"))
+
+
+class _BackgroundSaveErrors(logging.Filter):
+    """Drops orbax's logged tracebacks of a failed background save (about 380 lines on a
+    full disk): `Checkpointer` reports that failure as one line naming its step. Kept with
+    FLAXSEG_TRACEBACK=1."""
+
+    PHRASES = ("in background save thread", "Save Finalize thread")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            return True
+        return not (record.levelno >= logging.ERROR
+                    and any(p in str(record.msg) for p in self.PHRASES))
+
+
+_ORBAX_LOGGER = logging.getLogger("absl")  # orbax logs through absl.logging
+if not any(isinstance(f, _BackgroundSaveErrors) for f in _ORBAX_LOGGER.filters):
+    _ORBAX_LOGGER.addFilter(_BackgroundSaveErrors())
 
 
 class UnreadableCheckpoint(RuntimeError):
@@ -177,6 +203,10 @@ class Checkpointer:
         self.workdir = Path(workdir).absolute()
         self.directory = checkpoint_dir(workdir)
         self._pending: int | None = None  # the step of the last save started
+        self._unhashed: int | None = None  # a save whose checksums are not scheduled yet
+        self._hashing = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="flaxseg-checksums")
+        self._hash_jobs: list[concurrent.futures.Future] = []
         self._failed = False
         policy = checkpoint_managers.AnyPreservationPolicy([
             checkpoint_managers.LatestN(n=keep),
@@ -227,8 +257,12 @@ class Checkpointer:
         if metrics is not None and BEST_METRIC not in metrics:
             raise ValueError(f"metrics must contain {BEST_METRIC!r}; got keys {sorted(metrics)}.")
         config_json = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+        # orbax's save first waits for the previous one: its failure is that step's.
+        with self._writing(self._pending):
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        self._schedule_checksums()
         with self._writing(step):
-            self._manager.check_for_errors()  # an earlier asynchronous save that failed
             saved = self._manager.save(
                 int(step),
                 args=ocp.args.Composite(**{
@@ -243,19 +277,32 @@ class Checkpointer:
             raise RuntimeError(
                 f"orbax did not save step {step} in {self.directory}: a checkpoint of that "
                 "step already exists there.")
-        self._pending = int(step)
+        self._pending = self._unhashed = int(step)
+
+    def _schedule_checksums(self) -> None:
+        """Hands the finished save's checksums to the background thread (process 0)."""
+        if self._unhashed is not None and jax.process_index() == 0:
+            self._hash_jobs = [job for job in self._hash_jobs if not job.done()
+                               or job.exception()]
+            self._hash_jobs.append(self._hashing.submit(
+                checksums.write, self.directory / str(self._unhashed)))
+        self._unhashed = None
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk; raises CheckpointWriteError
-        if one failed."""
+        """Blocks until pending asynchronous saves are on disk with their checksums;
+        raises CheckpointWriteError if one failed."""
         with self._writing(self._pending):
             self._manager.wait_until_finished()
+            self._schedule_checksums()
+            for job in self._hash_jobs:
+                job.result()
 
     def close(self) -> None:
         try:
             if not self._failed:  # a failed save has been reported: do not report it again
                 self.wait()
         finally:
+            self._hashing.shutdown(wait=True)
             with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
                 self._manager.close()
 
@@ -368,11 +415,12 @@ class Checkpointer:
                       config: ml_collections.ConfigDict | dict | None) -> Restored:
         if config is not None:
             self.check_compatible(step, abstract_state, config)
-        out = self._manager.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(_placed(abstract_state)),
-            LOOP: ocp.args.JsonRestore(),
-            CONFIG: ocp.args.JsonRestore(),
-        }))
+        with checksums.verified(self.directory / str(step)):  # overlaps the read
+            out = self._manager.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardRestore(_placed(abstract_state)),
+                LOOP: ocp.args.JsonRestore(),
+                CONFIG: ocp.args.JsonRestore(),
+            }))
         return Restored(step=step, state=out[STATE], loop=out[LOOP], config=out[CONFIG])
 
     def _quarantine(self, step: int) -> Path:
@@ -411,17 +459,21 @@ def _copy_matching(target: PyTree, source: PyTree) -> tuple[PyTree, int, list[st
     return jax.tree_util.tree_map_with_path(pick, target), copied, fresh
 
 
-def init_from(state: PyTree, workdir: str | os.PathLike) -> tuple[PyTree, str]:
+def init_from(state: PyTree, workdir: str | os.PathLike, *, model_name: str | None = None,
+              trust_saved_code: bool = False) -> tuple[PyTree, str]:
     """`state` with the parameters (and BatchNorm statistics) that `workdir`'s latest
     checkpoint shares with it by name and shape: FCN-16s from FCN-32s, FCN-8s from
     FCN-16s. The optimiser state starts fresh. Returns the state and a line saying what
     was copied; raises ValueError if nothing matches.
 
     Every leaf of `state` must be placed the same way (e.g. replicated by
-    `DataParallel.put_state`); the source is restored onto that placement.
+    `DataParallel.put_state`); the source is restored onto that placement. The source's
+    model is built only as `load_for_inference` allows (`model_name`: the new run's).
     """
     placement = jax.tree.leaves(state.params)[0].sharding
-    _, variables, other_config = load_for_inference(workdir, sharding=placement)
+    _, variables, other_config = load_for_inference(
+        workdir, sharding=placement, model_name=model_name, trust_saved_code=trust_saved_code,
+        name_flag="--config.model.name")
     params, copied, fresh = _copy_matching(state.params, variables["params"])
     if copied == 0:
         raise ValueError(
@@ -438,7 +490,9 @@ def init_from(state: PyTree, workdir: str | os.PathLike) -> tuple[PyTree, str]:
 
 
 def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
-                       sharding: jax.sharding.Sharding | None = None
+                       sharding: jax.sharding.Sharding | None = None,
+                       model_name: str | None = None, trust_saved_code: bool = False,
+                       name_flag: str = "--model"
                        ) -> tuple[Any, dict, ml_collections.ConfigDict]:
     """Loads a trained model from a workdir: `(model, variables, config)`.
 
@@ -449,7 +503,13 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
     several processes, a sharding over all of them: every process must call this).
     `step=None` takes the latest readable checkpoint. Raises FileNotFoundError for a
     missing workdir or one without checkpoints.
+
+    The saved config is data: a `package.module:Attr` model it names is imported only when
+    `model_name` names the same model or `trust_saved_code` is set; otherwise
+    `flaxseg.models.registry.UntrustedCode` (a ValueError) says what it asks to import
+    and how to allow it (`name_flag`: the flag that names a model).
     """
+    from flaxseg.models.registry import check_saved_model
     from flaxseg.train.config import build_model, restored_config
     from flaxseg.train.workdir import refuse_file
 
@@ -475,6 +535,9 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
         for candidate in candidates:
             try:
                 config = restored_config(ckpt.saved_config(candidate))
+                check_saved_model(config.model.name, named=model_name,
+                                  trusted=trust_saved_code, name_flag=name_flag,
+                                  source=f"The run in {workdir} (step {candidate})")
                 model = build_model(config)
                 abstract = abstract_state_for(model, config,
                                               ckpt.saved_loop(candidate)["input_shape"])
@@ -483,6 +546,10 @@ def load_for_inference(workdir: str | os.PathLike, step: int | None = None, *,
                         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         abstract)
                 restored = ckpt.restore(abstract, step=candidate)
+            except CorruptCheckpoint as e:  # never a model from damaged arrays
+                raise CorruptCheckpoint(
+                    f"{ckpt.directory}: {e}; refusing it. Pass --step with another of the "
+                    f"steps {steps}, or train it again.") from None
             except (ValueError, TypeError):
                 raise
             except Exception as e:  # unreadable checkpoint: try the previous

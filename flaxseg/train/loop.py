@@ -70,7 +70,8 @@ from flaxseg.train.steps import (
 from flaxseg.train.workdir import lock_workdir
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       trust_saved_code: bool = False) -> dict[str, Any]:
     """Trains and evaluates a model as `config` says, writing everything to `workdir`.
 
     Resumes from `workdir`'s latest checkpoint if there is one. Returns the summary
@@ -80,7 +81,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run early; the summary then describes the last evaluation, if any).
 
     Raises ValueError for a bad config (before compiling) and for a workdir that holds
-    checkpoints of a different model (before writing anything).
+    checkpoints of a different model (before writing anything). The model is always the
+    one `config` names; `config.init_from`'s saved `package.module:Attr` model is imported
+    only if it is the same or `trust_saved_code` is set (`load_for_inference`).
     """
     wall_start = time.perf_counter()
     workdir = str(workdir)
@@ -108,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt = stack.enter_context(
             contextlib.closing(checkpoint.Checkpointer(workdir, keep=int(config.keep_checkpoints))))
         state, start_step, saved_loop = _restore_or_create(ckpt, par, model, tx, config,
-                                                           input_shape)
+                                                           input_shape, trust_saved_code)
         if start_step >= num_steps and (Path(workdir) / SUMMARY_FILE).exists():
             return _finished_summary(workdir, start_step, num_steps)
 
@@ -130,7 +133,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    ignore_index=ignore_index)
         train_metrics = TrainMetrics(
             num_classes, NonFiniteGuard(config.nan_policy, on_skip=reporter.skipped_step,
-                                        max_consecutive_skips=_skip_limit(num_steps)),
+                                        max_consecutive_skips=_skip_limit(num_steps),
+                                        max_skipped_fraction=MAX_SKIPPED_FRACTION),
             _saved_sums(saved_loop, num_classes))
         throughput = Throughput(int(config.batch_size))
         last_eval, stopped_by, step = None, None, start_step
@@ -143,6 +147,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for step in range(start_step + 1, num_steps + 1):
             state, metrics = train_step(state, par.put_batch(next(train_iter)))
             train_metrics.add(step, metrics)
+            if step == num_steps:  # before the final checkpoint, which would read as done
+                train_metrics.sums()  # reads the last step's flag
+                train_metrics.guard.check_run(step, num_steps - start_step)
             if step == start_step + 2:  # the first step (compiling) is done
                 throughput.mark(step - 1)
                 reporter.start_timer(step - 1)
@@ -196,6 +203,11 @@ def _auto_batch_size(config: ml_collections.ConfigDict, model: Any, tx: Any,
     return batch
 
 
+# Under nan_policy='skip', a run whose steps were more than this fraction skipped fails
+# (exit 1, no final checkpoint, no summary.json): skipping is for rare bad batches.
+MAX_SKIPPED_FRACTION = 0.1
+
+
 def _skip_limit(num_steps: int) -> int:
     """Consecutive skipped steps that end a run: 10% of it, at least 10."""
     return max(10, num_steps // 10)
@@ -217,8 +229,8 @@ def _input_shape(config: ml_collections.ConfigDict, info: data.SourceInfo
 
 
 def _restore_or_create(ckpt: checkpoint.Checkpointer, par: DataParallel, model: Any, tx: Any,
-                       config: ml_collections.ConfigDict, input_shape: tuple[int, ...]
-                       ) -> tuple[TrainState, int, dict | None]:
+                       config: ml_collections.ConfigDict, input_shape: tuple[int, ...],
+                       trust_saved_code: bool = False) -> tuple[TrainState, int, dict | None]:
     """(replicated state, its step, the saved loop JSON or None for a fresh start)."""
     abstract = abstract_train_state(model, tx, input_shape)
     restored = ckpt.restore(par.abstract(abstract), config=config,
@@ -231,7 +243,9 @@ def _restore_or_create(ckpt: checkpoint.Checkpointer, par: DataParallel, model: 
         say(message)
     state = par.put_state(state)
     if config.init_from:
-        state, message = checkpoint.init_from(state, config.init_from)
+        state, message = checkpoint.init_from(state, config.init_from,
+                                               model_name=config.model.name,
+                                               trust_saved_code=trust_saved_code)
         say(message)
     return state, 0, None
 

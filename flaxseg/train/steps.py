@@ -318,12 +318,16 @@ class NonFiniteGuard:
       on_skip: called with (step, steps skipped so far) when a step is skipped.
       max_consecutive_skips: under 'skip', this many skipped steps in a row raise
         NonFiniteLossError: the model is no longer training (None: never).
+      max_skipped_fraction: under 'skip', `check_run` raises when more than this fraction
+        of a run's steps were skipped (None: never).
     """
 
     def __init__(self, nan_policy: str = "raise", *,
                  on_skip: Callable[[int, int], None] | None = None,
-                 max_consecutive_skips: int | None = None):
+                 max_consecutive_skips: int | None = None,
+                 max_skipped_fraction: float | None = None):
         self.nan_policy = check_nan_policy(nan_policy)
+        self._max_fraction = max_skipped_fraction
         self.skipped = 0
         self.consecutive = 0
         self.last_finite_loss: float | None = None
@@ -358,6 +362,18 @@ class NonFiniteGuard:
                 "for NaN/inf images; the last checkpoint holds the state before these steps."
             )
         return False
+
+    def check_run(self, step: int, steps_run: int) -> None:
+        """Raises NonFiniteLossError when more than `max_skipped_fraction` of the
+        `steps_run` steps up to `step` were skipped: a run mostly skipped has not trained,
+        however short, and must not end as a success."""
+        if self._max_fraction is None or self.skipped <= self._max_fraction * steps_run:
+            return
+        raise NonFiniteLossError(
+            f"{self.skipped} of the {steps_run} steps up to step {step} were non-finite and "
+            f"skipped (more than {self._max_fraction:.0%}; {self._last()}): the run has not "
+            "trained and is not saved as finished. Lower optimizer.learning_rate, set "
+            "optimizer.grad_clip_norm, or check the data for NaN/inf images.")
 
     def _last(self) -> str:
         if self.last_finite_loss is None:
