@@ -16,6 +16,8 @@ _FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
 import math  # noqa: E402
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -100,6 +102,40 @@ def save_tiny_run(workdir, steps=(6,), model_name: str | None = None) -> None:
     for step in steps:
         ckpt.save(step, state, loop={"input_shape": list(input_shape)}, config=saved)
     ckpt.close()
+
+
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port() -> int:
+    """A coordinator port no other test or connection can take meanwhile.
+
+    An OS-assigned port (bind to 0) is free only until the socket closes: gloo's own
+    connections and the other xdist worker's jobs draw from the same ephemeral range and
+    can take it before JAX's coordinator binds it. So: a port below the ephemeral range
+    (the kernel never hands those out), from a block of 1,000 per xdist worker, the first
+    of them that binds.
+    """
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)
+    top = _ephemeral_low() - 1000 * worker
+    for port in range(top - 1, top - 1000, -1):
+        if port in _HANDED_OUT:  # a job of this worker may not have bound it yet
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("localhost", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port in [{top - 1000}, {top}) for the coordinator")
 
 
 def final_params(workdir, step: int) -> list:

@@ -6,7 +6,7 @@ import sys
 import time
 
 import pytest
-from conftest import child_env
+from conftest import child_env, free_port
 
 from flaxseg.train import distributed
 
@@ -91,10 +91,7 @@ def test_a_peer_that_never_starts_and_a_second_process_0_each_end_in_one_line(tm
         held.listen()
         taken = held.getsockname()[1]
         second = _train_as_process_0(tmp_path, taken, timeout_s=60)
-        free = socket.socket()
-        free.bind(("localhost", 0))
-        port = free.getsockname()[1]
-        free.close()  # the kernel does not hand it out again at once
+        port = free_port()
         alone = _train_as_process_0(tmp_path, port, timeout_s=3)  # its peer never starts
         start = time.monotonic()
         _, err = second.communicate(timeout=120)
@@ -129,16 +126,10 @@ if victim >= 0:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def test_a_dead_peer_ends_the_other_in_one_line_and_a_normal_end_is_no_death():
     jobs = {}
     for victim in (1, -1):  # process 1 killed; nobody killed
-        port = _free_port()
+        port = free_port()
         jobs[victim] = [subprocess.Popen(
             [sys.executable, "-c", WATCHED_CHILD, str(port), str(me), str(victim)],
             env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

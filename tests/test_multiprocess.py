@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TRAIN_CHILD, assert_bitwise_same_run, child_env, final_params
+from conftest import (
+    TRAIN_CHILD,
+    assert_bitwise_same_run,
+    child_env,
+    final_params,
+    free_port,
+)
 
 from flaxseg.train.checkpoint import Checkpointer, load_for_inference
 from flaxseg.train.reporting import read_metrics
@@ -43,40 +48,6 @@ FLAGS = [f"--config={REPO / 'flaxseg' / 'configs' / 'default.py'}",
 # 1e-5 of the largest parameter: the cross-process sums are added in another order.
 RTOL = 1e-5
 
-_HANDED_OUT: set[int] = set()
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
-
-
-def _free_port() -> int:
-    """A coordinator port no other test or connection can take meanwhile.
-
-    An OS-assigned port (bind to 0) is free only until the socket closes: gloo's own
-    connections and the other xdist worker's jobs draw from the same ephemeral range and
-    can take it before JAX's coordinator binds it. So: a port below the ephemeral range
-    (the kernel never hands those out), from a block of 1,000 per xdist worker, the first
-    of them that binds.
-    """
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)
-    top = _ephemeral_low() - 1000 * worker
-    for port in range(top - 1, top - 1000, -1):
-        if port in _HANDED_OUT:  # a job of this worker may not have bound it yet
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("localhost", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError(f"no free port in [{top - 1000}, {top}) for the coordinator")
-
-
 class Job:
     """`num_processes` child processes of one training command."""
 
@@ -85,7 +56,7 @@ class Job:
         env = child_env(devices, FLAXSEG_TEST_BATCH_DELAY=str(delay))
         flags = [*FLAGS, f"--workdir={workdir}", *extra]
         if num_processes > 1:
-            flags += [f"--coordinator_address=localhost:{_free_port()}",
+            flags += [f"--coordinator_address=localhost:{free_port()}",
                       f"--num_processes={num_processes}"]
         self.workdir = workdir
         self.procs = [
@@ -237,7 +208,7 @@ def test_one_process_checkpoint_resumes_in_two_under_pmap(one_by_four, tmp_path)
 
 def test_benchmark_scaling_runs_unchanged_in_two_processes(tmp_path):
     out_dir = tmp_path / "bench"
-    port = _free_port()
+    port = free_port()
     args = ["--models=unet", "--image_sizes=32", "--batch_sizes=1", "--modes=train",
             "--features=4", "--depth=2", "--steps=3", "--warmup=0", "--pipeline_batches=2",
             "--num_devices=2", "--scaling", f"--out_dir={out_dir}",
@@ -261,7 +232,7 @@ def test_benchmark_scaling_runs_unchanged_in_two_processes(tmp_path):
 
 
 def _cli_in_two_processes(module: str, *args: str) -> list[tuple[int, str]]:
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", module, *args, f"--coordinator_address=localhost:{port}",
          "--num_processes=2", f"--process_id={i}"], env=child_env(2), cwd=REPO,
