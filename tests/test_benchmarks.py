@@ -79,7 +79,8 @@ def test_quick_writes_every_field(quick_run):
 
 def test_memory_only_reports_each_partition_count_without_running(tmp_path, capsys):
     # In this process (the tests' 4 CPU devices): no step runs, so nothing needs a fresh one.
-    assert throughput.main(["--models=unet", "--features=4", "--depth=2", "--image_sizes=32",
+    # An HxW size (it once reached the model's geometry as the string '32x48').
+    assert throughput.main(["--models=unet", "--features=4", "--depth=2", "--image_sizes=32x48",
                             "--batch_sizes=2", "--remat=block", "--spatial_partitions=1,2",
                             "--memory_only", f"--out_dir={tmp_path}"]) == 0
     with open(tmp_path / "results.jsonl") as f:
@@ -91,7 +92,8 @@ def test_memory_only_reports_each_partition_count_without_running(tmp_path, caps
         assert r["saved_activation_bytes"] == records[remat, 1]["saved_activation_bytes"] // split
     assert not (tmp_path / "images_per_s.png").exists()
     table = (tmp_path / "results.md").read_text()
-    assert table.count("| cpu | unet | 32 | 2 |") == 2 and table.strip() in capsys.readouterr().out
+    assert table.count("| cpu | unet | 32x48 | 2 |") == 2
+    assert table.strip() in capsys.readouterr().out
 
 
 def test_mfu_arithmetic():
