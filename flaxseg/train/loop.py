@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from flaxseg import data
+from flaxseg.data import augment
 from flaxseg.metrics import MetricSums, sum_batches
 from flaxseg.models import logits_of
 from flaxseg.optim import create_learning_rate_schedule, create_optimizer
@@ -128,6 +129,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      ignore_index=ignore_index, nan_policy=config.nan_policy)
         eval_step = make_eval_step(model, loss_fn, num_classes, parallel=par,
                                    ignore_index=ignore_index)
+        # The host sends uint8; augmentation and normalisation run here, on the mesh.
+        train_augment = par.compile_batch_fn(augment.train_fn(
+            config.augment, seed=int(config.seed), image_size=input_shape[1:3],
+            ignore_index=ignore_index))
+        eval_prepare = par.compile_batch_fn(augment.eval_fn(config.augment))
+        grid_prepare = jax.jit(augment.eval_fn(config.augment))
         train_metrics = TrainMetrics(
             num_classes, NonFiniteGuard(config.nan_policy, on_skip=reporter.skipped_step,
                                         max_consecutive_skips=_skip_limit(num_steps)),
@@ -141,7 +148,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     "train_metric_sums": train_metrics.sums().to_json()}
 
         for step in range(start_step + 1, num_steps + 1):
-            state, metrics = train_step(state, par.put_batch(next(train_iter)))
+            batch = train_augment(par.put_examples(next(train_iter)))
+            state, metrics = train_step(state, batch)
             train_metrics.add(step, metrics)
             if step == start_step + 2:  # the first step (compiling) is done
                 throughput.mark(step - 1)
@@ -154,9 +162,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    float(schedule(step - 1)), train_metrics.guard.skipped)
             if eval_due:
                 last_eval = {"step": step, **evaluate(eval_step, variables_of(state), par,
-                                                      eval_source, config)}
+                                                      eval_source, config, eval_prepare)}
                 reporter.evaluation(step, config.eval_split, last_eval)
-                reporter.prediction_grid(step, _grid(model, state, par, eval_source, config))
+                reporter.prediction_grid(step, _grid(model, state, par, eval_source, config,
+                                                     grid_prepare))
             if save_due:
                 best = last_eval if last_eval and last_eval["step"] == step else None
                 ckpt.save(step, state, loop=loop_state(), config=config,
@@ -172,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # Resumed at the last step (a run killed before summary.json): evaluate it again
             # for the summary; its metrics.jsonl record and grid are already written.
             last_eval = {"step": step, **evaluate(eval_step, variables_of(state), par,
-                                                  eval_source, config)}
+                                                  eval_source, config, eval_prepare)}
         ckpt.wait()
         summary = _summary(config, workdir, step, last_eval, stopped_by, throughput,
                            train_metrics.guard.skipped, time.perf_counter() - wall_start)
@@ -272,19 +281,24 @@ def _finished_summary(workdir: str, step: int, num_steps: int) -> dict[str, Any]
 
 
 def evaluate(eval_step, variables: dict[str, Any], par: DataParallel, source: Any,
-             config: ml_collections.ConfigDict) -> dict[str, Any]:
+             config: ml_collections.ConfigDict, prepare=None) -> dict[str, Any]:
     """The FCN scores (`segmentation_scores`) and mean `loss` of one pass over `source`.
 
     The training loop's evaluation, and `python -m flaxseg.evaluate`'s default: the
     config's eval transform, global batches of `config.batch_size` split over `par`'s
     devices and processes, padding ignored, every example counted once.
-    `eval_step(variables, batch)` is `make_eval_step(..., parallel=par)`.
+    `eval_step(variables, batch)` is `make_eval_step(..., parallel=par)`; `prepare` the
+    on-device normalisation `par.compile_batch_fn(augment.eval_fn(config.augment))` (made
+    here if None; pass one to compile it once).
     """
+    if prepare is None:
+        prepare = par.compile_batch_fn(augment.eval_fn(config.augment))
     batch_size = int(config.batch_size)
     with data.pipeline.create_eval_iterator(
             source, batch_size=batch_size, image_size=tuple(config.dataset.image_size),
             augment=config.augment, process_rows=par.process_rows(batch_size)) as batches:
-        sums = sum_batches((eval_step(variables, par.put_batch(b)) for b in batches),
+        sums = sum_batches((eval_step(variables, prepare(par.put_examples(b)))
+                            for b in batches),
                            source.info.num_classes)
     return {"loss": sums.loss, **sums.scores(source.info.class_names)}
 
@@ -296,9 +310,9 @@ def _predict_classes(model: Any, variables: dict[str, Any], images: jax.Array) -
 
 
 def _grid(model: Any, state: TrainState, par: DataParallel, source: Any,
-          config: ml_collections.ConfigDict) -> np.ndarray | None:
+          config: ml_collections.ConfigDict, prepare: Any) -> np.ndarray | None:
     """image | truth | prediction rows (uint8) of the first eval examples (process 0 only,
-    on its own copy of the weights)."""
+    on its own copy of the weights); `prepare`: the eval normalisation on one device."""
     from flaxseg.visualize import default_palette, prediction_grid
 
     if jax.process_index() != 0:
@@ -307,7 +321,7 @@ def _grid(model: Any, state: TrainState, par: DataParallel, source: Any,
     with data.pipeline.create_eval_iterator(
             source, batch_size=count, image_size=tuple(config.dataset.image_size),
             augment=config.augment, process_rows=slice(0, count)) as batches:
-        batch = next(batches)
+        batch = prepare(next(batches))
     preds = _predict_classes(model, par.local_copy(variables_of(state)), batch["image"])
     return prediction_grid(batch["image"], batch["label"], np.asarray(preds),
                            default_palette(model.num_classes),

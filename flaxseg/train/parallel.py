@@ -4,6 +4,9 @@
     step = par.compile(train_step_fn, donate=True)  # (state, batch) -> (state, metrics)
     state = par.put_state(state)                    # replicated over the mesh
     state, metrics = step(state, par.put_batch(process_batch))
+    # or, from the host's uint8 batches, augmented on the devices:
+    augment = par.compile_batch_fn(flaxseg.data.augment.train_fn(...))
+    state, metrics = step(state, augment(par.put_examples(host_batch)))
     host_metrics = par.to_host(metrics)             # NumPy, the global sums
 
 Every mode runs over a 1-D device mesh with the axis `'data'` (`AXIS_NAME`), and every mode
@@ -201,26 +204,62 @@ class DataParallel:
                              f"{self.devices}; pass devices grouped by process.")
         return slice(mine[0] * per_split, (mine[-1] + 1) * per_split)
 
-    def put_batch(self, batch: PyTree) -> PyTree:
-        """This process's rows `[b, ...]` of the global batch -> global arrays.
 
-        'mesh' / 'jit': `[B, ...]` sharded `P('data')`; 'pmap': `[D, B / D, ...]`.
-        """
+    def _local_rows(self, x: np.ndarray) -> None:
         local = len(self.local_devices) // self.spatial_partitions
+        if x.ndim == 0 or x.shape[0] % local:
+            raise ValueError(
+                f"This process's batch of shape {x.shape} cannot be split over its {local} "
+                "devices; load process_rows(global_batch_size) of the global batch.")
+
+    def put_examples(self, batch: PyTree) -> PyTree:
+        """This process's rows `[b, ...]` of a global batch -> global arrays `[B, ...]`
+        sharded over 'data' in every mode: the input of `compile_batch_fn`'s functions (the
+        host's uint8 batches, for the on-device augmentation)."""
 
         def put(x):
             x = np.asarray(x)
-            if x.shape[0] % local:
-                raise ValueError(
-                    f"This process's batch of {x.shape[0]} cannot be split over its {local} "
-                    "devices; load process_rows(global_batch_size) of the global batch.")
-            if self.mode == "pmap":
-                x = x.reshape((local, x.shape[0] // local, *x.shape[1:]))
-                return jax.make_array_from_process_local_data(
-                    NamedSharding(self.mesh, PartitionSpec(AXIS_NAME)), x)
-            return jax.make_array_from_process_local_data(self.batch_sharding, x)
+            self._local_rows(x)
+            # Over 'data' only: an example's source points may lie anywhere in its canvas.
+            return jax.make_array_from_process_local_data(
+                NamedSharding(self.mesh, PartitionSpec(AXIS_NAME)), x)
 
         return jax.tree.map(put, batch)
+
+    def put_batch(self, batch: PyTree) -> PyTree:
+        """This process's rows `[b, ...]` of the global batch -> the step's global arrays.
+
+        'mesh' / 'jit': `[B, ...]` sharded `P('data')` (`put_examples`); 'pmap':
+        `[D, B / D, ...]`.
+        """
+        if self.mode != "pmap":
+            return self.put_examples(batch)
+        local = len(self.local_devices)
+
+        def put(x):
+            x = np.asarray(x)
+            self._local_rows(x)
+            x = x.reshape((local, x.shape[0] // local, *x.shape[1:]))
+            return jax.make_array_from_process_local_data(
+                NamedSharding(self.mesh, PartitionSpec(AXIS_NAME)), x)
+
+        return jax.tree.map(put, batch)
+
+    def compile_batch_fn(self, fn: Callable[[PyTree], PyTree]) -> Callable[[PyTree], PyTree]:
+        """Compiles a per-example batch function (the on-device augmentation or
+        normalisation, `flaxseg.data.augment`) over the mesh: it takes `put_examples`'s
+        arrays and returns the batch as the step takes it (`put_batch`'s layout), sharded
+        like it: no example leaves its devices (under spatial partitions each device of an
+        example holds its whole canvas and keeps its rows of the output)."""
+        if self.mode != "pmap":
+            return jax.jit(fn, out_shardings=self.batch_sharding)
+        devices = len(self.devices)
+
+        def per_device_layout(batch):
+            return jax.tree.map(lambda x: x.reshape((devices, -1, *x.shape[1:])), fn(batch))
+
+        return jax.jit(per_device_layout,
+                       out_shardings=NamedSharding(self.mesh, PartitionSpec(AXIS_NAME)))
 
     # -- the state --------------------------------------------------------------------------
     def put_state(self, tree: PyTree) -> PyTree:
