@@ -34,7 +34,7 @@ def coordinate_example(size=SOURCE, step=4):
 
 def host_batch(examples, augment_cfg, crop=CROP):
     """The host side of the pipeline for `examples` (epoch 0, index i)."""
-    canvas = transforms.canvas_size(crop, augment_cfg)
+    canvas = transforms.canvas_size(augment_cfg, examples[0]["label"].shape)
     fitted = [transforms.fit_to_canvas(e, canvas, ignore_index=255, label_type=np.uint8)
               for e in examples]
     batch = {k: np.stack([f[k] for f in fitted]) for k in fitted[0]}
@@ -129,7 +129,7 @@ def test_labels_hold_classes_and_void_and_stay_registered():
 
 
 def test_a_shrunk_image_keeps_its_original_scale():
-    # A 128-pixel image on a 64-pixel canvas (crop 32, scale 0.5-2): the scale is still
+    # A 128-pixel image on a 64-pixel canvas (crop 32): the scale is still
     # relative to 128 pixels, so a scale-1 crop shows a 32-row window of the original.
     cfg = augment_config(scale_range=(1.0, 1.0), **STILL)
     cfg.canvas_size = (64, 64)
@@ -222,11 +222,13 @@ def test_batches_are_bitwise_equal_on_1_and_4_devices_and_spatial_partitions(num
     cfg = augment_config(vflip=True, rot90=True, elastic=True)
     examples = [class_coded_example(height=40, width=56, seed=s) for s in range(8)]
     batch = host_batch(examples, cfg, crop=16)
-    fn = augment.train_fn(cfg, seed=0, image_size=16, ignore_index=255)
-    outputs = []
+    # The training loop's two programs; one program (train_fn) must give the same.
+    stages = augment.train_stages(cfg, seed=0, image_size=16, ignore_index=255)
+    single = jax.jit(augment.train_fn(cfg, seed=0, image_size=16, ignore_index=255))(batch)
+    outputs = [{k: np.asarray(v) for k, v in single.items()}]
     for par in (DataParallel("mesh", devices=jax.devices()[:1]), DataParallel("mesh"),
                 DataParallel("mesh", spatial_partitions=2), DataParallel("pmap")):
-        out = par.compile_batch_fn(fn)(par.put_examples(batch))
+        out = par.compile_batch_fn(*stages)(par.put_examples(batch))
         outputs.append({k: np.asarray(v).reshape(8, *v.shape[-3 + (k == "label"):])
                         for k, v in out.items()})
     for other in outputs[1:]:

@@ -45,18 +45,17 @@ def take(iterator, n):
 
 
 def test_train_batches_format():
-    # The host sends uint8 canvases (room for scale 0.5: twice the crop) and metadata.
+    # The host sends uint8 canvases of the images' size, and metadata.
     source = create_source(dataset_config("synthetic", image_size=32), "train")
     iterator = create_train_iterator(
         source, batch_size=8, seed=0, augment=augment_config(), image_size=(24, 16)
     )
     batch = next(iterator)
-    assert batch["image"].shape == (8, 48, 32, 3) and batch["image"].dtype == np.uint8
-    assert batch["label"].shape == (8, 48, 32) and batch["label"].dtype == np.uint8
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (8, 32, 32) and batch["label"].dtype == np.uint8
     assert set(np.unique(batch["label"])) <= {0, 1, 2, 3, 255}
     np.testing.assert_array_equal(batch["valid"], np.full((8, 2), 32))
     np.testing.assert_array_equal(batch["size"], np.full((8, 2), 32))
-    assert np.all(batch["label"][:, 32:] == 255) and np.all(batch["image"][:, :, 32:] == 0)
     assert batch["epoch"].dtype == batch["index"].dtype == np.int32
     assert sorted(batch["index"]) == sorted(set(batch["index"]))  # 8 distinct examples
     out = jax.jit(augment.train_fn(augment_config(), seed=0, image_size=(24, 16),
@@ -67,11 +66,13 @@ def test_train_batches_format():
 
 
 def test_larger_images_are_shrunk_onto_the_canvas():
-    # Canvas 16x16 for 8x8 crops at scale >= 0.5; a 40x20 image is shrunk to 16x8.
+    # A 40x20 image on a 16x16 canvas is shrunk to 16x8; smaller ones are padded.
     source = create_source(dataset_config("synthetic", image_size=(40, 20)), "train")
     batch = next(create_train_iterator(source, batch_size=2, seed=0,
-                                       augment=augment_config(), image_size=8))
+                                       augment=augment_config(canvas_size=(16, 16)),
+                                       image_size=8))
     assert batch["image"].shape == (2, 16, 16, 3)
+    assert np.all(batch["label"][:, :, 8:] == 255) and np.all(batch["image"][:, :, 8:] == 0)
     np.testing.assert_array_equal(batch["valid"], [[16, 8]] * 2)
     np.testing.assert_array_equal(batch["size"], [[40, 20]] * 2)
 
@@ -230,3 +231,21 @@ def test_train_iterator_errors(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         create_train_iterator(IndexSource(12), **args)
+
+
+def test_data_workers_auto_shares_the_cores_between_the_hosts_processes(monkeypatch):
+    from flaxseg.data import pipeline
+
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(16)),
+                        raising=False)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert pipeline.worker_count("auto") == 14
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert pipeline.worker_count("auto") == 2
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert pipeline.worker_count("auto") == 0
+    assert pipeline.worker_count(3) == 3
+    for bad in (-1, "two", True, 1.5):
+        with pytest.raises(ValueError, match="data_workers"):
+            pipeline.worker_count(bad)

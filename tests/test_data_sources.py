@@ -281,8 +281,9 @@ def test_tfds_round_trip_matches_the_folder(tmp_path):
             image_size=(8, 8),
         )
     )
-    # The host batch: uint8 on the canvas of crop 8 at scale >= 0.5, labels in uint8.
-    assert batch["image"].shape == (2, 16, 16, 1) and batch["label"].dtype == np.uint8
+    # The host batch: uint8 on a canvas of the images' size, labels in uint8.
+    assert batch["image"].dtype == batch["label"].dtype == np.uint8
+    assert batch["image"].shape == (2, *batch["size"][0], 1)
 
 
 @pytest.mark.parametrize(
@@ -355,9 +356,10 @@ def test_all_sources_yield_identical_batch_format(tmp_path):
             )
         )
         evals = next(create_eval_iterator(source, batch_size=2, image_size=(8, 12)))
-        # What the host sends: uint8, the train canvas room for scale 0.5, and metadata.
+        # What the host sends: uint8 on a canvas of the images' size, and metadata.
+        canvas = (16, 16) if config.source == "synthetic" else (12, 16)
         assert {k: (v.dtype, v.shape) for k, v in train.items()} == {
-            "image": (np.uint8, (2, 16, 24, 3)), "label": (np.uint8, (2, 16, 24)),
+            "image": (np.uint8, (2, *canvas, 3)), "label": (np.uint8, (2, *canvas)),
             "valid": (np.int32, (2, 2)), "size": (np.int32, (2, 2)),
             "epoch": (np.int32, (2,)), "index": (np.int32, (2,)),
         }

@@ -312,8 +312,8 @@ def augment_config(**overrides: Any) -> ml_collections.ConfigDict:
         standard deviation in pixels (the paper: 3 and 10).
       elastic_interpolation: 'bilinear' or 'bicubic' image resampling (masks: nearest).
       canvas_size: (H, W) of the uint8 canvas a training example is sent to the devices
-        on (`transforms.canvas_size`); None: the crop over the smallest scale. Larger
-        images are shrunk to fit on the host.
+        on (`transforms.canvas_size`); None: the size of the first training example.
+        Larger images are shrunk to fit on the host.
     """
     defaults = dict(
         scale_range=(0.5, 2.0),

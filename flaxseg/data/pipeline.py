@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +43,31 @@ from flaxseg.data.base import Source
 from flaxseg.data.config import normalize_image_size
 
 Batch = dict[str, np.ndarray]
+
+
+def auto_worker_count() -> int:
+    """Data worker processes for 'auto': this host's cores (its CPU affinity) shared by
+    the training processes on it (`LOCAL_WORLD_SIZE` / `SLURM_NTASKS_PER_NODE`, else 1),
+    less two per process (the loop and its own read threads); at most 16. So none on a
+    2-core share: there a worker only competes with the loop, and starting one (a fresh
+    Python that imports JAX) takes seconds."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_host = 1
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "").split("(")[0]  # SLURM may say '4(x2)'
+        if value.isdigit() and int(value) > 0:
+            per_host = int(value)
+            break
+    return max(0, min(16, (cores or 1) // per_host - 2))
+
+
+def worker_count(setting: int | str) -> int:
+    """`config.data_workers` -> grain's worker count (raises ValueError naming the fix)."""
+    if setting == "auto":
+        return auto_worker_count()
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ValueError(f"data_workers must be an int >= 0 or 'auto', got {setting!r}.")
+    return setting
 
 
 def _process_rows(batch_size: int, rows: slice | None) -> slice:
@@ -192,7 +218,8 @@ def create_train_iterator(
       A `TrainIterator` of `{'image': uint8 [b, Hc, Wc, C], 'label': [b, Hc, Wc]
       (`transforms.label_dtype`), 'valid': int32 [b, 2], 'size': int32 [b, 2], 'epoch':
       int32 [b], 'index': int32 [b]}`, b the number of `process_rows`, (Hc, Wc) the
-      `transforms.canvas_size` (or `image_size` without augmentation):
+      `transforms.canvas_size` (the first example's size unless `augment.canvas_size`; or
+      `image_size` without augmentation):
       `augment.train_fn(augment, seed=seed, ...)` turns it into the training batch.
     """
     rows = _check_common(source, batch_size, process_rows, augment)
@@ -208,7 +235,8 @@ def create_train_iterator(
     transform = functools.partial(
         _train_example,
         num_examples=len(source),
-        canvas_hw=None if augment is None else transforms.canvas_size(image_size, augment),
+        canvas_hw=None if augment is None else transforms.canvas_size(
+            augment, source[0]["label"].shape),
         image_size=image_size,
         label_type=transforms.label_dtype(info.num_classes, info.ignore_index),
         ignore_index=info.ignore_index,

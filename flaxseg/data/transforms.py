@@ -341,23 +341,19 @@ def label_dtype(num_classes: int, ignore_index: int) -> np.dtype:
                      "in int32; use fewer classes or a smaller ignore_index.")
 
 
-def canvas_size(image_size: tuple[int, int] | int,
-                augment: ml_collections.ConfigDict) -> tuple[int, int]:
+def canvas_size(augment: ml_collections.ConfigDict,
+                source_hw: tuple[int, int]) -> tuple[int, int]:
     """(Hc, Wc) of the uint8 canvas a training example travels on to the devices.
 
-    `augment.canvas_size` if set; else room for the largest source window the random
-    scale reads, the crop over min(1, smallest scale) per axis (square with `rot90`,
-    whose window may lie either way). Larger images are shrunk to fit (`fit_to_canvas`).
+    `augment.canvas_size` if set, else `source_hw`: the size of the source's first
+    example. The canvas holds the whole image (a crop's window may lie anywhere in it;
+    rotations and scales are the device's coordinates), so a dataset of one image size
+    (CamVid, Cityscapes, ISBI, the synthetic scenes) travels without padding. Larger images
+    are shrunk to fit (`fit_to_canvas`): for a dataset of mixed sizes set
+    `augment.canvas_size` to the largest.
     """
     configured = augment.get("canvas_size")
-    if configured:
-        return normalize_image_size(configured)
-    crop_h, crop_w = normalize_image_size(image_size)
-    smallest = min(1.0, float(augment.scale_range[0]))
-    height, width = math.ceil(crop_h / smallest), math.ceil(crop_w / smallest)
-    if augment.rot90:
-        height = width = max(height, width)
-    return height, width
+    return normalize_image_size(configured if configured else tuple(source_hw))
 
 
 def fit_to_canvas(

@@ -77,8 +77,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Resumes from `workdir`'s latest checkpoint if there is one. Returns the summary
     (also written to `<workdir>/summary.json` by process 0): the final evaluation's
     `mean_iou`, `pixel_accuracy`, `mean_accuracy`, `fw_iou`, `per_class_iou`, plus
-    `steps`, `wall_time_s`, `images_per_sec` and `stopped_by` (None, or what stopped the
-    run early; the summary then describes the last evaluation, if any).
+    `steps`, `wall_time_s`, `images_per_sec` (end to end), `step_images_per_sec` (the
+    step's own: the time spent waiting for data left out), `data_wait_share` (of the
+    training wall time, the share the loop waited for data) and `stopped_by` (None, or
+    what stopped the run early; the summary then describes the last evaluation, if any).
 
     Raises ValueError for a bad config (before compiling) and for a workdir that holds
     checkpoints of a different model (before writing anything).
@@ -120,7 +122,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_iter = stack.enter_context(data.pipeline.create_train_iterator(
             train_source, batch_size=int(config.batch_size), seed=int(config.seed),
             augment=config.augment, image_size=input_shape[1:3],
-            process_rows=par.process_rows(int(config.batch_size))))
+            process_rows=par.process_rows(int(config.batch_size)),
+            worker_count=data.pipeline.worker_count(config.get("data_workers", 0))))
         if saved_loop:
             train_iter.set_state(saved_loop["data_iterator"])
         loss_fn, num_classes = loss_from_config(config), train_source.info.num_classes
@@ -130,7 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_step = make_eval_step(model, loss_fn, num_classes, parallel=par,
                                    ignore_index=ignore_index)
         # The host sends uint8; augmentation and normalisation run here, on the mesh.
-        train_augment = par.compile_batch_fn(augment.train_fn(
+        train_augment = par.compile_batch_fn(*augment.train_stages(
             config.augment, seed=int(config.seed), image_size=input_shape[1:3],
             ignore_index=ignore_index))
         eval_prepare = par.compile_batch_fn(augment.eval_fn(config.augment))
@@ -143,12 +146,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last_eval, stopped_by, step = None, None, start_step
         stop = stack.enter_context(StopRequest())
 
+        def next_batch() -> tuple[Any, dict[str, Any]]:
+            """The next batch on the devices (augmenting, asynchronously) and the data
+            position after it; the time the host waited for it counts as data wait."""
+            start = time.perf_counter()
+            host_batch = next(train_iter)
+            position = train_iter.get_state()
+            batch = train_augment(par.put_examples(host_batch))
+            throughput.waited(time.perf_counter() - start)
+            return batch, position
+
         def loop_state() -> dict[str, Any]:
-            return {"data_iterator": train_iter.get_state(), "input_shape": list(input_shape),
+            return {"data_iterator": data_position, "input_shape": list(input_shape),
                     "train_metric_sums": train_metrics.sums().to_json()}
 
+        upcoming = next_batch() if start_step < num_steps else None
         for step in range(start_step + 1, num_steps + 1):
-            batch = train_augment(par.put_examples(next(train_iter)))
+            batch, data_position = upcoming
             state, metrics = train_step(state, batch)
             train_metrics.add(step, metrics)
             if step == start_step + 2:  # the first step (compiling) is done
@@ -177,6 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 reporter.message(f"Stopped by {stopped_by} at step {step}; saved a checkpoint "
                                  f"in {ckpt.directory}. Run the same command to resume.")
                 break
+            # The step runs (dispatched asynchronously) while the host prepares the next batch.
+            upcoming = next_batch() if step < num_steps else None
         if last_eval is None and not stopped_by:
             # Resumed at the last step (a run killed before summary.json): evaluate it again
             # for the summary; its metrics.jsonl record and grid are already written.
@@ -338,6 +354,8 @@ def _summary(config: ml_collections.ConfigDict, workdir: str, step: int,
         "wall_time_s": wall_time,
         "train_time_s": throughput.train_time,
         "images_per_sec": throughput.images_per_sec,
+        "step_images_per_sec": throughput.step_images_per_sec,
+        "data_wait_share": throughput.data_wait_share,
         "stopped_by": stopped_by,
         "workdir": str(Path(workdir).absolute()),
     }

@@ -229,37 +229,52 @@ class DataParallel:
     def put_batch(self, batch: PyTree) -> PyTree:
         """This process's rows `[b, ...]` of the global batch -> the step's global arrays.
 
-        'mesh' / 'jit': `[B, ...]` sharded `P('data')` (`put_examples`); 'pmap':
+        'mesh' / 'jit': `[B, H, ...]` sharded `P('data', 'space')`; 'pmap':
         `[D, B / D, ...]`.
         """
-        if self.mode != "pmap":
-            return self.put_examples(batch)
         local = len(self.local_devices)
 
         def put(x):
             x = np.asarray(x)
             self._local_rows(x)
+            if self.mode != "pmap":  # images and labels: their rows over 'space' too
+                sharding = self.batch_sharding if x.ndim >= 2 else NamedSharding(
+                    self.mesh, PartitionSpec(AXIS_NAME))
+                return jax.make_array_from_process_local_data(sharding, x)
             x = x.reshape((local, x.shape[0] // local, *x.shape[1:]))
             return jax.make_array_from_process_local_data(
                 NamedSharding(self.mesh, PartitionSpec(AXIS_NAME)), x)
 
         return jax.tree.map(put, batch)
 
-    def compile_batch_fn(self, fn: Callable[[PyTree], PyTree]) -> Callable[[PyTree], PyTree]:
+    def compile_batch_fn(self, *stages: Callable[[PyTree], PyTree]
+                         ) -> Callable[[PyTree], PyTree]:
         """Compiles a per-example batch function (the on-device augmentation or
-        normalisation, `flaxseg.data.augment`) over the mesh: it takes `put_examples`'s
-        arrays and returns the batch as the step takes it (`put_batch`'s layout), sharded
-        like it: no example leaves its devices (under spatial partitions each device of an
-        example holds its whole canvas and keeps its rows of the output)."""
+        normalisation, `flaxseg.data.augment`), given as one or more stages run in turn,
+        each its own program, over the mesh: it takes `put_examples`'s arrays and returns
+        the batch as the step takes it (`put_batch`'s layout), sharded like it: no example
+        leaves its devices (under spatial partitions each device of an example holds its
+        whole canvas and keeps its rows of the output)."""
+        *first, last = stages
+        over_data = NamedSharding(self.mesh, PartitionSpec(AXIS_NAME))
+        compiled = [jax.jit(stage, out_shardings=over_data) for stage in first]
         if self.mode != "pmap":
-            return jax.jit(fn, out_shardings=self.batch_sharding)
-        devices = len(self.devices)
+            compiled.append(jax.jit(last, out_shardings=self.batch_sharding))
+        else:
+            devices = len(self.devices)
 
-        def per_device_layout(batch):
-            return jax.tree.map(lambda x: x.reshape((devices, -1, *x.shape[1:])), fn(batch))
+            def per_device_layout(batch):
+                return jax.tree.map(lambda x: x.reshape((devices, -1, *x.shape[1:])),
+                                    last(batch))
 
-        return jax.jit(per_device_layout,
-                       out_shardings=NamedSharding(self.mesh, PartitionSpec(AXIS_NAME)))
+            compiled.append(jax.jit(per_device_layout, out_shardings=over_data))
+
+        def run(batch: PyTree) -> PyTree:
+            for stage in compiled:
+                batch = stage(batch)
+            return batch
+
+        return run
 
     # -- the state --------------------------------------------------------------------------
     def put_state(self, tree: PyTree) -> PyTree:
