@@ -175,10 +175,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train_steps", type=int, default=0)
     parser.add_argument("--out_dir", default="")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.sizes, args.formats, args.workers = "64x96", "png,jpg", "0,1"
-        args.batches, args.count, args.batch_size = 2, 8, 4
-        args.train_steps = args.train_steps or 4
+    if args.quick:  # fills in the flags left at their defaults
+        quick = dict(sizes="64x96", workers="0,1", batches=2, count=8, batch_size=4,
+                     train_steps=4)
+        for key, value in quick.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
     return args
 
 
