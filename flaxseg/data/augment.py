@@ -11,6 +11,9 @@ per-example metadata. Here, under `jax.jit` and sharded like the batch:
     eval_batch(batch, augment=...)
         {'image': uint8 [B, h, w, C], 'label': int [B, h, w], 'valid': int32 [B, 2]} -> same
 
+The training loop compiles `train_stages` (geometry, then colour: two programs, see there)
+with `DataParallel.compile_batch_fn`; `train_fn` is the same function as one program.
+
 Design (why one map): every geometric transform of `transforms.train_transform` (elastic
 displacement, rot90, log-uniform scale, uniform crop placement / padding, h/v flips) is a
 map of output pixels to source points, so they compose into ONE per-pixel source map,
