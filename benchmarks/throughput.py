@@ -360,13 +360,12 @@ def _prepare(case: Case, args: argparse.Namespace):
                                   args.in_channels)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     # A clear error for a size the model cannot take (e.g. an invalid VALID U-Net size).
-    model_geometry(model).output_shape(case.image_size, case.image_size,
-                                       model=f"{case.model} (--image_sizes)")
+    height, width = height_width(case.image_size)
+    model_geometry(model).output_shape(height, width, model=f"{case.model} (--image_sizes)")
     par = DataParallel(case.parallel, devices=case_devices(case.num_devices),
                        spatial_partitions=case.spatial_partitions)
     rows = par.process_rows(case.global_batch)
     rng = np.random.default_rng(1)
-    height, width = height_width(case.image_size)
     # This process's rows of the batch, placed before timing (no host transfer per step).
     batch = par.put_batch({
         "image": rng.random((rows.stop - rows.start, height, width, args.in_channels),

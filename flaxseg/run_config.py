@@ -80,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
         (FCN-16s from FCN-32s, FCN-8s from FCN-16s).
       eval_split: the split evaluated every `eval_every_steps`.
       num_grid_images: examples drawn in the prediction grid at each evaluation.
+      data_workers: grain worker processes that read and decode the training data (an
+        int >= 0; 0: threads in the training process), or 'auto': the host's cores
+        shared by its training processes, less two for each
+        (`flaxseg.data.pipeline.auto_worker_count`).
     """
     cfg = ml_collections.ConfigDict()
     cfg.seed = 0
@@ -99,6 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.init_from = ""
     cfg.eval_split = "val"
     cfg.num_grid_images = 4
+    # Any type, so that --config.data_workers=auto parses as well as --config.data_workers=2.
+    cfg.data_workers = config_dict.FieldReference("auto", field_type=object)
     cfg.model = ml_collections.ConfigDict({"name": "unet"})
     cfg.dataset = ml_collections.ConfigDict({"name": "synthetic"})
     cfg.augment = ml_collections.ConfigDict()

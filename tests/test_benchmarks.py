@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import peaks, throughput
+from benchmarks import peaks, pipeline, throughput
 from benchmarks.plot import line_plot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +79,8 @@ def test_quick_writes_every_field(quick_run):
 
 def test_memory_only_reports_each_partition_count_without_running(tmp_path, capsys):
     # In this process (the tests' 4 CPU devices): no step runs, so nothing needs a fresh one.
-    assert throughput.main(["--models=unet", "--features=4", "--depth=2", "--image_sizes=32",
+    # An HxW size (it once reached the model's geometry as the string '32x48').
+    assert throughput.main(["--models=unet", "--features=4", "--depth=2", "--image_sizes=32x48",
                             "--batch_sizes=2", "--remat=block", "--spatial_partitions=1,2",
                             "--memory_only", f"--out_dir={tmp_path}"]) == 0
     with open(tmp_path / "results.jsonl") as f:
@@ -91,7 +92,8 @@ def test_memory_only_reports_each_partition_count_without_running(tmp_path, caps
         assert r["saved_activation_bytes"] == records[remat, 1]["saved_activation_bytes"] // split
     assert not (tmp_path / "images_per_s.png").exists()
     table = (tmp_path / "results.md").read_text()
-    assert table.count("| cpu | unet | 32 | 2 |") == 2 and table.strip() in capsys.readouterr().out
+    assert table.count("| cpu | unet | 32x48 | 2 |") == 2
+    assert table.strip() in capsys.readouterr().out
 
 
 def test_mfu_arithmetic():
@@ -193,3 +195,19 @@ def test_image_sizes_are_square_or_height_by_width():
     for bad in ("0", "512x", "1x2x3", "big"):
         with pytest.raises(SystemExit):
             throughput.parse_args([f"--image_sizes={bad}"])
+
+
+def test_pipeline_benchmark_measures_the_host_and_the_loop(tmp_path):
+    # A tiny generated JPEG folder: the host's rate and CPU time, then the loop with the
+    # nearly free model (passed by path) and its data-wait share.
+    path = pipeline.write_folder(str(tmp_path / "jpg"), "jpg", (24, 32), 4)
+    host = pipeline.host_rate(path, crop=(16, 16), workers=0, batches=2, batch_size=4,
+                              cache=True)
+    assert host["images"] == 8 and host["cpu_s"] > 0 and host["images_per_cpu_s"] > 0
+    loop = pipeline.train_rate(path, crop=(16, 16), workers=0, steps=3, batch_size=4,
+                               cache=True, workdir=str(tmp_path / "run"))
+    assert 0 <= loop["data_wait_share"] <= 1
+    assert loop["step_images_per_sec"] >= loop["images_per_sec"] > 0
+    table = pipeline.markdown([{"folder": "JPG 24x32", "crop": "16x16", "workers": 0,
+                                **host, **loop}])
+    assert table.count("\n") == 2 and "| JPG 24x32 | 16x16 | 0 |" in table

@@ -16,7 +16,8 @@ SCHEMA_KEYS = {
     "seed", "batch_size", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
     "log_every_steps", "keep_checkpoints", "parallel", "spatial_partitions", "memory_budget_gb",
     "dtype", "remat", "nan_policy", "init_from",
-    "eval_split", "num_grid_images", "model", "dataset", "augment", "loss", "optimizer",
+    "eval_split", "num_grid_images", "data_workers", "model", "dataset", "augment", "loss",
+    "optimizer",
 }  # fmt: skip
 OPTIMIZER_KEYS = {
     "name", "learning_rate", "momentum", "nesterov", "weight_decay", "schedule",
@@ -121,7 +122,8 @@ def test_unknown_names_are_errors():
 @pytest.mark.parametrize("key, value", [("parallel", "pjit"), ("dtype", "float16"),
                                         ("nan_policy", "ignore"), ("remat", "all"),
                                         ("num_train_steps", 0),
-                                        ("log_every_steps", -1), ("keep_checkpoints", 0)])
+                                        ("log_every_steps", -1), ("keep_checkpoints", 0),
+                                        ("data_workers", -1), ("data_workers", "many")])
 def test_bad_values_are_errors(key, value):
     config = configs.get_config("test")
     config[key] = value

@@ -2,10 +2,18 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
-from flaxseg.data import SourceInfo, augment_config, create_source, dataset_config
+from flaxseg.data import (
+    SourceInfo,
+    augment,
+    augment_config,
+    create_source,
+    dataset_config,
+    transforms,
+)
 from flaxseg.data.pipeline import create_eval_iterator, create_train_iterator
 
 SIZE = 8
@@ -29,7 +37,7 @@ class IndexSource:
 
 def indices(batch):
     """The source indices of the examples in a batch built without augmentation."""
-    return np.rint(batch["image"][:, 0, 0, 0] * 255).astype(int).tolist()
+    return batch["image"][:, 0, 0, 0].astype(int).tolist()
 
 
 def take(iterator, n):
@@ -37,14 +45,43 @@ def take(iterator, n):
 
 
 def test_train_batches_format():
+    # The host sends uint8 canvases of the images' size, and metadata.
     source = create_source(dataset_config("synthetic", image_size=32), "train")
     iterator = create_train_iterator(
         source, batch_size=8, seed=0, augment=augment_config(), image_size=(24, 16)
     )
     batch = next(iterator)
-    assert batch["image"].shape == (8, 24, 16, 3) and batch["image"].dtype == np.float32
-    assert batch["label"].shape == (8, 24, 16) and batch["label"].dtype == np.int32
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (8, 32, 32) and batch["label"].dtype == np.uint8
     assert set(np.unique(batch["label"])) <= {0, 1, 2, 3, 255}
+    np.testing.assert_array_equal(batch["valid"], np.full((8, 2), 32))
+    np.testing.assert_array_equal(batch["size"], np.full((8, 2), 32))
+    assert batch["epoch"].dtype == batch["index"].dtype == np.int32
+    assert sorted(batch["index"]) == sorted(set(batch["index"]))  # 8 distinct examples
+    out = jax.jit(augment.train_fn(augment_config(), seed=0, image_size=(24, 16),
+                                   ignore_index=255))(batch)
+    assert out["image"].shape == (8, 24, 16, 3) and out["image"].dtype == np.float32
+    assert out["label"].shape == (8, 24, 16) and out["label"].dtype == np.int32
+    assert set(np.unique(out["label"])) <= {0, 1, 2, 3, 255}
+
+
+def test_larger_images_are_shrunk_onto_the_canvas():
+    # A 40x20 image on a 16x16 canvas is shrunk to 16x8; smaller ones are padded.
+    source = create_source(dataset_config("synthetic", image_size=(40, 20)), "train")
+    batch = next(create_train_iterator(source, batch_size=2, seed=0,
+                                       augment=augment_config(canvas_size=(16, 16)),
+                                       image_size=8))
+    assert batch["image"].shape == (2, 16, 16, 3)
+    assert np.all(batch["label"][:, :, 8:] == 255) and np.all(batch["image"][:, :, 8:] == 0)
+    np.testing.assert_array_equal(batch["valid"], [[16, 8]] * 2)
+    np.testing.assert_array_equal(batch["size"], [[40, 20]] * 2)
+
+
+def test_labels_travel_in_the_smallest_integer_type():
+    assert transforms.label_dtype(21, 255) == np.uint8
+    assert transforms.label_dtype(300, 255) == np.int16
+    assert transforms.label_dtype(3, -1) == np.int16
+    assert transforms.label_dtype(40000, 255) == np.int32
 
 
 def test_each_epoch_is_a_fresh_permutation():
@@ -134,14 +171,19 @@ def test_num_epochs_stops_and_drops_the_remainder():
     assert len(list(iterator)) == 5
 
 
-def test_worker_processes_yield_the_same_batches():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_processes_yield_the_same_batches(workers):
+    # The host batch is all the device augmentation reads: equal host batches, equal
+    # training batches (bitwise), whatever the worker count.
     source = create_source(dataset_config("synthetic", num_train=8, image_size=16), "train")
     kwargs = dict(batch_size=4, seed=2, augment=augment_config(), image_size=16)
     reference = take(create_train_iterator(source, **kwargs), 3)
-    with create_train_iterator(source, worker_count=1, **kwargs) as iterator:
+    with create_train_iterator(source, worker_count=workers, **kwargs) as iterator:
         batches = [{k: np.array(v) for k, v in b.items()} for b in take(iterator, 3)]
     for expected, got in zip(reference, batches, strict=True):
-        np.testing.assert_array_equal(expected["image"], got["image"])
+        assert expected.keys() == got.keys()
+        for key in expected:
+            np.testing.assert_array_equal(expected[key], got[key])
 
 
 @pytest.mark.parametrize("num_processes", [1, 2])
@@ -158,12 +200,14 @@ def test_eval_pass_is_padded_with_ignore_labels(num_processes):
         batches_per_process.append(len(batches))
         for batch in batches:
             assert batch["image"].shape == (rows, SIZE, SIZE, 1)
-            assert batch["label"].shape == (rows, SIZE, SIZE) and batch["label"].dtype == np.int32
-            for image, label in zip(batch["image"], batch["label"], strict=True):
+            assert batch["image"].dtype == np.uint8
+            assert batch["label"].shape == (rows, SIZE, SIZE) and batch["label"].dtype == np.uint8
+            for image, label, valid in zip(batch["image"], batch["label"], batch["valid"],
+                                           strict=True):
                 if np.all(label == 255):  # padding
-                    assert np.all(image == 0)
+                    assert np.all(image == 0) and np.all(valid == 0)
                 else:
-                    index = int(np.rint(image[0, 0, 0] * 255))
+                    index = int(image[0, 0, 0])
                     assert np.all(label == index % 3)
                     seen.append(index)
     assert sorted(seen) == list(range(7))  # every example exactly once
@@ -187,3 +231,21 @@ def test_train_iterator_errors(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         create_train_iterator(IndexSource(12), **args)
+
+
+def test_data_workers_auto_shares_the_cores_between_the_hosts_processes(monkeypatch):
+    from flaxseg.data import pipeline
+
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(16)),
+                        raising=False)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert pipeline.worker_count("auto") == 14
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert pipeline.worker_count("auto") == 2
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert pipeline.worker_count("auto") == 0
+    assert pipeline.worker_count(3) == 3
+    for bad in (-1, "two", True, 1.5):
+        with pytest.raises(ValueError, match="data_workers"):
+            pipeline.worker_count(bad)

@@ -281,7 +281,9 @@ def test_tfds_round_trip_matches_the_folder(tmp_path):
             image_size=(8, 8),
         )
     )
-    assert batch["image"].shape == (2, 8, 8, 1) and batch["label"].dtype == np.int32
+    # The host batch: uint8 on a canvas of the images' size, labels in uint8.
+    assert batch["image"].dtype == batch["label"].dtype == np.uint8
+    assert batch["image"].shape == (2, *batch["size"][0], 1)
 
 
 @pytest.mark.parametrize(
@@ -336,7 +338,7 @@ def test_registered_tfds_dataset_maps_its_labels(
     np.testing.assert_array_equal(source[2]["image"], records[2][image_key])
     np.testing.assert_array_equal(source[0]["label"], np.tile(expected, (3, 1)))
     batch = next(create_eval_iterator(source, batch_size=2, image_size=(4, 4)))
-    assert batch["image"].shape == (2, 4, 4, 3) and batch["label"].dtype == np.int32
+    assert batch["image"].shape == (2, 4, 4, 3) and batch["label"].dtype == np.uint8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,11 +356,17 @@ def test_all_sources_yield_identical_batch_format(tmp_path):
             )
         )
         evals = next(create_eval_iterator(source, batch_size=2, image_size=(8, 12)))
-        for batch in (train, evals):
-            assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
-                "image": (np.float32, (2, 8, 12, 3)),
-                "label": (np.int32, (2, 8, 12)),
-            }
+        # What the host sends: uint8 on a canvas of the images' size, and metadata.
+        canvas = (16, 16) if config.source == "synthetic" else (12, 16)
+        assert {k: (v.dtype, v.shape) for k, v in train.items()} == {
+            "image": (np.uint8, (2, *canvas, 3)), "label": (np.uint8, (2, *canvas)),
+            "valid": (np.int32, (2, 2)), "size": (np.int32, (2, 2)),
+            "epoch": (np.int32, (2,)), "index": (np.int32, (2,)),
+        }
+        assert {k: (v.dtype, v.shape) for k, v in evals.items()} == {
+            "image": (np.uint8, (2, 8, 12, 3)), "label": (np.uint8, (2, 8, 12)),
+            "valid": (np.int32, (2, 2)),
+        }
 
 
 # ---------------------------------------------------------------------------------------------

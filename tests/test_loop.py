@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import types
 
 import flax.linen as nn
 import jax
@@ -18,11 +19,19 @@ import pytest
 from conftest import file_mtimes
 
 from flaxseg import configs
-from flaxseg.train import create_optimizer, create_train_state, loop, parallel
+from flaxseg.metrics import MetricSums
+from flaxseg.train import create_optimizer, create_train_state, loop, parallel, reporting
 from flaxseg.train.checkpoint import Checkpointer, init_from, load_for_inference
 from flaxseg.train.config import build_model
 from flaxseg.train.distributed import StopRequest
-from flaxseg.train.reporting import Reporter, format_duration, json_safe, read_metrics
+from flaxseg.train.reporting import (
+    Rates,
+    Reporter,
+    Throughput,
+    format_duration,
+    json_safe,
+    read_metrics,
+)
 
 STEPS = 6
 
@@ -51,6 +60,8 @@ def test_a_run_writes_summary_metrics_tensorboard_grids_and_checkpoints(trained)
     assert set(summary["per_class_iou"]) == {"background", "disc", "rectangle", "triangle"}
     assert summary["steps"] == STEPS and summary["stopped_by"] is None
     assert summary["images_per_sec"] > 0 and summary["wall_time_s"] > 0
+    assert 0 <= summary["data_wait_share"] <= 1
+    assert summary["step_images_per_sec"] >= summary["images_per_sec"]
 
     records = read_metrics(workdir)
     train = [r for r in records if r["split"] == "train"]
@@ -168,6 +179,34 @@ def test_reporter_progress_bar_on_a_terminal_and_lines_elsewhere(tmp_path):
         text = stream.getvalue()
         assert "step  5/10" in text and "loss 0.5000" in text and "12.0 img/s" in text
         assert ("\r" in text and "#" in text) == interactive
+
+
+def test_throughput_separates_the_step_from_waiting_for_data(monkeypatch):
+    # A clock read at each mark and interval: t = 0 (mark), 10 (interval, mark), 20 (...).
+    clock = iter([0.0, 10.0, 10.0, 20.0, 20.0])
+    monkeypatch.setattr(reporting, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    throughput = Throughput(batch_size=4)
+    throughput.mark(1)  # t = 0
+    throughput.waited(2.5)
+    assert throughput.interval(6) == Rates(step=20 / 7.5, end_to_end=2.0, data_wait=0.25)
+    assert throughput.interval(11) == Rates(step=2.0, end_to_end=2.0, data_wait=0.0)
+    assert throughput.data_wait_share == pytest.approx(2.5 / 20)
+    assert throughput.step_images_per_sec == pytest.approx(40 / 17.5)
+
+
+def test_reporter_shows_the_data_wait_and_warns_once(tmp_path):
+    stream = io.StringIO()
+    reporter = Reporter(tmp_path, num_train_steps=10, is_chief=True, stream=stream,
+                        interactive=False)
+    sums = MetricSums(2)
+    for step, wait in ((2, 0.1), (4, 0.5), (6, 0.6)):
+        reporter.train_log(step, sums, Rates(step=30.0, end_to_end=20.0, data_wait=wait), 0.1)
+    reporter.close()
+    text = stream.getvalue()
+    assert "30.0 img/s (20.0 end to end)  data wait 10%" in text
+    assert text.count("WARNING") == 1 and "step 4" in text.split("WARNING")[1]
+    for knob in ("config.data_workers", "config.dataset.cache", "prepare"):
+        assert knob in text
 
 
 def test_reporter_drops_lines_after_the_resumed_step(tmp_path):

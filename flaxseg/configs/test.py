@@ -26,4 +26,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 1
     config.keep_checkpoints = 2
     config.num_grid_images = 2
+    config.data_workers = 0  # worker processes would only add start-up time here
     return config

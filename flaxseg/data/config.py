@@ -319,6 +319,9 @@ def augment_config(**overrides: Any) -> ml_collections.ConfigDict:
       elastic_grid, elastic_sigma: its control points per side and their displacement
         standard deviation in pixels (the paper: 3 and 10).
       elastic_interpolation: 'bilinear' or 'bicubic' image resampling (masks: nearest).
+      canvas_size: (H, W) of the uint8 canvas a training example is sent to the devices
+        on (`transforms.canvas_size`); None: the size of the first training example.
+        Larger images are shrunk to fit on the host.
     """
     defaults = dict(
         scale_range=(0.5, 2.0),
@@ -337,6 +340,7 @@ def augment_config(**overrides: Any) -> ml_collections.ConfigDict:
         elastic_grid=3,
         elastic_sigma=10.0,
         elastic_interpolation="bilinear",
+        canvas_size=placeholder(object),
     )
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:

@@ -1,16 +1,20 @@
 """grain input pipelines: seeded, split over processes, checkpointable.
 
-Both loaders yield this process's rows of each global batch, `{'image': float32
-[b, H, W, C], 'label': int32 [b, H, W]}`; `flaxseg.train.parallel.DataParallel.put_batch`
-makes the global arrays of them. The order of the examples does not depend on how many
+Both loaders yield this process's rows of each global batch as the host sends them to the
+devices: uint8 images, labels in the smallest integer type that holds the classes and void
+(`transforms.label_dtype`), and small per-example metadata. Normalisation and the train
+augmentation run on the devices (`flaxseg.data.augment.train_fn` / `eval_fn`, compiled
+with `flaxseg.train.parallel.DataParallel.compile_batch_fn` over the arrays `put_examples`
+makes of these batches). The order of the examples does not depend on how many
 processes share the work: global batch t holds the same examples on one process as on
 sixteen, each process loading its own block of rows (`process_rows`, by default the
 `jax.process_index()`-th of `jax.process_count()` equal blocks). So a run gives the same
 batches on any topology, and its data position resumes on another one.
 
 Train: the whole dataset reshuffled every epoch (grain's `shuffle` + `repeat`), each
-example transformed with a generator seeded by (seed, epoch, example index), cut into
-global batches of `batch_size` (a batch may span an epoch boundary). The iterator's
+example placed on a fixed uint8 canvas (`transforms.fit_to_canvas`) with its (epoch,
+example index), from which the device draws its random transform, cut into global
+batches of `batch_size` (a batch may span an epoch boundary). The iterator's
 `get_state()` is a small JSON-serialisable dict (the number of batches consumed and what
 fixes the order); `set_state()` on a fresh iterator built with the same seed, global
 batch size and source resumes exactly where it left off, on any process count.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +43,31 @@ from flaxseg.data.base import Source
 from flaxseg.data.config import normalize_image_size
 
 Batch = dict[str, np.ndarray]
+
+
+def auto_worker_count() -> int:
+    """Data worker processes for 'auto': this host's cores (its CPU affinity) shared by
+    the training processes on it (`LOCAL_WORLD_SIZE` / `SLURM_NTASKS_PER_NODE`, else 1),
+    less two per process (the loop and its own read threads); at most 16. So none on a
+    2-core share: there a worker only competes with the loop, and starting one (a fresh
+    Python that imports JAX) takes seconds."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_host = 1
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "").split("(")[0]  # SLURM may say '4(x2)'
+        if value.isdigit() and int(value) > 0:
+            per_host = int(value)
+            break
+    return max(0, min(16, (cores or 1) // per_host - 2))
+
+
+def worker_count(setting: int | str) -> int:
+    """`config.data_workers` -> grain's worker count (raises ValueError naming the fix)."""
+    if setting == "auto":
+        return auto_worker_count()
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ValueError(f"data_workers must be an int >= 0 or 'auto', got {setting!r}.")
+    return setting
 
 
 def _process_rows(batch_size: int, rows: slice | None) -> slice:
@@ -78,21 +108,22 @@ def _train_example(
     example: dict[str, np.ndarray],
     *,
     num_examples: int,
-    seed: int,
+    canvas_hw: tuple[int, int] | None,
     image_size: tuple[int, int],
-    augment: ml_collections.ConfigDict | None,
+    label_type: np.dtype,
     ignore_index: int,
 ) -> dict[str, np.ndarray]:
     # Before `shuffle().repeat()`, grain passes `index` = epoch * num_examples + example index.
     epoch, example_index = divmod(index, num_examples)
-    if augment is None:
-        return transforms.eval_transform(
-            example, image_size=image_size, augment=None, ignore_index=ignore_index
-        )
-    rng = transforms.example_rng(seed, epoch, example_index)
-    return transforms.train_transform(
-        example, rng, image_size=image_size, augment=augment, ignore_index=ignore_index
-    )
+    if canvas_hw is None:  # no augmentation: the eval transform
+        out = transforms.eval_canvas(example, image_size=image_size, augment=None,
+                                     ignore_index=ignore_index, label_type=label_type)
+        out["size"] = out["valid"]
+    else:
+        out = transforms.fit_to_canvas(example, canvas_hw, ignore_index=ignore_index,
+                                       label_type=label_type)
+    out["epoch"], out["index"] = np.int32(epoch), np.int32(example_index)
+    return out
 
 
 def _global_position(position: int, *, batch_size: int, rows: slice) -> int:
@@ -174,7 +205,7 @@ def create_train_iterator(
     Args:
       source: a flaxseg source (`len`, `__getitem__`, `.info`).
       batch_size: the global batch (all processes).
-      seed: drives the per-epoch shuffles and every example's transform.
+      seed: drives the per-epoch shuffles (the device augmentation gets the same seed).
       augment: an `augment_config()`, or None for no augmentation (eval-style resize/pad).
       image_size: (H, W) of the yielded images (the crop size).
       num_epochs: None repeats forever; otherwise the iterator stops after that many.
@@ -184,8 +215,12 @@ def create_train_iterator(
       num_threads, prefetch_buffer_size: grain read threads and prefetched elements.
 
     Returns:
-      A `TrainIterator` of `{'image': float32 [b, H, W, C], 'label': int32 [b, H, W]}`,
-      b the number of `process_rows`.
+      A `TrainIterator` of `{'image': uint8 [b, Hc, Wc, C], 'label': [b, Hc, Wc]
+      (`transforms.label_dtype`), 'valid': int32 [b, 2], 'size': int32 [b, 2], 'epoch':
+      int32 [b], 'index': int32 [b]}`, b the number of `process_rows`, (Hc, Wc) the
+      `transforms.canvas_size` (the first example's size unless `augment.canvas_size`; or
+      `image_size` without augmentation):
+      `augment.train_fn(augment, seed=seed, ...)` turns it into the training batch.
     """
     rows = _check_common(source, batch_size, process_rows, augment)
     if num_epochs is not None and num_epochs < 1:
@@ -196,13 +231,15 @@ def create_train_iterator(
             f"{batch_size}; lower batch_size or raise num_epochs."
         )
     image_size = normalize_image_size(image_size)
+    info = source.info
     transform = functools.partial(
         _train_example,
         num_examples=len(source),
-        seed=seed,
+        canvas_hw=None if augment is None else transforms.canvas_size(
+            augment, source[0]["label"].shape),
         image_size=image_size,
-        augment=augment,
-        ignore_index=source.info.ignore_index,
+        label_type=transforms.label_dtype(info.num_classes, info.ignore_index),
+        ignore_index=info.ignore_index,
     )
     ordered = (
         grain.MapDataset.source(source).map_with_index(transform).shuffle(seed=seed)
@@ -257,15 +294,16 @@ def _eval_example(
     augment: ml_collections.ConfigDict | None,
 ) -> dict[str, np.ndarray]:
     index = _global_position(position, batch_size=batch_size, rows=rows)
-    ignore_index = source.info.ignore_index
+    info = source.info
+    label_type = transforms.label_dtype(info.num_classes, info.ignore_index)
     if index >= len(source):  # padding: contributes nothing to any metric
         return {
-            "image": np.zeros((*image_size, source.info.num_channels), np.float32),
-            "label": np.full(image_size, ignore_index, np.int32),
+            "image": np.zeros((*image_size, info.num_channels), np.uint8),
+            "label": np.full(image_size, info.ignore_index, label_type),
+            "valid": np.zeros(2, np.int32),
         }
-    return transforms.eval_transform(
-        source[index], image_size=image_size, augment=augment, ignore_index=ignore_index
-    )
+    return transforms.eval_canvas(source[index], image_size=image_size, augment=augment,
+                                  ignore_index=info.ignore_index, label_type=label_type)
 
 
 def create_eval_iterator(
@@ -282,12 +320,14 @@ def create_eval_iterator(
 
     `batch_size` is the global batch and `process_rows` this process's rows of it (as for
     `create_train_iterator`). Images reach `image_size` by `augment.eval_resize` ('pad'
-    unless set) and get the same normalisation as training (`augment.normalize`); no
-    random transforms. Every process yields `ceil(len(source) / batch_size)` batches;
-    padding examples have zero images and labels equal to `ignore_index`.
+    unless set, `transforms.eval_canvas`), as uint8; the devices normalise them
+    (`augment.eval_fn(augment)`), as in training. Every process yields
+    `ceil(len(source) / batch_size)` batches; padding examples have zero images, an empty
+    `valid` extent and labels equal to `ignore_index`.
 
     Returns:
-      An `EvalIterator` of `{'image': float32 [b, H, W, C], 'label': int32 [b, H, W]}`.
+      An `EvalIterator` of `{'image': uint8 [b, H, W, C], 'label': [b, H, W]
+      (`transforms.label_dtype`), 'valid': int32 [b, 2]}`.
     """
     rows = _check_common(source, batch_size, process_rows, augment)
     image_size = normalize_image_size(image_size)

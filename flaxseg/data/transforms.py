@@ -52,6 +52,12 @@ def validate_augment(augment: ml_collections.ConfigDict, num_channels: int) -> N
             f"augment.eval_resize must be one of {_EVAL_RESIZE}, got {augment.eval_resize!r}."
         )
     _validate_elastic(augment)
+    if augment.get("canvas_size"):
+        try:
+            normalize_image_size(augment.canvas_size)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"augment.canvas_size must be None (automatic) or (H, W) positive "
+                             f"ints, got {augment.canvas_size!r}.") from e
     normalization_stats(augment, num_channels)
 
 
@@ -137,12 +143,7 @@ _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 def _jitter_coefficients(
     rng: np.random.Generator, augment, channels: int, mean_value: float
 ) -> tuple[float, float, float]:
-    """Brightness, contrast and saturation jitter as `a * x + g * grey(x) + o` on [0, 1] pixels.
-
-    Brightness scales, contrast scales about the (brightened) image mean `mean_value`,
-    saturation blends each pixel with its grey value (3 channels only). All three are
-    linear, so they fold into one pass; returns (a, g, o).
-    """
+    """Draws the brightness, contrast and saturation factors; `jitter_coefficients` of them."""
     brightness = contrast = saturation = 1.0
     if augment.brightness:
         brightness += rng.uniform(-augment.brightness, augment.brightness)
@@ -150,13 +151,25 @@ def _jitter_coefficients(
         contrast += rng.uniform(-augment.contrast, augment.contrast)
     if augment.saturation and channels == 3:
         saturation += rng.uniform(-augment.saturation, augment.saturation)
+    return jitter_coefficients(brightness, contrast, saturation, mean_value)
+
+
+def jitter_coefficients(brightness, contrast, saturation, mean_value):
+    """Brightness, contrast and saturation jitter as `a * x + g * grey(x) + o` on [0, 1] pixels.
+
+    Brightness scales, contrast scales about the (brightened) image mean `mean_value`,
+    saturation blends each pixel with its grey value (3 channels only). All three are
+    linear, so they fold into one pass; returns (a, g, o). Plain arithmetic: the factors
+    may be Python floats (the host path) or JAX arrays (`flaxseg.data.augment`).
+    """
     gain = brightness * contrast
     # Blending with grey keeps a constant image constant, so the contrast pivot passes through.
     return gain * saturation, gain * (1.0 - saturation), (1.0 - contrast) * brightness * mean_value
 
 
-def _grey(pixels: np.ndarray) -> np.ndarray:
-    """Luma of `[..., 3]` pixels (per-channel slices: much faster than a BLAS matvec here)."""
+def grey(pixels: np.ndarray) -> np.ndarray:
+    """Luma of `[..., 3]` pixels (per-channel slices: much faster than a BLAS matvec here;
+    NumPy or JAX arrays)."""
     r, g, b = _GRAY_WEIGHTS
     red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
     return red * np.float32(r) + green * np.float32(g) + blue * np.float32(b)
@@ -295,7 +308,7 @@ def train_transform(
         jittered = pixels * np.float32(a / 255.0)
         jittered += np.float32(o)
         if g:
-            jittered += _grey(pixels)[..., None] * np.float32(g / 255.0)
+            jittered += grey(pixels)[..., None] * np.float32(g / 255.0)
         pixels = np.clip(jittered, 0.0, 1.0, out=jittered)
     else:
         pixels *= np.float32(1.0 / 255.0)
@@ -317,6 +330,100 @@ def train_transform(
     return {"image": out_image, "label": out_label}
 
 
+def label_dtype(num_classes: int, ignore_index: int) -> np.dtype:
+    """The smallest integer dtype (uint8, int16, int32) holding the class ids
+    `0 .. num_classes - 1` and `ignore_index`: what the host sends the devices."""
+    low, high = min(0, int(ignore_index)), max(int(num_classes) - 1, int(ignore_index))
+    for dtype in (np.uint8, np.int16, np.int32):
+        if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"Labels 0..{num_classes - 1} and ignore_index={ignore_index} do not fit "
+                     "in int32; use fewer classes or a smaller ignore_index.")
+
+
+def canvas_size(augment: ml_collections.ConfigDict,
+                source_hw: tuple[int, int]) -> tuple[int, int]:
+    """(Hc, Wc) of the uint8 canvas a training example travels on to the devices.
+
+    `augment.canvas_size` if set, else `source_hw`: the size of the source's first
+    example. The canvas holds the whole image (a crop's window may lie anywhere in it;
+    rotations and scales are the device's coordinates), so a dataset of one image size
+    (CamVid, Cityscapes, ISBI, the synthetic scenes) travels without padding. Larger images
+    are shrunk to fit (`fit_to_canvas`): for a dataset of mixed sizes set
+    `augment.canvas_size` to the largest.
+    """
+    configured = augment.get("canvas_size")
+    return normalize_image_size(configured if configured else tuple(source_hw))
+
+
+def fit_to_canvas(
+    example: Example, canvas_hw: tuple[int, int], *, ignore_index: int, label_type: np.dtype
+) -> Example:
+    """A training example as the host sends it: on a fixed uint8 canvas, top-left.
+
+    An image larger than the canvas is shrunk to fit, aspect ratio kept (bilinear image,
+    nearest mask); the device augmentation (`flaxseg.data.augment`) still draws its scale
+    relative to the original size, so only resolution is lost. Returns `{'image': uint8
+    [Hc, Wc, C] (zero outside the image), 'label': label_type [Hc, Wc] (ignore_index
+    outside), 'valid': int32 [2] (the image's extent on the canvas), 'size': int32 [2]
+    (the original H, W)}`.
+    """
+    image, label = _check_example(example)
+    height, width = label.shape
+    canvas_h, canvas_w = canvas_hw
+    if height > canvas_h or width > canvas_w:
+        factor = min(canvas_h / height, canvas_w / width)
+        fit = (min(canvas_h, max(1, round(height * factor))),
+               min(canvas_w, max(1, round(width * factor))))
+        image = _resize(image, fit, None, nearest=False)
+        label = _resize(label, fit, None, nearest=True)
+    valid_h, valid_w = label.shape
+    out_image = np.zeros((canvas_h, canvas_w, image.shape[-1]), np.uint8)
+    out_image[:valid_h, :valid_w] = image
+    out_label = np.full((canvas_h, canvas_w), ignore_index, label_type)
+    out_label[:valid_h, :valid_w] = label
+    return {"image": out_image, "label": out_label,
+            "valid": np.array([valid_h, valid_w], np.int32),
+            "size": np.array([height, width], np.int32)}
+
+
+def eval_canvas(
+    example: Example,
+    *,
+    image_size: tuple[int, int] | int,
+    augment: ml_collections.ConfigDict | None = None,
+    ignore_index: int = 255,
+    label_type: type | np.dtype = np.int32,
+) -> Example:
+    """Deterministic, uint8: brings an example to `image_size` as the host sends it.
+
+    `augment.eval_resize == 'pad'` (default) places the image top-left (the rest is
+    padding: zero pixels, `ignore_index` labels) and centre-crops an axis that is too
+    long; 'resize' resamples (bilinear image, nearest mask). Returns `{'image': uint8
+    [h, w, C], 'label': label_type [h, w], 'valid': int32 [2]}`, `valid` the image's
+    extent (padding gets `pad_value` when normalised).
+    """
+    image, label = _check_example(example)
+    out_h, out_w = normalize_image_size(image_size)
+    mode = "pad" if augment is None else augment.eval_resize
+    h, w = label.shape
+    if mode == "resize":
+        if (h, w) != (out_h, out_w):
+            image = _resize(image, (out_h, out_w), None, nearest=False)
+            label = _resize(label, (out_h, out_w), None, nearest=True)
+        return {"image": image, "label": label.astype(label_type),
+                "valid": np.array([out_h, out_w], np.int32)}
+    top, left = max(0, (h - out_h) // 2), max(0, (w - out_w) // 2)
+    image = image[top : top + out_h, left : left + out_w]
+    label = label[top : top + out_h, left : left + out_w]
+    vh, vw = label.shape
+    out_image = np.zeros((out_h, out_w, image.shape[-1]), np.uint8)
+    out_image[:vh, :vw] = image
+    out_label = np.full((out_h, out_w), ignore_index, label_type)
+    out_label[:vh, :vw] = label
+    return {"image": out_image, "label": out_label, "valid": np.array([vh, vw], np.int32)}
+
+
 def eval_transform(
     example: Example,
     *,
@@ -324,32 +431,16 @@ def eval_transform(
     augment: ml_collections.ConfigDict | None = None,
     ignore_index: int = 255,
 ) -> Example:
-    """Deterministic: brings an example to `image_size` and normalises it.
-
-    `augment.eval_resize == 'pad'` (default) pads at the bottom/right (image with
-    `pad_value`, mask with `ignore_index`) and centre-crops an axis that is too long;
-    'resize' resamples (bilinear image, nearest mask). Returns float32 / int32 arrays.
-    """
-    image, label = _check_example(example)
-    out_h, out_w = normalize_image_size(image_size)
+    """Deterministic, on the host: `eval_canvas`, then the normalisation (padding gets
+    `pad_value`). Returns float32 `[h, w, C]` / int32 `[h, w]` arrays; training and
+    evaluation normalise on the devices instead (`flaxseg.data.augment.normalize`)."""
+    canvas = eval_canvas(example, image_size=image_size, augment=augment,
+                         ignore_index=ignore_index)
+    image = canvas["image"]
     mean, std = normalization_stats(augment, image.shape[-1])
-    mode = "pad" if augment is None else augment.eval_resize
-    h, w = label.shape
-    if mode == "resize":
-        if (h, w) != (out_h, out_w):
-            image = _resize(image, (out_h, out_w), None, nearest=False)
-            label = _resize(label, (out_h, out_w), None, nearest=True)
-        out_image = image.astype(np.float32) / 255.0
-        out_label = label.astype(np.int32)
-    else:
-        top, left = max(0, (h - out_h) // 2), max(0, (w - out_w) // 2)
-        image = image[top : top + out_h, left : left + out_w]
-        label = label[top : top + out_h, left : left + out_w]
-        vh, vw = label.shape
-        pad = mean if augment is not None and augment.pad_value == "mean" else 0.0
-        out_image = np.empty((out_h, out_w, image.shape[-1]), np.float32)
-        out_image[...] = pad
-        out_image[:vh, :vw] = image.astype(np.float32) / 255.0
-        out_label = np.full((out_h, out_w), ignore_index, np.int32)
-        out_label[:vh, :vw] = label
-    return {"image": (out_image - mean) / std, "label": out_label}
+    vh, vw = (int(v) for v in canvas["valid"])
+    pad = mean if augment is not None and augment.pad_value == "mean" else 0.0
+    out_image = np.empty(image.shape, np.float32)
+    out_image[...] = pad
+    out_image[:vh, :vw] = image[:vh, :vw].astype(np.float32) / 255.0
+    return {"image": (out_image - mean) / std, "label": canvas["label"]}

@@ -183,6 +183,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         _positive_int(config, key)
     if config.batch_size != "auto":
         _positive_int(config, "batch_size")
+    workers = config.get("data_workers", 0)
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int)
+                              or workers < 0):
+        raise ValueError(f"config.data_workers must be an int >= 0 or 'auto', got {workers!r}.")
     if not isinstance(config.memory_budget_gb, int | float) or config.memory_budget_gb < 0:
         raise ValueError(f"config.memory_budget_gb must be a number >= 0 (0: the device's own "
                          f"memory), got {config.memory_budget_gb!r}.")

@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from flaxseg import data
+from flaxseg.data import augment
 from flaxseg.metrics import MetricSums, sum_batches
 from flaxseg.models import logits_of
 from flaxseg.optim import create_learning_rate_schedule, create_optimizer
@@ -77,8 +78,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     Resumes from `workdir`'s latest checkpoint if there is one. Returns the summary
     (also written to `<workdir>/summary.json` by process 0): the final evaluation's
     `mean_iou`, `pixel_accuracy`, `mean_accuracy`, `fw_iou`, `per_class_iou`, plus
-    `steps`, `wall_time_s`, `images_per_sec` and `stopped_by` (None, or what stopped the
-    run early; the summary then describes the last evaluation, if any).
+    `steps`, `wall_time_s`, `images_per_sec` (end to end), `step_images_per_sec` (the
+    step's own: the time spent waiting for data left out), `data_wait_share` (of the
+    training wall time, the share the loop waited for data) and `stopped_by` (None, or
+    what stopped the run early; the summary then describes the last evaluation, if any).
 
     Raises ValueError for a bad config (before compiling) and for a workdir that holds
     checkpoints of a different model (before writing anything). The model is always the
@@ -122,7 +125,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         train_iter = stack.enter_context(data.pipeline.create_train_iterator(
             train_source, batch_size=int(config.batch_size), seed=int(config.seed),
             augment=config.augment, image_size=input_shape[1:3],
-            process_rows=par.process_rows(int(config.batch_size))))
+            process_rows=par.process_rows(int(config.batch_size)),
+            worker_count=data.pipeline.worker_count(config.get("data_workers", 0))))
         if saved_loop:
             train_iter.set_state(saved_loop["data_iterator"])
         loss_fn, num_classes = loss_from_config(config), train_source.info.num_classes
@@ -131,6 +135,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                      ignore_index=ignore_index, nan_policy=config.nan_policy)
         eval_step = make_eval_step(model, loss_fn, num_classes, parallel=par,
                                    ignore_index=ignore_index)
+        # The host sends uint8; augmentation and normalisation run here, on the mesh.
+        train_augment = par.compile_batch_fn(*augment.train_stages(
+            config.augment, seed=int(config.seed), image_size=input_shape[1:3],
+            ignore_index=ignore_index))
+        eval_prepare = par.compile_batch_fn(augment.eval_fn(config.augment))
+        grid_prepare = jax.jit(augment.eval_fn(config.augment))
         train_metrics = TrainMetrics(
             num_classes, NonFiniteGuard(config.nan_policy, on_skip=reporter.skipped_step,
                                         max_consecutive_skips=_skip_limit(num_steps),
@@ -140,12 +150,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last_eval, stopped_by, step = None, None, start_step
         stop = stack.enter_context(StopRequest())
 
+        def next_batch() -> tuple[Any, dict[str, Any]]:
+            """The next batch on the devices (augmenting, asynchronously) and the data
+            position after it; the time the host waited for it counts as data wait."""
+            start = time.perf_counter()
+            host_batch = next(train_iter)
+            position = train_iter.get_state()
+            batch = train_augment(par.put_examples(host_batch))
+            throughput.waited(time.perf_counter() - start)
+            return batch, position
+
         def loop_state() -> dict[str, Any]:
-            return {"data_iterator": train_iter.get_state(), "input_shape": list(input_shape),
+            return {"data_iterator": data_position, "input_shape": list(input_shape),
                     "train_metric_sums": train_metrics.sums().to_json()}
 
+        upcoming = next_batch() if start_step < num_steps else None
         for step in range(start_step + 1, num_steps + 1):
-            state, metrics = train_step(state, par.put_batch(next(train_iter)))
+            batch, data_position = upcoming
+            state, metrics = train_step(state, batch)
             train_metrics.add(step, metrics)
             if step == num_steps:  # before the final checkpoint, which would read as done
                 train_metrics.sums()  # reads the last step's flag
@@ -161,9 +183,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                    float(schedule(step - 1)), train_metrics.guard.skipped)
             if eval_due:
                 last_eval = {"step": step, **evaluate(eval_step, variables_of(state), par,
-                                                      eval_source, config)}
+                                                      eval_source, config, eval_prepare)}
                 reporter.evaluation(step, config.eval_split, last_eval)
-                reporter.prediction_grid(step, _grid(model, state, par, eval_source, config))
+                reporter.prediction_grid(step, _grid(model, state, par, eval_source, config,
+                                                     grid_prepare))
             if save_due:
                 best = last_eval if last_eval and last_eval["step"] == step else None
                 ckpt.save(step, state, loop=loop_state(), config=config,
@@ -175,11 +198,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 reporter.message(f"Stopped by {stopped_by} at step {step}; saved a checkpoint "
                                  f"in {ckpt.directory}. Run the same command to resume.")
                 break
+            # The step runs (dispatched asynchronously) while the host prepares the next batch.
+            upcoming = next_batch() if step < num_steps else None
         if last_eval is None and not stopped_by:
             # Resumed at the last step (a run killed before summary.json): evaluate it again
             # for the summary; its metrics.jsonl record and grid are already written.
             last_eval = {"step": step, **evaluate(eval_step, variables_of(state), par,
-                                                  eval_source, config)}
+                                                  eval_source, config, eval_prepare)}
         ckpt.wait()
         summary = _summary(config, workdir, step, last_eval, stopped_by, throughput,
                            train_metrics.guard.skipped, time.perf_counter() - wall_start)
@@ -286,19 +311,24 @@ def _finished_summary(workdir: str, step: int, num_steps: int) -> dict[str, Any]
 
 
 def evaluate(eval_step, variables: dict[str, Any], par: DataParallel, source: Any,
-             config: ml_collections.ConfigDict) -> dict[str, Any]:
+             config: ml_collections.ConfigDict, prepare=None) -> dict[str, Any]:
     """The FCN scores (`segmentation_scores`) and mean `loss` of one pass over `source`.
 
     The training loop's evaluation, and `python -m flaxseg.evaluate`'s default: the
     config's eval transform, global batches of `config.batch_size` split over `par`'s
     devices and processes, padding ignored, every example counted once.
-    `eval_step(variables, batch)` is `make_eval_step(..., parallel=par)`.
+    `eval_step(variables, batch)` is `make_eval_step(..., parallel=par)`; `prepare` the
+    on-device normalisation `par.compile_batch_fn(augment.eval_fn(config.augment))` (made
+    here if None; pass one to compile it once).
     """
+    if prepare is None:
+        prepare = par.compile_batch_fn(augment.eval_fn(config.augment))
     batch_size = int(config.batch_size)
     with data.pipeline.create_eval_iterator(
             source, batch_size=batch_size, image_size=tuple(config.dataset.image_size),
             augment=config.augment, process_rows=par.process_rows(batch_size)) as batches:
-        sums = sum_batches((eval_step(variables, par.put_batch(b)) for b in batches),
+        sums = sum_batches((eval_step(variables, prepare(par.put_examples(b)))
+                            for b in batches),
                            source.info.num_classes)
     return {"loss": sums.loss, **sums.scores(source.info.class_names)}
 
@@ -310,9 +340,9 @@ def _predict_classes(model: Any, variables: dict[str, Any], images: jax.Array) -
 
 
 def _grid(model: Any, state: TrainState, par: DataParallel, source: Any,
-          config: ml_collections.ConfigDict) -> np.ndarray | None:
+          config: ml_collections.ConfigDict, prepare: Any) -> np.ndarray | None:
     """image | truth | prediction rows (uint8) of the first eval examples (process 0 only,
-    on its own copy of the weights)."""
+    on its own copy of the weights); `prepare`: the eval normalisation on one device."""
     from flaxseg.visualize import palette_or_generated, prediction_grid
 
     if jax.process_index() != 0:
@@ -321,7 +351,7 @@ def _grid(model: Any, state: TrainState, par: DataParallel, source: Any,
     with data.pipeline.create_eval_iterator(
             source, batch_size=count, image_size=tuple(config.dataset.image_size),
             augment=config.augment, process_rows=slice(0, count)) as batches:
-        batch = next(batches)
+        batch = prepare(next(batches))
     preds = _predict_classes(model, par.local_copy(variables_of(state)), batch["image"])
     return prediction_grid(batch["image"], batch["label"], np.asarray(preds),
                            palette_or_generated(source.info.palette, model.num_classes)[0],
@@ -338,6 +368,8 @@ def _summary(config: ml_collections.ConfigDict, workdir: str, step: int,
         "wall_time_s": wall_time,
         "train_time_s": throughput.train_time,
         "images_per_sec": throughput.images_per_sec,
+        "step_images_per_sec": throughput.step_images_per_sec,
+        "data_wait_share": throughput.data_wait_share,
         "stopped_by": stopped_by,
         "workdir": str(Path(workdir).absolute()),
     }

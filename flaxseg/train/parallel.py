@@ -202,22 +202,60 @@ class DataParallel:
                              f"{self.devices}; pass devices grouped by process.")
         return slice(mine[0] * per_split, (mine[-1] + 1) * per_split)
 
-    def put_batch(self, batch: PyTree) -> PyTree:
-        """This process's rows `[b, ...]` of the global batch -> global arrays.
-
-        `[B, ...]` sharded `P('data')` (split over 'space' too with spatial partitions).
-        """
+    def _local_rows(self, x: np.ndarray) -> None:
         local = len(self.local_devices) // self.spatial_partitions
+        if x.ndim == 0 or x.shape[0] % local:
+            raise ValueError(
+                f"This process's batch of shape {x.shape} cannot be split over its {local} "
+                "devices; load process_rows(global_batch_size) of the global batch.")
+
+    def put_examples(self, batch: PyTree) -> PyTree:
+        """This process's rows `[b, ...]` of a global batch -> global arrays `[B, ...]`
+        sharded over 'data' in every mode: the input of `compile_batch_fn`'s functions (the
+        host's uint8 batches, for the on-device augmentation)."""
 
         def put(x):
             x = np.asarray(x)
-            if x.shape[0] % local:
-                raise ValueError(
-                    f"This process's batch of {x.shape[0]} cannot be split over its {local} "
-                    "devices; load process_rows(global_batch_size) of the global batch.")
-            return jax.make_array_from_process_local_data(self.batch_sharding, x)
+            self._local_rows(x)
+            # Over 'data' only: an example's source points may lie anywhere in its canvas.
+            return jax.make_array_from_process_local_data(
+                NamedSharding(self.mesh, PartitionSpec(AXIS_NAME)), x)
 
         return jax.tree.map(put, batch)
+
+    def put_batch(self, batch: PyTree) -> PyTree:
+        """This process's rows `[b, ...]` of the global batch -> the step's global arrays:
+        `[B, H, ...]` sharded `P('data', 'space')` in every mode (1-D arrays `P('data')`).
+        """
+
+        def put(x):
+            x = np.asarray(x)
+            self._local_rows(x)
+            sharding = self.batch_sharding if x.ndim >= 2 else NamedSharding(
+                self.mesh, PartitionSpec(AXIS_NAME))
+            return jax.make_array_from_process_local_data(sharding, x)
+
+        return jax.tree.map(put, batch)
+
+    def compile_batch_fn(self, *stages: Callable[[PyTree], PyTree]
+                         ) -> Callable[[PyTree], PyTree]:
+        """Compiles a per-example batch function (the on-device augmentation or
+        normalisation, `flaxseg.data.augment`), given as one or more stages run in turn,
+        each its own program, over the mesh: it takes `put_examples`'s arrays and returns
+        the batch as the step takes it (`put_batch`'s layout), sharded like it: no example
+        leaves its devices (under spatial partitions each device of an example holds its
+        whole canvas and keeps its rows of the output)."""
+        *first, last = stages
+        over_data = NamedSharding(self.mesh, PartitionSpec(AXIS_NAME))
+        compiled = [jax.jit(stage, out_shardings=over_data) for stage in first]
+        compiled.append(jax.jit(last, out_shardings=self.batch_sharding))
+
+        def run(batch: PyTree) -> PyTree:
+            for stage in compiled:
+                batch = stage(batch)
+            return batch
+
+        return run
 
     # -- the state --------------------------------------------------------------------------
     def put_state(self, tree: PyTree) -> PyTree:

@@ -10,9 +10,11 @@
                   timings go to the console and TensorBoard.
   tensorboard/    TensorBoard event files: the same scalars, img/s, and the grids.
   predictions/    `step_<N>.png`: image | truth | prediction, one row per example.
-  summary.json    at the end: the final evaluation, steps, wall time, img/s.
+  summary.json    at the end: the final evaluation, steps, wall time, img/s (end to end
+                  and the step's own) and the share of time spent waiting for data.
 
-The console gets a progress bar (loss, mIoU, img/s, ETA) on an interactive terminal
+The console gets a progress bar (loss, mIoU, the step's img/s with the end-to-end figure
+beside it, the data-wait share, ETA) on an interactive terminal
 and plain periodic lines otherwise (CI, log files); evaluations print the FCN metric
 table. Other processes write nothing.
 """
@@ -20,6 +22,7 @@ table. Other processes write nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -37,6 +40,8 @@ TENSORBOARD_DIR = "tensorboard"
 PREDICTIONS_DIR = "predictions"
 
 _BAR_WIDTH = 24
+# A log interval that waited longer than this share of its time for data is input-bound.
+DATA_WAIT_WARNING = 0.2
 
 
 @contextlib.contextmanager
@@ -113,6 +118,7 @@ class Reporter:
         self._metrics_file = None
         self._timer_step: int | None = None
         self._timer_start = 0.0
+        self._warned_data_wait = False
         if not is_chief:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -153,14 +159,22 @@ class Reporter:
         return rate * (self.num_train_steps - step)
 
     def progress(self, step: int, *, loss: float, mean_iou: float, images_per_sec: float | None,
-                 ) -> None:
-        """The progress bar (interactive) or one plain line (not interactive)."""
+                 end_to_end: float | None = None, data_wait: float | None = None) -> None:
+        """The progress bar (interactive) or one plain line (not interactive).
+
+        `images_per_sec` is the step's own rate, `end_to_end` the loop's (waiting for data
+        included), `data_wait` the share of the interval spent waiting for data.
+        """
         if not self.is_chief:
             return
         eta = self.eta_seconds(step)
         fields = [f"loss {loss:.4f}", f"mIoU {mean_iou:.3f}"]
         if images_per_sec is not None:
-            fields.append(f"{images_per_sec:.1f} img/s")
+            fields.append(f"{images_per_sec:.1f} img/s"
+                          + (f" ({end_to_end:.1f} end to end)" if end_to_end is not None
+                             else ""))
+        if data_wait is not None:
+            fields.append(f"data wait {100 * data_wait:.0f}%")
         if eta is not None:
             fields.append(f"ETA {format_duration(eta)}")
         width = len(str(self.num_train_steps))
@@ -200,12 +214,14 @@ class Reporter:
             if isinstance(value, int | float | np.number) and math.isfinite(value):
                 self._writer.add_scalar(f"{split}/{name}", float(value), int(step))
 
-    def train_log(self, step: int, sums: Any, images_per_sec: float | None,
+    def train_log(self, step: int, sums: Any, rates: Rates | None,
                   learning_rate: float, skipped_steps: int = 0) -> None:
         """The log of a training interval: a metrics.jsonl record (loss, pixel accuracy,
         mIoU, learning rate, skipped steps if any), TensorBoard, and the progress line.
 
-        `sums` is the interval's `flaxseg.metrics.MetricSums`.
+        `sums` is the interval's `flaxseg.metrics.MetricSums`; `rates` its
+        `Throughput.interval` (None before the first is timed). An interval that waited for
+        data more than `DATA_WAIT_WARNING` of its time says so, once per run.
         """
         if not self.is_chief:
             return
@@ -214,11 +230,21 @@ class Reporter:
                   "mean_iou": scores["mean_iou"], "learning_rate": learning_rate}
         if skipped_steps:
             record["skipped_steps"] = skipped_steps
-        self.write_metrics(step, "train", record,
-                           extra_scalars={"images_per_sec": images_per_sec}
-                           if images_per_sec else None)
+        timings = None if rates is None else {
+            "images_per_sec": rates.step, "images_per_sec_end_to_end": rates.end_to_end,
+            "data_wait_share": rates.data_wait}
+        self.write_metrics(step, "train", record, extra_scalars=timings)
         self.progress(step, loss=sums.loss, mean_iou=scores["mean_iou"],
-                      images_per_sec=images_per_sec)
+                      images_per_sec=rates and rates.step,
+                      end_to_end=rates and rates.end_to_end, data_wait=rates and rates.data_wait)
+        if rates and rates.data_wait > DATA_WAIT_WARNING and not self._warned_data_wait:
+            self._warned_data_wait = True
+            self.message(
+                f"WARNING: the loop waited for data {100 * rates.data_wait:.0f}% of the time up "
+                f"to step {step}: the input pipeline is the bottleneck. Raise "
+                "config.data_workers (worker processes), set config.dataset.cache=True (a "
+                "dataset that fits in memory), or prepare the dataset once (python -m "
+                "flaxseg.data prepare) so that the host only reads.")
 
     def skipped_step(self, step: int, skipped: int) -> None:
         """Says that a step's update was skipped (non-finite loss or gradient)."""
@@ -282,35 +308,70 @@ class Reporter:
             self._metrics_file = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """One log interval's throughput: `step` images/s (the time spent waiting for data
+    left out), `end_to_end` images/s (wall time), `data_wait` (the share of the wall time
+    the loop waited for data, 0-1)."""
+
+    step: float
+    end_to_end: float
+    data_wait: float
+
+
 class Throughput:
     """Training images/s: timed from the end of the first (compiling) step, leaving out
-    the time spent evaluating and saving (call `mark` after those)."""
+    the time spent evaluating and saving (call `mark` after those). The loop reports the
+    time it waits for data with `waited`; rates come out both with and without it."""
 
     def __init__(self, batch_size: int):
         self.batch_size = int(batch_size)
         self.train_time = 0.0
+        self.wait_time = 0.0
         self.train_images = 0
         self._mark: tuple[float, int] | None = None
+        self._waited = 0.0
 
     def mark(self, step: int) -> None:
         """(Re)starts the clock after `step`."""
         self._mark = (time.perf_counter(), int(step))
+        self._waited = 0.0
 
-    def interval(self, step: int) -> float | None:
-        """images/s since the last mark (None before the first), adding to the totals."""
+    def waited(self, seconds: float) -> None:
+        """Adds time the loop spent waiting for the next batch."""
+        self._waited += float(seconds)
+
+    def interval(self, step: int) -> Rates | None:
+        """The rates since the last mark (None before the first), adding to the totals."""
         if self._mark is None or step <= self._mark[1]:
             return None
         start, start_step = self._mark
         elapsed = time.perf_counter() - start
+        waited = min(self._waited, elapsed)
         images = (step - start_step) * self.batch_size
         self.train_time += elapsed
+        self.wait_time += waited
         self.train_images += images
         self.mark(step)
-        return images / elapsed if elapsed > 0 else None
+        if elapsed <= 0:
+            return None
+        return Rates(images / max(elapsed - waited, 1e-9), images / elapsed, waited / elapsed)
 
     @property
     def images_per_sec(self) -> float | None:
+        """End to end: images over the training wall time."""
         return self.train_images / self.train_time if self.train_time > 0 else None
+
+    @property
+    def step_images_per_sec(self) -> float | None:
+        """The steps' own: images over the training time not spent waiting for data."""
+        busy = self.train_time - self.wait_time
+        return self.train_images / busy if busy > 0 else None
+
+    @property
+    def data_wait_share(self) -> float | None:
+        """The share of the training wall time spent waiting for data."""
+        return self.wait_time / self.train_time if self.train_time > 0 else None
 
 
 def _not_a_read_only_notice(record: Any) -> bool:
