@@ -4,10 +4,12 @@ import json
 import os
 from unittest import mock
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from flaxseg.data import augment as augment_lib
 from flaxseg.data import augment_config, create_source, dataset_config
 from flaxseg.data.__main__ import main as cli_main
 from flaxseg.data.base import LabelMapper, parse_value_map
@@ -450,13 +452,10 @@ def test_isbi2012(isbi_dir, capsys):
     assert 0.20 < membrane < 0.24
     assert cli_main(["check", isbi_dir, "--preset", "isbi2012"]) == 0
     assert "membrane" in capsys.readouterr().out
-    batch = next(
-        create_train_iterator(
-            train,
-            batch_size=2,
-            seed=0,
-            augment=augment_config(rot90=True, vflip=True),
-            image_size=64,
-        )
-    )
+    augment = augment_config(rot90=True, vflip=True)
+    host = next(create_train_iterator(train, batch_size=2, seed=0, augment=augment,
+                                      image_size=64))
+    assert host["image"].shape == (2, 512, 512, 1) and host["image"].dtype == np.uint8
+    batch = jax.jit(augment_lib.train_fn(augment, seed=0, image_size=64,
+                                         ignore_index=255))(host)
     assert batch["image"].shape == (2, 64, 64, 1)
