@@ -221,6 +221,19 @@ def random_variables(model: nn.Module, shape, seed: int = 0, bias_scale: float =
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
+def float64_batch_stats(state):
+    """`state` with its BatchNorm statistics in float64 when its params are float64.
+
+    flax's BatchNorm creates its running statistics in float32 whatever the param dtype,
+    and the first float64 step returns them in float64: the step's signature changes and
+    it compiles twice. Cast up front, a float64 test compiles each program once.
+    """
+    if not any(x.dtype == jnp.float64 for x in jax.tree.leaves(state.params)):
+        return state
+    return state.replace(batch_stats=jax.tree.map(lambda x: x.astype(jnp.float64),
+                                                  state.batch_stats))
+
+
 def uniform_images(seed: int, shape) -> jax.Array:
     """Float32 images in [0, 1), drawn with NumPy."""
     return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import float64_batch_stats
 from jax.sharding import PartitionSpec as P
 
 from flaxseg import losses
@@ -207,11 +208,13 @@ def test_mesh_dropout_masks_are_the_one_device_masks(loss_fn):
 
 def _run_steps(mode: str, model: nn.Module, state: TrainState, loss_fn, steps: int,
                dtype=np.float32) -> tuple[TrainState, list]:
+    """`steps` steps on batches of 4 images of 16x16 (float64 convolutions are slow on
+    XLA:CPU: ~0.6 s per image of 32x32 per step)."""
     par = DataParallel(mode)
     step = make_train_step(model, loss_fn, NUM_CLASSES, parallel=par, donate=False)
     state, history = par.put_state(state), []
     for i in range(steps):
-        batch = _batch(10 + i)
+        batch = _batch(10 + i, batch_size=DEVICES, size=16)
         batch["image"] = batch["image"].astype(dtype)
         batch["label"][: 1 + i % 3] = 255  # uneven ignore counts per device
         state, metrics = step(state, par.put_batch(batch))
@@ -222,7 +225,8 @@ def _run_steps(mode: str, model: nn.Module, state: TrainState, loss_fn, steps: i
 def test_four_devices_equal_one_device_after_five_steps(loss_fn):
     """jit on 1 device, mesh on 4, pmap on 4: the same params, compared in float64.
 
-    5 SGD steps of the BatchNorm U-Net on the same global batches. The modes differ only
+    5 SGD steps of the BatchNorm U-Net on the same global batches (4 images of 16x16, one
+    per device; float64 runs slowly on XLA:CPU). The modes differ only
     in the order of the floating-point sums (a device's partial sums, then the all-reduce).
     Why float64: the step is continuous only between the kinks of ReLU and the max pool.
     In float32 the modes' activations differ by up to ~5e-6; with this seed one of the
@@ -231,19 +235,20 @@ def test_four_devices_equal_one_device_after_five_steps(loss_fn):
     BatchNorm's backward spreads it over every earlier layer (all gradients 1% apart) and
     the params end 2e-4 apart, where a CPU that rounds the other way measured 9e-7. No
     float32 tolerance bounds a flip. In float64 the activations differ by ~1e-14, eight
-    orders below the nearest kink, so no gate flips; the params then agree to 1.1e-10 of
-    the largest (measured; the first step's gradients to 1.8e-8). The bounds keep three
+    orders below the nearest kink, so no gate flips; the params then agree to 2.1e-16 of
+    the largest (measured; 1.1e-10 with 8 images of 32x32). The bounds keep three
     orders of margin for another CPU's rounding and still fail for a real difference
     (per-device BatchNorm statistics: ~1e-2; a missing all-reduce: ~1).
     """
     with jax.enable_x64(True):
         model = NO_DROPOUT.clone(dtype=jnp.float64, param_dtype=jnp.float64)
-        initial = create_train_state(model, SGD, jax.random.key(1), SHAPE)
+        initial = float64_batch_stats(create_train_state(model, SGD, jax.random.key(1), SHAPE))
         jit_state, jit_history = _run_steps("jit", model, initial, loss_fn, 5, np.float64)
         update = jax.tree.map(jnp.subtract, jit_state.params, initial.params)
         for mode in ("mesh", "pmap"):
             state, history = _run_steps(mode, model, initial, loss_fn, 5, np.float64)
             assert int(state.step) == int(jit_state.step) == 5
+            print(f"{mode}: params differ by {_max_rel(state.params, jit_state.params):.1e}")
             assert _max_rel(state.params, jit_state.params) < 1e-7, mode
             assert _max_rel(jax.tree.map(jnp.subtract, state.params, initial.params),
                             update) < 1e-6, mode

@@ -86,6 +86,26 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch.
+
+    tensorboardX imports torch when it is installed (only to accept torch tensors), which
+    costs about 6 s of CPU in every training process of an environment with the `torch`
+    extra. The writer is only given NumPy values here, so torch is hidden during the import
+    (a `None` entry in sys.modules makes `import torch` raise ImportError, which
+    tensorboardX handles) unless something has imported it already.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Reporter:
     """Console output and log files of one run (see the module docstring).
 
@@ -123,11 +143,9 @@ class Reporter:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._truncate_metrics(self.start_step)
-        from tensorboardX import SummaryWriter
-
         # purge_step makes TensorBoard drop the events a killed run wrote after the
         # checkpoint it resumes from.
-        self._writer = SummaryWriter(
+        self._writer = _summary_writer_class()(
             str(self.workdir / TENSORBOARD_DIR),
             purge_step=self.start_step + 1 if self.start_step else None,
         )
