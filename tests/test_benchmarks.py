@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import child_env
 
 from benchmarks import peaks, pipeline, throughput
 from benchmarks.plot import line_plot
@@ -18,12 +19,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """`python -m benchmarks.throughput --quick` in a fresh process (it forces 2 devices)."""
+    """`python -m benchmarks.throughput --quick` in a fresh process (it forces 2 devices),
+    with the tests' compile flags and compilation cache (this checks fields, not speed)."""
     out = tmp_path_factory.mktemp("bench")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.throughput", "--quick", f"--out_dir={out}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=child_env(2), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out / "results.jsonl") as f:

@@ -191,11 +191,15 @@ def test_no_dropout_key_is_used_twice(loss_fn):
 
 
 def test_mesh_dropout_masks_are_the_one_device_masks(loss_fn):
-    """Partitionable random bits: the sharded step draws what one device draws."""
+    """Partitionable random bits: the sharded step draws what one device draws.
+
+    With JAX's default (conftest turns it off elsewhere to compile faster), as users run."""
     model = UNet(num_classes=NUM_CLASSES, features=4, depth=2, norm=None, dropout_rate=0.5)
     state = create_train_state(model, SGD, jax.random.key(2), SHAPE)
-    outs = {mode: make_train_step(model, loss_fn, NUM_CLASSES, parallel=mode, donate=False)(
-        state, _batch(1)) for mode in ("jit", "mesh")}
+    with jax.threefry_partitionable(True):
+        outs = {mode: make_train_step(model, loss_fn, NUM_CLASSES, parallel=mode,
+                                      donate=False)(state, _batch(1))
+                for mode in ("jit", "mesh")}
     (jit_state, jit_metrics), (mesh_state, mesh_metrics) = outs["jit"], outs["mesh"]
     np.testing.assert_array_equal(jit_metrics["confusion"], mesh_metrics["confusion"])
     assert _max_rel(mesh_state.params, jit_state.params) < 1e-5
