@@ -24,8 +24,8 @@ PUBLIC: dict[str, tuple[str, ...]] = {
         "unet_valid_input_sizes",
     ),
     "flaxseg.models.backbones": (
-        "AlexNet", "BACKBONES", "Coords", "ResNet", "VGG16", "create_backbone",
-        "last_per_stride",
+        "AlexNet", "BACKBONES", "Coords", "MobileNetV3", "ResNet", "VGG16", "backbone_at_stride",
+        "create_backbone", "last_per_stride",
     ),
     "flaxseg.train": (
         "DataParallel", "NonFiniteGuard", "NonFiniteLossError", "TrainMetrics", "TrainState",
