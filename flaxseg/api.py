@@ -17,7 +17,8 @@ from typing import Any
 
 PUBLIC: dict[str, tuple[str, ...]] = {
     "flaxseg.models": (
-        "EncoderDecoder", "FCN", "FCNResNet", "Geometry", "ModelSpec", "UNet", "WeightsError",
+        "DeepLabV3", "DeepLabV3Plus", "EncoderDecoder", "FCN", "FCNResNet", "Geometry",
+        "LRASPP", "ModelSpec", "UNet", "WeightsError",
         "available_models", "create_model", "forward_flops", "from_torchvision",
         "linen_variables", "load_variables", "logits_of", "model_geometry", "model_spec",
         "param_count", "register_model", "split_outputs", "to_nnx", "unet_output_size",
