@@ -39,7 +39,7 @@ from flaxseg.models.registry import register_model
 # torchvision's taps: the deepest map feeds the ASPP, this one the auxiliary head.
 AUX_MAP = {"resnet50": "layer3", "resnet101": "layer3", "mobilenet_v3_large": "4"}
 OUTPUT_STRIDE = {"resnet50": 8, "resnet101": 8, "mobilenet_v3_large": 16}
-# Fields of the backbones a model passes on when set (cheap test variants).
+# Backbone fields a model passes on when it has and sets them (cheap test variants).
 BACKBONE_OPTIONS = ("blocks", "base_width", "width_mult", "widths")
 
 
@@ -146,7 +146,8 @@ class DeepLabHead(nn.Module):
 
 def backbone_options(model: nn.Module) -> dict:
     """The `BACKBONE_OPTIONS` fields `model` sets (not None), for `backbone_at_stride`."""
-    return {f: getattr(model, f) for f in BACKBONE_OPTIONS if getattr(model, f) is not None}
+    return {f: getattr(model, f) for f in BACKBONE_OPTIONS
+            if getattr(model, f, None) is not None}
 
 
 class DeepLabV3(nn.Module):
@@ -170,7 +171,6 @@ class DeepLabV3(nn.Module):
     blocks: tuple[int, ...] | None = None
     base_width: int | None = None
     width_mult: float | None = None
-    widths: tuple[int, ...] | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None

@@ -47,7 +47,10 @@ def create_backbone(backbone: str, /, **kwargs) -> nn.Module:
     (its fields; `name=` names the submodule)."""
     if backbone not in BACKBONES:
         raise ValueError(f"Unknown backbone {backbone!r}; available: {', '.join(BACKBONES)}.")
-    return BACKBONES[backbone](**kwargs)
+    try:
+        return BACKBONES[backbone](**kwargs)
+    except TypeError as e:  # a field of another backbone (e.g. width_mult for a ResNet)
+        raise TypeError(f"Backbone {backbone!r} has no such field: {e}.") from e
 
 
 def backbone_at_stride(backbone: str, output_stride: int, /, **kwargs) -> nn.Module:
