@@ -17,15 +17,16 @@ from typing import Any
 
 PUBLIC: dict[str, tuple[str, ...]] = {
     "flaxseg.models": (
-        "EncoderDecoder", "FCN", "FCNResNet", "Geometry", "ModelSpec", "UNet", "WeightsError",
+        "DeepLabV3", "DeepLabV3Plus", "EncoderDecoder", "FCN", "FCNResNet", "Geometry",
+        "LRASPP", "ModelSpec", "UNet", "WeightsError",
         "available_models", "create_model", "forward_flops", "from_torchvision",
         "linen_variables", "load_variables", "logits_of", "model_geometry", "model_spec",
         "param_count", "register_model", "split_outputs", "to_nnx", "unet_output_size",
         "unet_valid_input_sizes",
     ),
     "flaxseg.models.backbones": (
-        "AlexNet", "BACKBONES", "Coords", "ResNet", "VGG16", "create_backbone",
-        "last_per_stride",
+        "AlexNet", "BACKBONES", "Coords", "MobileNetV3", "ResNet", "VGG16", "backbone_at_stride",
+        "create_backbone", "last_per_stride",
     ),
     "flaxseg.train": (
         "DataParallel", "NonFiniteGuard", "NonFiniteLossError", "TrainMetrics", "TrainState",

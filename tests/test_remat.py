@@ -72,7 +72,8 @@ def test_an_unknown_policy_is_refused_naming_the_choices():
         model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
 
 
-@pytest.mark.parametrize("name", ["unet", "fcn8s", "fcn_resnet50"])
+@pytest.mark.parametrize("name", ["unet", "fcn8s", "fcn_resnet50", "deeplabv3plus",
+                                  "lraspp_mobilenet_v3_large"])
 def test_weights_keep_their_names_under_remat(name):
     tiny, x = models.model_spec(name).tiny, jnp.zeros((1, 32, 32, 3))
     shapes = [jax.eval_shape(models.create_model(name, num_classes=2, remat=remat, **tiny).init,

@@ -27,6 +27,7 @@ SHIPPED_CONFIGS = (
     "unet_pets",
     "folder",
     "encoder_decoder",
+    "deeplabv3plus",
     "test",
 )
 

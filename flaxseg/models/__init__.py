@@ -1,5 +1,6 @@
 """Segmentation models: U-Net (SAME / VALID, optionally on a pretrained encoder), FCN-32s /
-16s / 8s on VGG-16, FCN-AlexNet, FCN-ResNet-50/101 (torchvision's), the encoder-decoder.
+16s / 8s on VGG-16, FCN-AlexNet, torchvision's FCN-ResNet-50/101, DeepLabV3 (ResNet-50/101,
+MobileNetV3-Large) and LR-ASPP, DeepLabV3+, the encoder-decoder.
 
 Every model is a Linen module with fields `num_classes`, `dtype` (compute),
 `param_dtype` and `axis_name` (BatchNorm's cross-replica axis under pmap), called as
@@ -25,10 +26,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxseg.models.deeplabv3 import DeepLabV3
+from flaxseg.models.deeplabv3plus import DeepLabV3Plus
 from flaxseg.models.encoder_decoder import EncoderDecoder
 from flaxseg.models.fcn import FCN
 from flaxseg.models.fcn_resnet import FCNResNet
 from flaxseg.models.geometry import Geometry, model_geometry
+from flaxseg.models.lraspp import LRASPP
 from flaxseg.models.nnx_bridge import linen_variables, load_variables, to_nnx
 from flaxseg.models.pretrained import from_torchvision
 from flaxseg.models.registry import (
@@ -77,6 +81,9 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
 
 __all__ = [
     "FCN",
+    "LRASPP",
+    "DeepLabV3",
+    "DeepLabV3Plus",
     "EncoderDecoder",
     "FCNResNet",
     "Geometry",

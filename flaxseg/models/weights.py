@@ -3,7 +3,8 @@
 flaxseg downloads nothing: you bring the file you have.
 
 - torchvision state dicts (`torch.save(model.state_dict())`, e.g. `vgg16-397923af.pth`,
-  `alexnet-owt-7be5be79.pth`, `resnet50-*.pth`, `fcn_resnet50_coco-*.pth`), read with
+  `alexnet-owt-7be5be79.pth`, `resnet50-*.pth`, `mobilenet_v3_large-*.pth`,
+  `fcn_resnet50_coco-*.pth`, `deeplabv3_*_coco-*.pth`), read with
   `torch.load(weights_only=True)` (the `torch` extra). Conv kernels OIHW -> HWIO; the
   classifier's Linear layers become fc6/fc7 convolutions (fc6's `[4096, 512*7*7]` matrix
   unflattened in torchvision's NCHW order); BatchNorm `weight`/`bias` -> `scale`/`bias`,
@@ -16,7 +17,8 @@ flaxseg downloads nothing: you bring the file you have.
   keyed by its Flax path joined with '/' (`conv1_1/kernel`), BatchNorm statistics under
   `batch_stats/`, the expected input normalisation under `__normalization__`; NumPy reads it.
 
-The ImageNet classifier's last layer (fc8 / `fc`, 1000 classes) is dropped. Every file
+The ImageNet classifier's last layer (fc8 / `fc`, 1000 classes; MobileNetV3's whole
+`classifier`) is dropped. Every file
 comes with the normalisation its weights expect (`flaxseg.normalization`): torchvision's
 ImageNet mean/std, Keras's Caffe mean subtraction, or what the .npz records. A file that
 is not what it should be raises `WeightsError` naming the first missing, mis-shaped or
@@ -293,10 +295,7 @@ def load_backbone(path: str | os.PathLike, backbone: nn.Module) -> Pretrained:
     path = os.fspath(path)
     fmt = file_format(path)
     if fmt == "torch":
-        source = read_torch(path)
-        if "backbone.conv1.weight" in source:  # an fcn_resnet* file: its backbone
-            source = {k[len("backbone."):]: v for k, v in source.items()
-                      if k.startswith("backbone.")}
+        source = _torch_backbone_keys(read_torch(path))
         key_of, transform, normalization = torch_key_fn(backbone), torch_to_flax, IMAGENET
     elif fmt == "keras":
         if not isinstance(backbone, VGG16):
@@ -312,6 +311,16 @@ def load_backbone(path: str | os.PathLike, backbone: nn.Module) -> Pretrained:
     variables = convert(abstract_variables(backbone), source, key_of, transform, path,
                         may_skip=lambda key: key in full or key.startswith("predictions/"))
     return Pretrained(variables, normalization, path)
+
+
+def _torch_backbone_keys(source: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A torchvision file's backbone keys as the backbone module names them: a segmentation
+    model's `backbone.*` (FCN, DeepLabV3, LR-ASPP), MobileNetV3's `features.*` (its
+    ImageNet classifier dropped); other files as they are."""
+    for prefix in ("backbone.", "features."):
+        if f"{prefix}0.0.weight" in source or f"{prefix}conv1.weight" in source:
+            return {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
+    return source
 
 
 def nest(variables: dict[str, Any], scope: tuple[str, ...]) -> dict[str, Any]:

@@ -42,11 +42,11 @@ def _conv(features: int, kernel: int, name: str, stride: int = 1, dilation: int 
                    dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def batch_norm(name: str, dtype: Dtype, param_dtype: Dtype, axis_name: str | None
-               ) -> nn.BatchNorm:
-    """torchvision's `BatchNorm2d` (eps 1e-5, momentum 0.1) as a Flax BatchNorm; call it
-    with `use_running_average=not train`."""
-    return nn.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=axis_name, dtype=dtype,
+def batch_norm(name: str, dtype: Dtype, param_dtype: Dtype, axis_name: str | None,
+               epsilon: float = 1e-5, momentum: float = 0.9) -> nn.BatchNorm:
+    """torchvision's `BatchNorm2d` (default eps 1e-5, PyTorch momentum 0.1 = Flax
+    `momentum` 0.9) as a Flax BatchNorm; call it with `use_running_average=not train`."""
+    return nn.BatchNorm(momentum=momentum, epsilon=epsilon, axis_name=axis_name, dtype=dtype,
                         param_dtype=param_dtype, name=name)
 
 
