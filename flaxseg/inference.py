@@ -122,13 +122,16 @@ def num_classes(model: nn.Module, variables: Any, channels: int) -> int:
     return _output_shape(model, variables, size, size, channels)[2]
 
 
-def default_mode(model: nn.Module) -> str:
+def default_mode(model: nn.Module, tiled: bool = False) -> str:
     """The mode that segments any image size in full, from the model's geometry:
     `'overlap_tile'` for a net whose output is smaller than its input (the VALID U-Net),
-    `'pad'` for a net with a stride above 1, else `'whole'`."""
+    `'pad'` for a net with a stride above 1, else `'whole'`. `tiled` (a tile size was
+    given): a tiled mode, `'overlap_tile'` or `'gaussian'` (nnU-Net's), which streams."""
     geometry = model_geometry(model)
     if geometry.output_size is not None:
         return "overlap_tile"
+    if tiled:
+        return "gaussian"
     return "pad" if geometry.stride > 1 else "whole"
 
 
@@ -641,6 +644,28 @@ def predict_labels(
                             on_progress)
 
 
+def streams(mode: str, scales: float | Sequence[float] | None = None) -> bool:
+    """Whether `predict` streams this procedure in bands (the tiled modes without
+    multi-scale TTA) rather than holding the image's logits."""
+    return mode in TILED_MODES and parse_scales(scales) == (1,)
+
+
+def _labels(model: nn.Module, variables: Any, image: Any, mode: str,
+            preprocess: Callable[[np.ndarray], np.ndarray], name: str,
+            options: dict[str, Any]) -> np.ndarray:
+    """uint8 labels `[h, w]` of one uint8 image `[H, W, C]`: streamed where `streams`
+    says so (with progress on stderr), else from `predict_logits`."""
+    if streams(mode, options.get("scales")):
+        kept = {k: v for k, v in options.items() if k not in ("scales", "batch_size")}
+        return predict_labels(model, variables, image, mode=mode, preprocess=preprocess,
+                              on_progress=streaming.Progress(name), **kept)
+    logits = predict_logits(model, variables, preprocess(np.asarray(image)), mode=mode,
+                            **options)
+    if logits.shape[-1] > 256:
+        raise ValueError(f"{logits.shape[-1]} classes do not fit a uint8 PNG mask")
+    return np.argmax(logits, axis=-1).astype(np.uint8)
+
+
 def predict(
     model: nn.Module,
     variables: Any,
@@ -656,12 +681,16 @@ def predict(
     **predict_kwargs: Any,
 ) -> list[PredictionResult]:
     """Segments image files and writes `<output_dir>/masks/<name>.png` (class indices,
-    uint8) and `<output_dir>/overlays/<name>.png` (colours over the image).
+    uint8) and `<output_dir>/overlays/<name>.png` (colours over the image); a mask past
+    PNG's practical size is a tiled TIFF (`image_files.write_prediction`).
 
     Args:
       inputs: an image file, a directory of images, or a list of files.
-      mode, predict_kwargs: passed to `predict_logits` (`flip`, `tile_size`, ...).
-        With the VALID U-Net in mode `'whole'` the mask covers the image's centre.
+      mode, predict_kwargs: passed to `predict_logits` (`flip`, `tile_size`, ...), or,
+        for the tiled modes without multi-scale TTA (`streams`), to `predict_labels`
+        (which also takes `tile_sharding`): streamed in bands with bounded memory and
+        progress on stderr. With the VALID U-Net in mode `'whole'` the mask covers the
+        image's centre.
       palette: uint8 `[num_classes, 3]`; default `visualize.generated_palette` (no
         dataset's colours).
       num_channels: the channel count the model was trained on; a file with another
@@ -688,17 +717,13 @@ def predict(
             mismatch = num_channels and channel_mismatch(image, num_channels)
             if mismatch:
                 raise ValueError(mismatch)
-            logits = predict_logits(
-                model, variables, preprocess(image), mode=mode, **predict_kwargs
-            )
+            mask = _labels(model, variables, image, mode, preprocess,
+                           os.path.basename(path), predict_kwargs)
         except (OSError, ValueError) as error:  # unreadable file, or an input the model rejects
             results.append(PredictionResult(path, error=f"{path}: {error}"))
             continue
-        num_classes = logits.shape[-1]
-        if num_classes > 256:
-            raise ValueError(f"{num_classes} classes do not fit a uint8 PNG mask")
-        colours = visualize.palette_or_generated(palette, num_classes)[0]
-        mask = np.argmax(logits, axis=-1).astype(np.uint8)
+        classes = num_classes(model, variables, image.shape[-1])
+        colours = visualize.palette_or_generated(palette, classes)[0]
         paths = write_prediction(output_dir, stem, image, mask, colours, alpha)
         results.append(PredictionResult(path, *paths))
     return results
