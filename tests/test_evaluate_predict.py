@@ -253,8 +253,9 @@ def test_every_evaluate_option_is_applied_or_refused_and_named(trained_run, tmp_
 
     result = _cli("flaxseg.evaluate", f"--workdir={workdir}", "--mode=pad", "--tile_size=16")
     assert result.returncode == 2 and result.stderr.strip() == (
-        "Error: --tile_size applies to the tiled modes, not to mode 'pad'; drop it or pick "
-        "such a --mode.")
+        "Error: --tile_size applies to the tiled modes (sliding, gaussian, overlap_tile), not "
+        "to mode 'pad'; drop it or pick such a --mode (--mode=auto picks one when "
+        "--tile_size is given).")
     assert file_mtimes(workdir) == before  # the run is read, never written
 
 
@@ -276,6 +277,21 @@ def test_predict_cli_writes_masks_and_names_the_files_it_cannot_take(trained_run
         assert mask.shape == shape and mask.dtype == np.uint8 and mask.max() < 4
         assert np.asarray(Image.open(out / "overlays" / name)).shape == (*shape, 3)
     assert not (out / "masks" / "grey.png").exists()
+
+    # A tile size is never ignored: with --mode=auto it picks the tiled mode, streamed.
+    from flaxseg.image_files import load_image
+    from flaxseg.train.checkpoint import load_for_inference
+
+    result = _cli("flaxseg.predict", f"--workdir={workdir}", f"--input={inputs / 'b.png'}",
+                  f"--output={out}", "--tile_size=16")
+    assert result.returncode == 0, result.stderr
+    assert "(mode=gaussian (auto: --tile_size given: a tiled mode, streamed in bands)" \
+        in result.stdout
+    model, variables, config = load_for_inference(workdir)
+    expected = inference.predict_labels(model, variables, load_image(str(inputs / "b.png")),
+                                        mode="gaussian", tile_size=16,
+                                        preprocess=evaluate.image_normalizer(config))
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / "b.png")), expected)
 
 
 
