@@ -15,6 +15,10 @@ and W wherever the mode allows (`'whole'` on a SAME net: any multiple of its str
 the other modes: any size); a model or mode that cannot take symbolic sizes is exported
 for `--image_size` (default: the config's), and the command says so.
 
+For a streamed procedure (the tiled modes without `--scales`) it also writes `model.jax.bands`:
+the band program (`export_bands`), with which `flaxseg.exported` segments images of any size in
+bands of tile rows with bounded memory, as `flaxseg.inference.predict_labels` does.
+
 Running it needs jax alone (no flaxseg, no flax):
 
     exp = jax.export.deserialize(open("model.jax", "rb").read())
