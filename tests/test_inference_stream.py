@@ -5,9 +5,9 @@ on a tiny U-Net (one device and four), progress, and large files (TIFF in and ou
 import io
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_variables
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
@@ -84,13 +84,13 @@ def test_progress_shows_tiles_rate_and_eta_only_for_long_predictions():
 @pytest.fixture(scope="module")
 def unet():
     model = create_model("unet", num_classes=4, features=4, depth=2)
-    return model, model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+    return model, random_variables(model, (1, 16, 16, 3))
 
 
 @pytest.fixture(scope="module")
 def valid_unet():
     model = create_model("unet_valid", num_classes=3, features=4, depth=2, dropout_rate=0.0)
-    return model, model.init(jax.random.key(1), jnp.zeros((1, 60, 60, 1)), train=False)
+    return model, random_variables(model, (1, 60, 60, 1), seed=1)
 
 
 def _image(shape, seed=0):
@@ -162,7 +162,7 @@ def test_whole_image_modes_are_not_streamed(unet):
 def test_a_four_band_tiff_streams_from_a_memory_map_to_a_tiled_tiff(tmp_path, monkeypatch):
     tifffile = pytest.importorskip("tifffile")
     model = create_model("unet", num_classes=3, features=4, depth=2)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 4)), train=False)
+    variables = random_variables(model, (1, 16, 16, 4))
     image = _image((40, 52, 4), seed=3)
     tifffile.imwrite(tmp_path / "scene.tif", image)  # uncompressed: memory-mappable
     loaded = load_image(str(tmp_path / "scene.tif"))
