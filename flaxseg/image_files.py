@@ -34,7 +34,7 @@ from flaxseg import visualize
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 TIFF_EXTENSIONS = (".tif", ".tiff")
 #: Rows per block when an overlay is drawn (bounds its float32 temporaries).
-OVERLAY_ROWS = 512
+OVERLAY_ROWS = 256
 #: The tile of a written TIFF (multiples of 16, as the TIFF standard asks).
 TIFF_TILE = (256, 256)
 
@@ -205,29 +205,38 @@ def is_large(height: int, width: int) -> bool:
     return limit is not None and height * width > limit
 
 
-def save_tiff(path: str, array: np.ndarray) -> None:
-    """Writes uint8 `[H, W]` or `[H, W, 3]` as a tiled, zlib-compressed (Big)TIFF."""
+def save_tiff(path: str, data: np.ndarray | Iterator[np.ndarray],
+              shape: tuple[int, ...] | None = None) -> None:
+    """Writes uint8 `[H, W]` or `[H, W, 3]` as a tiled, zlib-compressed (Big)TIFF: an
+    array, or an iterator of its `TIFF_TILE` tiles in row-major order (edge tiles may be
+    cut short) with their `shape`, so the image need not exist whole."""
     tifffile = _tifffile()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tifffile.imwrite(path, array, tile=TIFF_TILE, compression="zlib", bigtiff=True,
-                     photometric="rgb" if array.ndim == 3 else "minisblack")
+    shape = np.shape(data) if shape is None else shape
+    tifffile.imwrite(path, data, shape=shape, dtype=np.uint8, tile=TIFF_TILE,
+                     compression="zlib", bigtiff=True,
+                     photometric="rgb" if len(shape) == 3 else "minisblack")
 
 
-def overlay_rows(image: np.ndarray, mask: np.ndarray, palette: np.ndarray,
-                 alpha: float = 0.5) -> np.ndarray:
+def overlay_blocks(image: np.ndarray, mask: np.ndarray, palette: np.ndarray,
+                   alpha: float = 0.5, rows: int = OVERLAY_ROWS) -> Iterator[np.ndarray]:
     """`visualize.overlay` of a uint8 `[H, W, C]` image (any C: the first three channels
-    are shown, or the first for C < 3) and a centred mask `[h, w]`, drawn in blocks of
-    `OVERLAY_ROWS` rows: uint8 `[h, w, 3]`, with no float32 copy of the whole image."""
+    are shown, or the first for C < 3) and a centred mask `[h, w]`, as uint8 blocks
+    `[rows, w, 3]` from the top: no float32 copy of the whole image."""
     height, width = mask.shape
     top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
     channels = 3 if image.shape[-1] >= 3 else 1
-    out = np.empty((height, width, 3), np.uint8)
-    for row in range(0, height, OVERLAY_ROWS):
-        shown = np.asarray(image[top + row : top + min(row + OVERLAY_ROWS, height),
+    for row in range(0, height, rows):
+        shown = np.asarray(image[top + row : top + min(row + rows, height),
                                  left : left + width, :channels])
-        out[row : row + OVERLAY_ROWS] = visualize.overlay(
-            shown, mask[row : row + OVERLAY_ROWS], palette, alpha=alpha)
-    return out
+        yield visualize.overlay(shown, mask[row : row + rows], palette, alpha=alpha)
+
+
+def _tiles(blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """`TIFF_TILE` tiles, row-major, of blocks of `TIFF_TILE[0]` rows."""
+    for block in blocks:
+        for left in range(0, block.shape[1], TIFF_TILE[1]):
+            yield block[:, left : left + TIFF_TILE[1]]
 
 
 def write_prediction(output_dir: str | os.PathLike, stem: str, image: np.ndarray,
@@ -235,16 +244,22 @@ def write_prediction(output_dir: str | os.PathLike, stem: str, image: np.ndarray
                      ) -> tuple[str, str]:
     """Writes `<output_dir>/masks/<stem>.png` (the uint8 class indices `mask` `[h, w]`)
     and `<output_dir>/overlays/<stem>.png` (the colours over `image` uint8 `[H, W, C]`,
-    centre-cropped to the mask); `.tif` (tiled) for a mask past `is_large`. Returns the
-    two paths."""
+    centre-cropped to the mask); tiled `.tif` for a mask past `is_large`, the overlay
+    drawn tile row by tile row. Returns the two paths."""
     if mask.dtype != np.uint8:
         if mask.size and mask.max() > 255:
             raise ValueError(f"class {mask.max()} does not fit a uint8 PNG mask")
         mask = mask.astype(np.uint8)
-    suffix, save = (".tif", save_tiff) if is_large(*mask.shape) else (".png",
-                                                                      visualize.save_png)
+    large = is_large(*mask.shape)
+    suffix = ".tif" if large else ".png"
     mask_path = os.path.join(os.fspath(output_dir), "masks", f"{stem}{suffix}")
     overlay_path = os.path.join(os.fspath(output_dir), "overlays", f"{stem}{suffix}")
-    save(mask_path, mask)
-    save(overlay_path, overlay_rows(image, mask, palette, alpha))
+    if large:
+        save_tiff(mask_path, mask)
+        blocks = overlay_blocks(image, mask, palette, alpha, rows=TIFF_TILE[0])
+        save_tiff(overlay_path, _tiles(blocks), (*mask.shape, 3))
+    else:
+        visualize.save_png(mask_path, mask)
+        overlay = np.concatenate(list(overlay_blocks(image, mask, palette, alpha)))
+        visualize.save_png(overlay_path, overlay)
     return mask_path, overlay_path
