@@ -307,8 +307,8 @@ def _tile_layout(plan: Plan, height: tiling.Dim, width: tiling.Dim) -> tiling.Ti
 
 def _stitching(plan: Plan) -> tuple[Callable[..., Any], Callable[[Any], jax.Array]]:
     """The tiled mode's `over_tiles` update, and what turns its carry into logits:
-    weighted sums divided by the summed weights ('sliding', 'gaussian'; an image smaller
-    than a tile is mirror-padded up to it), or output tiles placed ('overlap_tile')."""
+    weighted sums divided by the summed weights ('sliding', 'gaussian'), or output tiles
+    placed ('overlap_tile')."""
     if plan.mode == "overlap_tile":
         return (lambda carry, *tile: (tiling.place(carry[0], *tile),)), lambda c: c[0]
     weights = (tiling.gaussian_weights(plan.tile) if plan.mode == "gaussian"
@@ -401,11 +401,13 @@ def band_function(model: nn.Module, plan: Plan,
 
     def band(variables: Any, rows: jax.Array, carry: Any, first_pass: Any, num_passes: Any,
              origin: Any, shift: Any, rows_count: Any, rows_last: Any) -> tuple[Any, Any]:
-        net = _network(model, variables, plan.flip)
-        if tile_sharding is not None:
-            forward = net
-            net = lambda tiles: forward(jax.lax.with_sharding_constraint(  # noqa: E731
-                tiles, tile_sharding))
+        forward = _network(model, variables, plan.flip)
+
+        def net(tiles: jax.Array) -> jax.Array:
+            if tile_sharding is not None:  # the pass's tiles split over the devices
+                tiles = jax.lax.with_sharding_constraint(tiles, tile_sharding)
+            return forward(tiles)
+
         width = carry[0].shape[2]
         cols = (tiling.tile_grid(rows.shape[2], plan.tile[1], sw) if plan.mode != "overlap_tile"
                 else ((width - ow) // sw + 1, sw, width - ow))
@@ -447,12 +449,14 @@ def _as_float_batch(images: np.ndarray) -> tuple[np.ndarray, bool]:
     return images.astype(np.float32), single
 
 
-def _space_devices(sharding: jax.sharding.Sharding | None) -> int:
-    """How many devices `sharding` splits an image's H over (1 without one)."""
+def _splits(sharding: jax.sharding.Sharding | None, axis: int) -> int:
+    """How many ways `sharding` splits `axis` of an NHWC array (1 without one)."""
     if sharding is None:
         return 1
     probe = math.lcm(*range(1, 17))  # divisible by any split of up to 16 devices
-    return probe // sharding.shard_shape((1, probe, 1, 1))[1]
+    shape = [1, 1, 1, 1]
+    shape[axis] = probe
+    return probe // sharding.shard_shape(tuple(shape))[axis]
 
 
 def _split_pad(model: nn.Module, variables: Any, plan: Plan, images: np.ndarray,
@@ -463,7 +467,7 @@ def _split_pad(model: nn.Module, variables: Any, plan: Plan, images: np.ndarray,
         raise ValueError("sharding predicts each image in one pass at its own size; "
                          "multi-scale TTA (scales=) is not supported with it")
     _, height, width, _ = images.shape
-    multiple = (math.lcm(plan.multiple[0], _space_devices(sharding)), plan.multiple[1])
+    multiple = (math.lcm(plan.multiple[0], _splits(sharding, 1)), plan.multiple[1])
     top, bottom, left, right = _pad_amounts(height, width, multiple)
     padded = np.asarray(tiling.mirror_pad(jnp.asarray(images), top, bottom, left, right))
     whole = dataclasses.replace(plan, mode="whole")
@@ -562,12 +566,6 @@ def predict_logits(
     return logits[0] if single else logits
 
 
-def _devices_over(sharding: jax.sharding.Sharding) -> int:
-    """How many ways `sharding` splits an array's leading axis."""
-    probe = math.lcm(*range(1, 17))  # divisible by any split of up to 16 devices
-    return probe // sharding.shard_shape((probe, 1, 1, 1))[0]
-
-
 def stream_bands(plan: Plan, height: int, width: int) -> streaming.Bands:
     """How an image of `height x width` streams through the tiled `plan`."""
     layout = _tile_layout(plan, height, width)
@@ -625,7 +623,7 @@ def predict_labels(
         raise ValueError(f"{num_classes} classes do not fit uint8 labels")
     place = functools.partial(jax.tree.map, jnp.asarray)
     if tile_sharding is not None:
-        splits = _devices_over(tile_sharding)
+        splits = _splits(tile_sharding, 0)
         if tile_batch % splits:
             raise ValueError(f"tile_batch={tile_batch} cannot be split over {splits} devices; "
                              f"use a multiple of {splits} (e.g. "
