@@ -237,7 +237,8 @@ def define_inference_flags() -> None:
         "tile_size",
         None,
         "sliding / gaussian / overlap_tile input tile 'H,W' or 'S' (default: the config's "
-        "image_size), or 'auto': the largest square tile whose compiled forward pass of "
+        "image_size; given with --mode=auto, it picks gaussian, or overlap_tile for a VALID "
+        "net), or 'auto': the largest square tile whose compiled forward pass of "
         "--tile_batch tiles fits --memory_budget_gb (or the device's memory).",
     )
     flags.DEFINE_alias("tile", "tile_size")
@@ -297,9 +298,10 @@ def auto_tile_size(model: Any, variables: Any, channels: int, tile_batch: int,
 
 # The flags that apply only to some modes (or only with another flag): any other
 # combination is refused, so that no option given is silently ignored.
+_TILED = f"the tiled modes ({', '.join(inference.TILED_MODES)})"
 _FLAG_APPLIES = {
-    "tile_size": (inference.TILED_MODES, "the tiled modes"),
-    "tile_batch": (inference.TILED_MODES, "the tiled modes"),
+    "tile_size": (inference.TILED_MODES, _TILED),
+    "tile_batch": (inference.TILED_MODES, _TILED),
     "overlap": (("sliding", "gaussian"), "--mode=sliding and gaussian"),
     "stride": (("sliding", "gaussian"), "--mode=sliding and gaussian"),
     "multiple": (("pad",), "--mode=pad"),
@@ -312,7 +314,8 @@ def refuse_unused_flags(mode: str, given: set[str]) -> None:
     for name, (modes, where) in _FLAG_APPLIES.items():
         if name in given and mode not in modes:
             raise ValueError(f"--{name} applies to {where}, not to mode {mode!r}; drop it "
-                             "or pick such a --mode.")
+                             "or pick such a --mode (--mode=auto picks one when --tile_size "
+                             "is given).")
     auto_tile = mode in inference.TILED_MODES and flags.FLAGS.tile_size == ["auto"]
     for name in ("memory_budget_gb", "max_tile"):
         if name in given and not auto_tile:
@@ -324,8 +327,10 @@ def options_text(options: dict[str, Any], mode_flag: str) -> str:
     """Every inference option in effect, for a command's header line: `mode=pad (auto:
     from the model's geometry), flip=False, batch_size=4, scales=(0.75, 1.0, 1.25), ...`
     (scales (1.0,) where none are given)."""
-    shown = {"mode": options["mode"] + (" (auto: from the model's geometry)"
-                                        if mode_flag == "auto" else ""),
+    why = ("--tile_size given: a tiled mode, streamed in bands"
+           if options["mode"] in inference.TILED_MODES and flags.FLAGS["tile_size"].present
+           else "from the model's geometry")
+    shown = {"mode": options["mode"] + (f" (auto: {why})" if mode_flag == "auto" else ""),
              **{k: v for k, v in options.items() if k not in ("mode", "sharding")}}
     shown["scales"] = tuple(options.get("scales") or (1.0,))
     return ", ".join(f"{k}={v}" for k, v in shown.items())
@@ -336,7 +341,10 @@ def inference_options(model: Any, variables: Any,
     """`predict_logits` keyword arguments from the shared flags (after parsing); raises
     ValueError for a flag the mode would ignore."""
     values = flags.FLAGS
-    mode = inference.default_mode(model) if values.mode == "auto" else values.mode
+    # --mode=auto with --tile_size tiles (a tile size is never ignored); explicit whole or
+    # pad with it is refused below.
+    mode = (inference.default_mode(model, tiled=values["tile_size"].present)
+            if values.mode == "auto" else values.mode)
     refuse_unused_flags(mode, {name for name in _FLAG_APPLIES.keys() | {
         "memory_budget_gb", "max_tile"} if values[name].present})
     options: dict[str, Any] = {"mode": mode, "flip": values.flip, "batch_size": values.batch_size,
@@ -407,6 +415,20 @@ def for_this_process(variables: Any, config: ml_collections.ConfigDict,
     par = DataParallel("mesh", devices=jax.local_devices()[:spatial], spatial_partitions=spatial)
     sharding = NamedSharding(par.mesh, PartitionSpec(None, SPACE_AXIS))
     return par.put_state(local), {**options, "sharding": sharding}
+
+
+def tiles_over_local_devices(variables: Any, options: dict[str, Any]
+                             ) -> tuple[Any, dict[str, Any]]:
+    """(variables, `predict_labels` options) for streaming by this process alone: the
+    variables replicated over its devices, each pass of tiles split over them
+    (`tile_sharding`; `tile_batch` must be a multiple of the device count)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from flaxseg.train.parallel import AXIS_NAME, DataParallel
+
+    par = DataParallel("mesh", devices=jax.local_devices())
+    local = par.put_state(par.local_copy(variables))
+    return local, {**options, "tile_sharding": NamedSharding(par.mesh, PartitionSpec(AXIS_NAME))}
 
 
 def membrane_class_of(dataset: ml_collections.ConfigDict) -> int | None:

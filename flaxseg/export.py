@@ -15,6 +15,10 @@ and W wherever the mode allows (`'whole'` on a SAME net: any multiple of its str
 the other modes: any size); a model or mode that cannot take symbolic sizes is exported
 for `--image_size` (default: the config's), and the command says so.
 
+For a streamed procedure (the tiled modes without `--scales`) it also writes `model.jax.bands`:
+the band program (`export_bands`), with which `flaxseg.exported` segments images of any size in
+bands of tile rows with bounded memory, as `flaxseg.inference.predict_labels` does.
+
 Running it needs jax alone (no flaxseg, no flax):
 
     exp = jax.export.deserialize(open("model.jax", "rb").read())
@@ -43,6 +47,7 @@ from flaxseg.normalization import Normalization
 OUTPUTS = ("labels", "probabilities", "both")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 SIDECAR_SUFFIX = ".json"
+BANDS_SUFFIX = ".bands"
 FORMAT = "flaxseg-export/1"
 
 
@@ -55,13 +60,10 @@ def segmentation_function(model: Any, variables: Any, plan: inference.Plan,
     if outputs not in OUTPUTS:
         raise ValueError(f"outputs must be one of {OUTPUTS}, got {outputs!r}")
     logits_of = inference.logits_function(model, plan)
-    mean = np.asarray(normalization.mean, np.float32)
-    std = np.asarray(normalization.std, np.float32)
+    normalize = _normalizer(normalization)
 
     def segment(images: jax.Array) -> Any:
-        # As Normalization.__call__ computes it, operation for operation.
-        x = (images.astype(jnp.float32) / jnp.float32(255.0) - mean) / std
-        logits = logits_of(variables, x)
+        logits = logits_of(variables, normalize(images))
         labels = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         if outputs == "labels":
             return labels
@@ -69,6 +71,44 @@ def segmentation_function(model: Any, variables: Any, plan: inference.Plan,
         return probabilities if outputs == "probabilities" else (labels, probabilities)
 
     return segment
+
+
+def _normalizer(normalization: Normalization) -> Callable[[jax.Array], jax.Array]:
+    """uint8 -> float32 as `Normalization.__call__` computes it, operation for operation."""
+    mean = np.asarray(normalization.mean, np.float32)
+    std = np.asarray(normalization.std, np.float32)
+    return lambda images: (images.astype(jnp.float32) / jnp.float32(255.0) - mean) / std
+
+
+def export_bands(model: Any, variables: Any, plan: inference.Plan, *,
+                 normalization: Normalization, channels: int,
+                 platforms: Sequence[str] = ("cpu",)) -> jax.export.Exported:
+    """The band program of a streamed plan (`inference.band_function`, the normalisation
+    inside) lowered for `platforms`, for any image: the window's tile rows `n` and its
+    width `w` are symbolic. Its inputs: uint8 rows `[1, th + (n - 1) * sh, w + tw - ow,
+    C]`, the carry (float32 `[1, oh + (n - 1) * sh, w, K]`, and the summed weights
+    `[oh + (n - 1) * sh, w, 1]` for 'sliding' and 'gaussian'), six int32 scalars;
+    `flaxseg.exported` streams images through it (`flaxseg.streaming.stream`)."""
+    check_platforms(platforms)
+    variables = jax.device_get(variables)
+    band = inference.band_function(model, plan)
+    normalize = _normalizer(normalization)
+
+    def run(rows: jax.Array, carry: Any, *scalars: jax.Array) -> tuple[Any, Any]:
+        return band(variables, normalize(rows), carry, *scalars)
+
+    (th, tw), (oh, ow), sh = plan.tile, plan.out_tile or plan.tile, plan.step[0]
+    # A window is at least one tile wide (the host pads a narrower image up to a tile).
+    n, w = jax.export.symbolic_shape("n, w", constraints=(f"w >= {ow}",))
+    num_classes = inference.num_classes(model, variables, channels)
+    rows = jax.ShapeDtypeStruct((1, th + (n - 1) * sh, w + tw - ow, channels), jnp.uint8)
+    window = oh + (n - 1) * sh
+    carry = (jax.ShapeDtypeStruct((1, window, w, num_classes), jnp.float32),)
+    if plan.mode != "overlap_tile":  # the summed weights (tiling.empty_canvas)
+        carry += (jax.ShapeDtypeStruct((window, w, 1), jnp.float32),)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    return jax.export.export(jax.jit(run), platforms=tuple(platforms))(
+        rows, carry, *[scalar] * 6)
 
 
 def symbolic_input(model: Any, plan: inference.Plan, channels: int
@@ -177,15 +217,26 @@ def _versions(exported: jax.export.Exported) -> dict[str, Any]:
             "calling_convention": exported.calling_convention_version}
 
 
-def write(path: str | os.PathLike, data: bytes, info: dict[str, Any]) -> str:
-    """Writes the artifact bytes to `path` and the sidecar beside it; returns the
-    sidecar's path."""
+def bands_entry(path: str | os.PathLike, data: bytes) -> dict[str, Any]:
+    """The sidecar's `bands` entry for a band program's serialised bytes `data`."""
+    return {"file": os.path.basename(os.fspath(path)) + BANDS_SUFFIX, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "outputs": "uint8 labels [1, window, w] and the carry (flaxseg.streaming)"}
+
+
+def write(path: str | os.PathLike, data: bytes, info: dict[str, Any],
+          bands: bytes | None = None) -> str:
+    """Writes the artifact bytes to `path`, its band program's to `<path>.bands` when
+    given, and the sidecar beside them; returns the sidecar's path."""
     path = os.fspath(path)
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
+    if bands is not None:
+        with open(path + BANDS_SUFFIX, "wb") as f:
+            f.write(bands)
     with open(path + SIDECAR_SUFFIX, "w") as f:
         json.dump(info, f, indent=2)
     return path + SIDECAR_SUFFIX
@@ -234,8 +285,15 @@ def main(argv: list[str]) -> int:
     info = sidecar(exported, data, plan=plan, rule=rule, normalization=normalization,
                    outputs=values.outputs, class_names=names,
                    palette=None if palette is None else np.asarray(palette, np.uint8))
-    sidecar_path = write(values.out, data, info)
-    print(f"Wrote {values.out} ({len(data) / 2**20:.1f} MiB) and {sidecar_path}: mode "
+    band_data = None
+    if inference.streams(plan.mode, plan.scales):
+        band_data = export_bands(model, variables, plan, normalization=normalization,
+                                 channels=channels, platforms=values.platforms).serialize()
+        info["bands"] = bands_entry(values.out, band_data)
+    sidecar_path = write(values.out, data, info, band_data)
+    streamed = (f", {values.out}{BANDS_SUFFIX} (the band program: predict --exported "
+                "streams images of any size)" if band_data else "")
+    print(f"Wrote {values.out} ({len(data) / 2**20:.1f} MiB){streamed} and {sidecar_path}: mode "
           f"{plan.mode}, flip={plan.flip}, scales={info['procedure']['scales']}, outputs "
           f"{values.outputs}, platforms {','.join(exported.platforms)}; input uint8 "
           f"{info['input']['shape']}: {size_rule_text(rule)}; palette: "

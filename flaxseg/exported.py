@@ -6,11 +6,14 @@
     python -m flaxseg.predict --exported=model.jax --input=photos/ --output=out/
 
 `load` reads the serialised `jax.export.Exported` and the JSON sidecar beside it
-(`model.jax.json`, optional), and turns a truncated or corrupt file into one clear
-error; calling the artifact checks the images' dtype, rank, channels and size rule
-before JAX sees them. Only NumPy, Pillow and jax are imported here (and flaxseg's own
-`image_files` and `visualize`, which need no more), so this runs where flaxseg's
-training stack is not installed.
+(`model.jax.json`, optional), and, for the tiled modes, the band program
+(`model.jax.bands`), and turns a truncated or corrupt file into one clear error; calling
+the artifact checks the images' dtype, rank, channels and size rule before JAX sees
+them. `Artifact.segment` streams an image of any size through the band program
+(`flaxseg.streaming`: bounded memory, progress), as in-process inference does. Only
+NumPy, Pillow and jax are imported here (and flaxseg's own `image_files`, `visualize`,
+`streaming` and `tiling`, which need no more; tifffile for TIFF files), so this runs
+where flaxseg's training stack is not installed.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from flaxseg import visualize
+from flaxseg import streaming, tiling, visualize
 from flaxseg.image_files import (
     Inputs,
     PredictionResult,
@@ -37,16 +41,19 @@ from flaxseg.image_files import (
     write_prediction,
 )
 
-SIDECAR_SUFFIX = ".json"  # as flaxseg.export writes it
+SIDECAR_SUFFIX = ".json"  # as flaxseg.export writes them
+BANDS_SUFFIX = ".bands"
 
 
 @dataclasses.dataclass(frozen=True)
 class Artifact:
-    """A deserialised artifact and its sidecar (`{}` when there is none)."""
+    """A deserialised artifact and its sidecar (`{}` when there is none); `bands`: its
+    band program, for the tiled modes (`flaxseg.export.export_bands`)."""
 
     exported: jax.export.Exported
     info: dict[str, Any]
     path: str = "the artifact"
+    bands: jax.export.Exported | None = None
 
     @property
     def channels(self) -> int:
@@ -79,6 +86,35 @@ class Artifact:
         return images
 
 
+    def segment(self, image: Any,
+                on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Labels `[h, w]` of one uint8 image `[H, W, C]` (any array that slices by rows,
+        e.g. a memory map): streamed in bands through the band program where the artifact
+        has one (bounded memory, `on_progress(tiles done, tiles)`), else one call."""
+        self.check(image[None])
+        if self.bands is None:
+            out = self(np.asarray(image)[None])
+            out = out[0] if isinstance(out, tuple) else out
+            return out[0] if out.ndim == 3 else np.argmax(out[0], axis=-1)
+        procedure = self.info["procedure"]
+        tile, step = tuple(procedure["tile"]), tuple(procedure["step"])
+        out_tile = tuple(procedure["out_tile"] or tile)
+        height, width = image.shape[:2]
+        if procedure["mode"] == "overlap_tile":
+            layout = tiling.overlap_tile_layout(height, width, tile, out_tile, step)
+        else:
+            layout = tiling.sliding_layout(height, width, tile, step)
+        bands = streaming.make_bands(layout, tile, out_tile, procedure["tile_batch"])
+        carry = tiling.empty_canvas(procedure["mode"] != "overlap_tile", 1, bands.window_out,
+                                    layout.canvas[1], self.info["num_classes"], np)
+
+        def run(rows: np.ndarray, carry: Any, *scalars: int) -> tuple[Any, Any]:
+            return self.bands.call(rows, carry, *(np.int32(s) for s in scalars))
+
+        out = np.empty((height, width), np.uint8)
+        return streaming.stream(run, bands, image, carry, out, lambda rows: rows, on_progress)
+
+
 def _fits(rule: dict[str, Any], height: int, width: int) -> bool:
     if not rule["symbolic"]:
         return (height, width) == (rule["height"], rule["width"])
@@ -91,36 +127,44 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def load(path: str | os.PathLike) -> Artifact:
-    """The artifact at `path` with its sidecar `<path>.json` when present. Raises
-    ValueError for a file that is truncated or corrupt (its size and SHA-256 against the
-    sidecar's, then the deserialiser's verdict), FileNotFoundError when it is missing."""
-    path = os.fspath(path)
+def _deserialize(path: str, expected: dict[str, Any]) -> jax.export.Exported:
+    """The program in `path`, checked against the size and SHA-256 in `expected`."""
     data = _read(path)
+    if len(data) != expected.get("bytes", len(data)):
+        raise ValueError(f"{path} is truncated or overwritten: {len(data)} bytes, its "
+                         f"sidecar says {expected['bytes']}; export it again")
+    if hashlib.sha256(data).hexdigest() != expected.get("sha256", hashlib.sha256(data)
+                                                        .hexdigest()):
+        raise ValueError(f"{path} is corrupt: its SHA-256 differs from its sidecar's; "
+                         "export it again")
+    try:
+        return jax.export.deserialize(bytearray(data))
+    except Exception as error:  # the flatbuffer reader's IndexError, struct.error, ...
+        raise ValueError(f"{path} is not a readable jax.export artifact (truncated or "
+                         f"corrupt?): {type(error).__name__}: {error}") from None
+
+
+def load(path: str | os.PathLike) -> Artifact:
+    """The artifact at `path` with its sidecar `<path>.json` when present, and its band
+    program `<path>.bands` when the sidecar names one. Raises ValueError for a file that
+    is truncated or corrupt (its size and SHA-256 against the sidecar's, then the
+    deserialiser's verdict), FileNotFoundError when one is missing."""
+    path = os.fspath(path)
     info: dict[str, Any] = {}
     if os.path.exists(path + SIDECAR_SUFFIX):
         with open(path + SIDECAR_SUFFIX) as f:
             info = json.load(f)
-        if len(data) != info.get("bytes", len(data)):
-            raise ValueError(f"{path} is truncated or overwritten: {len(data)} bytes, its "
-                             f"sidecar says {info['bytes']}; export it again")
-        if hashlib.sha256(data).hexdigest() != info.get("sha256", hashlib.sha256(data)
-                                                         .hexdigest()):
-            raise ValueError(f"{path} is corrupt: its SHA-256 differs from its sidecar's; "
-                             "export it again")
-    try:
-        exported = jax.export.deserialize(bytearray(data))
-    except Exception as error:  # the flatbuffer reader's IndexError, struct.error, ...
-        raise ValueError(f"{path} is not a readable jax.export artifact (truncated or "
-                         f"corrupt?): {type(error).__name__}: {error}") from None
-    return Artifact(exported, info, path)
+    exported = _deserialize(path, info)
+    bands = info.get("bands") and _deserialize(path + BANDS_SUFFIX, info["bands"])
+    return Artifact(exported, info, path, bands or None)
 
 
 def segment_files(artifact: Artifact, inputs: Inputs, output_dir: str | os.PathLike,
                   alpha: float = 0.5) -> list[PredictionResult]:
-    """Segments image files one at a time and writes masks/ and overlays/ PNGs as
-    `flaxseg.inference.predict` does; a file that cannot be segmented gets a result
-    naming the file and the problem, the others are still written."""
+    """Segments image files one at a time (streamed in bands where the artifact has a
+    band program) and writes masks/ and overlays/ as `flaxseg.inference.predict` does;
+    a file that cannot be segmented gets a result naming the file and the problem, the
+    others are still written."""
     files = list_images(inputs)
     palette = artifact.info.get("palette")
     results = []
@@ -130,12 +174,10 @@ def segment_files(artifact: Artifact, inputs: Inputs, output_dir: str | os.PathL
             mismatch = channel_mismatch(image, artifact.channels)
             if mismatch:
                 raise ValueError(mismatch)
-            out = artifact(image[None])
+            mask = artifact.segment(image, streaming.Progress(os.path.basename(path)))
         except (OSError, ValueError) as error:
             results.append(PredictionResult(path, error=f"{path}: {error}"))
             continue
-        out = out[0] if isinstance(out, tuple) else out
-        mask = out[0] if out.ndim == 3 else np.argmax(out[0], axis=-1)
         colours = visualize.palette_or_generated(
             palette, artifact.info.get("num_classes", 256))[0]
         results.append(PredictionResult(

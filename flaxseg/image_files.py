@@ -1,6 +1,7 @@
-"""Image files in, mask and overlay PNGs out: the file side of prediction.
+"""Image files in, mask and overlay PNGs (or tiled TIFFs) out: the file side of prediction.
 
-NumPy and Pillow only (no JAX, no Flax), so both `flaxseg.inference.predict` (a model
+NumPy, Pillow and (for TIFF files, imported when one is read or written) tifffile only
+(no JAX, no Flax), so both `flaxseg.inference.predict` (a model
 in this process) and `flaxseg.exported` (an exported artifact, where flaxseg's training
 stack may not be installed) read and write files the same way.
 
@@ -8,6 +9,13 @@ stack may not be installed) read and write files the same way.
 the EXIF orientation tag (phones and cameras save the sensor's rows and a tag saying how to
 turn them; annotation tools label the photo as displayed, so a mask drawn on it is only in
 register with the turned image). Datasets (`flaxseg.data.folder`) read through it too.
+
+Large images: a TIFF or BigTIFF is read with tifffile, memory-mapped where the file allows
+(uncompressed, contiguous: satellite scenes and slides often are), so rows are read as
+the streamed bands ask for them; any channel count (e.g. 4-band RGB + near-infrared).
+Masks and overlays past Pillow's size limit (`Image.MAX_IMAGE_PIXELS`, about 89
+megapixels: Pillow refuses to open a PNG twice that size) are written as tiled,
+zlib-compressed TIFFs, `<name>.tif`.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -23,6 +32,11 @@ from PIL import ExifTags, Image, ImageOps
 from flaxseg import visualize
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+TIFF_EXTENSIONS = (".tif", ".tiff")
+#: Rows per block when an overlay is drawn (bounds its float32 temporaries).
+OVERLAY_ROWS = 256
+#: The tile of a written TIFF (multiples of 16, as the TIFF standard asks).
+TIFF_TILE = (256, 256)
 
 Inputs = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -116,18 +130,65 @@ def open_upright(path: str) -> Iterator[Image.Image]:
 def load_image(path: str) -> np.ndarray:
     """An image file as uint8 `[H, W, C]`, upright (EXIF orientation applied): C = 1 for
     greyscale, 3 for RGB, 4 with alpha. Palette images become RGB; 16-bit greyscale is
-    rejected (no silent rescaling)."""
-    with open_upright(path) as image:
-        if image.mode == "P":
-            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        elif image.mode == "1":
-            image = image.convert("L")
-        elif image.mode not in ("L", "LA", "RGB", "RGBA"):
-            raise ValueError(
-                f"image mode {image.mode!r} is not supported; save it as 8-bit grey or RGB"
-            )
-        array = np.asarray(image)
+    rejected (no silent rescaling). A TIFF is read with tifffile, memory-mapped where
+    the file allows (`load_tiff`)."""
+    if path.lower().endswith(TIFF_EXTENSIONS):
+        return load_tiff(path)
+    try:
+        with open_upright(path) as image:
+            return _pixels(image)
+    except Image.DecompressionBombError:
+        raise ValueError(f"it has more pixels than Pillow opens ({Image.MAX_IMAGE_PIXELS}); "
+                         "save it as a TIFF, which flaxseg reads memory-mapped") from None
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode not in ("L", "LA", "RGB", "RGBA"):
+        raise ValueError(
+            f"image mode {image.mode!r} is not supported; save it as 8-bit grey or RGB"
+        )
+    array = np.asarray(image)
     return array[..., None] if array.ndim == 2 else array
+
+
+def _tifffile() -> Any:
+    # A declared dependency, imported only for TIFF files: an artifact's runtime that
+    # reads PNGs needs jax, NumPy and Pillow alone.
+    try:
+        import tifffile
+    except ImportError:
+        raise ImportError("TIFF images need tifffile: pip install tifffile") from None
+    return tifffile
+
+
+def load_tiff(path: str) -> np.ndarray:
+    """A TIFF / BigTIFF's first image as uint8 `[H, W, C]` (any C: greyscale, RGB,
+    multi-band), a read-only memory map where the file is uncompressed and contiguous
+    (nothing is read until rows are sliced), else decoded. ValueError for other dtypes
+    (no silent rescaling) and layouts."""
+    tifffile = _tifffile()
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        axes, dtype = series.axes, series.dtype
+    if dtype != np.uint8:
+        raise ValueError(f"it is a {dtype} TIFF; flaxseg takes 8-bit images (no silent "
+                         "rescaling): convert it to uint8 as your training data was")
+    try:
+        array = tifffile.memmap(path, mode="r")
+    except ValueError:  # compressed or tiled: not memory-mappable, decoded whole
+        array = tifffile.imread(path)
+    if axes == "YX":
+        return array[..., None]
+    if axes in ("YXS", "YXC"):
+        return array
+    if axes in ("SYX", "CYX"):
+        return np.moveaxis(array, 0, -1)
+    raise ValueError(f"its axes are {axes!r}; flaxseg reads 2-D images (YX, YXS or SYX): "
+                     "save one image per file")
 
 
 def channel_mismatch(image: np.ndarray, num_channels: int) -> str | None:
@@ -138,23 +199,67 @@ def channel_mismatch(image: np.ndarray, num_channels: int) -> str | None:
             f"convert it (e.g. PIL's .convert('{'L' if num_channels == 1 else 'RGB'}'))")
 
 
+def is_large(height: int, width: int) -> bool:
+    """Past Pillow's size limit: written as tiled TIFF rather than PNG."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return limit is not None and height * width > limit
+
+
+def save_tiff(path: str, data: np.ndarray | Iterator[np.ndarray],
+              shape: tuple[int, ...] | None = None) -> None:
+    """Writes uint8 `[H, W]` or `[H, W, 3]` as a tiled, zlib-compressed (Big)TIFF: an
+    array, or an iterator of its `TIFF_TILE` tiles in row-major order (edge tiles may be
+    cut short) with their `shape`, so the image need not exist whole."""
+    tifffile = _tifffile()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    shape = np.shape(data) if shape is None else shape
+    tifffile.imwrite(path, data, shape=shape, dtype=np.uint8, tile=TIFF_TILE,
+                     compression="zlib", bigtiff=True,
+                     photometric="rgb" if len(shape) == 3 else "minisblack")
+
+
+def overlay_blocks(image: np.ndarray, mask: np.ndarray, palette: np.ndarray,
+                   alpha: float = 0.5, rows: int = OVERLAY_ROWS) -> Iterator[np.ndarray]:
+    """`visualize.overlay` of a uint8 `[H, W, C]` image (any C: the first three channels
+    are shown, or the first for C < 3) and a centred mask `[h, w]`, as uint8 blocks
+    `[rows, w, 3]` from the top: no float32 copy of the whole image."""
+    height, width = mask.shape
+    top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
+    channels = 3 if image.shape[-1] >= 3 else 1
+    for row in range(0, height, rows):
+        shown = np.asarray(image[top + row : top + min(row + rows, height),
+                                 left : left + width, :channels])
+        yield visualize.overlay(shown, mask[row : row + rows], palette, alpha=alpha)
+
+
+def _tiles(blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """`TIFF_TILE` tiles, row-major, of blocks of `TIFF_TILE[0]` rows."""
+    for block in blocks:
+        for left in range(0, block.shape[1], TIFF_TILE[1]):
+            yield block[:, left : left + TIFF_TILE[1]]
+
+
 def write_prediction(output_dir: str | os.PathLike, stem: str, image: np.ndarray,
                      mask: np.ndarray, palette: np.ndarray, alpha: float = 0.5
                      ) -> tuple[str, str]:
     """Writes `<output_dir>/masks/<stem>.png` (the uint8 class indices `mask` `[h, w]`)
     and `<output_dir>/overlays/<stem>.png` (the colours over `image` uint8 `[H, W, C]`,
-    centre-cropped to the mask). Returns the two paths."""
+    centre-cropped to the mask); tiled `.tif` for a mask past `is_large`, the overlay
+    drawn tile row by tile row. Returns the two paths."""
     if mask.dtype != np.uint8:
         if mask.size and mask.max() > 255:
             raise ValueError(f"class {mask.max()} does not fit a uint8 PNG mask")
         mask = mask.astype(np.uint8)
-    height, width = mask.shape
-    top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
-    shown = image[top : top + height, left : left + width]
-    if shown.shape[-1] in (2, 4):  # drop alpha for display
-        shown = shown[..., :-1]
-    mask_path = os.path.join(os.fspath(output_dir), "masks", f"{stem}.png")
-    overlay_path = os.path.join(os.fspath(output_dir), "overlays", f"{stem}.png")
-    visualize.save_png(mask_path, mask)
-    visualize.save_png(overlay_path, visualize.overlay(shown, mask, palette, alpha=alpha))
+    large = is_large(*mask.shape)
+    suffix = ".tif" if large else ".png"
+    mask_path = os.path.join(os.fspath(output_dir), "masks", f"{stem}{suffix}")
+    overlay_path = os.path.join(os.fspath(output_dir), "overlays", f"{stem}{suffix}")
+    if large:
+        save_tiff(mask_path, mask)
+        blocks = overlay_blocks(image, mask, palette, alpha, rows=TIFF_TILE[0])
+        save_tiff(overlay_path, _tiles(blocks), (*mask.shape, 3))
+    else:
+        visualize.save_png(mask_path, mask)
+        overlay = np.concatenate(list(overlay_blocks(image, mask, palette, alpha)))
+        visualize.save_png(overlay_path, overlay)
     return mask_path, overlay_path

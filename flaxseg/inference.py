@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxseg import tiling, visualize
+from flaxseg import streaming, tiling, visualize
 from flaxseg.image_files import (
     Inputs,
     PredictionResult,
@@ -122,13 +122,16 @@ def num_classes(model: nn.Module, variables: Any, channels: int) -> int:
     return _output_shape(model, variables, size, size, channels)[2]
 
 
-def default_mode(model: nn.Module) -> str:
+def default_mode(model: nn.Module, tiled: bool = False) -> str:
     """The mode that segments any image size in full, from the model's geometry:
     `'overlap_tile'` for a net whose output is smaller than its input (the VALID U-Net),
-    `'pad'` for a net with a stride above 1, else `'whole'`."""
+    `'pad'` for a net with a stride above 1, else `'whole'`. `tiled` (a tile size was
+    given): a tiled mode, `'overlap_tile'` or `'gaussian'` (nnU-Net's), which streams."""
     geometry = model_geometry(model)
     if geometry.output_size is not None:
         return "overlap_tile"
+    if tiled:
+        return "gaussian"
     return "pad" if geometry.stride > 1 else "whole"
 
 
@@ -296,44 +299,34 @@ def _predict_pad(net: Logits, x: jax.Array, multiple: tuple[int, int]) -> jax.Ar
     return tiling.crop(net(padded), top, left, height, width)
 
 
-def _predict_sliding(net: Logits, x: jax.Array, plan: Plan) -> jax.Array:
-    """Uniform or Gaussian-weighted tiles; an image smaller than a tile is mirror-padded
-    up to it (and cropped back)."""
-    batch, height, width, _ = x.shape
-    (th, tw), (sh, sw) = plan.tile, plan.step
-    pad_h, pad_w = tiling.dim_max(height, th) - height, tiling.dim_max(width, tw) - width
-    top, left = pad_h // 2, pad_w // 2
-    padded = tiling.mirror_pad(x, top, pad_h - top, left, pad_w - left)
-    ph, pw = padded.shape[1:3]
+def _tile_layout(plan: Plan, height: tiling.Dim, width: tiling.Dim) -> tiling.TileLayout:
+    if plan.mode == "overlap_tile":
+        return tiling.overlap_tile_layout(height, width, plan.tile, plan.out_tile, plan.step)
+    return tiling.sliding_layout(height, width, plan.tile, plan.step)
+
+
+def _stitching(plan: Plan) -> tuple[Callable[..., Any], Callable[[Any], jax.Array]]:
+    """The tiled mode's `over_tiles` update, and what turns its carry into logits:
+    weighted sums divided by the summed weights ('sliding', 'gaussian'), or output tiles
+    placed ('overlap_tile')."""
+    if plan.mode == "overlap_tile":
+        return (lambda carry, *tile: (tiling.place(carry[0], *tile),)), lambda c: c[0]
     weights = (tiling.gaussian_weights(plan.tile) if plan.mode == "gaussian"
-               else np.ones((th, tw, 1), np.float32))
-    num_classes = _num_classes(net, x, plan.tile)
-    init = (jnp.zeros((batch, ph, pw, num_classes), jnp.float32),
-            jnp.zeros((ph, pw, 1), jnp.float32))
-    total, norm = tiling.over_tiles(
-        padded, net, tiling.tile_grid(ph, th, sh), tiling.tile_grid(pw, tw, sw), plan.tile,
-        plan.tile_batch, functools.partial(tiling.add_weighted, weights=jnp.asarray(weights)),
-        init)
-    return tiling.crop(total / norm, top, left, height, width)
+               else np.ones((*plan.tile, 1), np.float32))
+    update = functools.partial(tiling.add_weighted, weights=jnp.asarray(weights))
+    return update, lambda carry: carry[0] / carry[1]
 
 
-def _predict_overlap_tile(net: Logits, x: jax.Array, plan: Plan) -> jax.Array:
+def _predict_tiled(net: Logits, x: jax.Array, plan: Plan) -> jax.Array:
     batch, height, width, _ = x.shape
-    (th, tw), (oh, ow), (sh, sw) = plan.tile, plan.out_tile, plan.step
-    rows = tiling.ceil_div(tiling.dim_max(height - oh, 0), sh) + 1
-    cols = tiling.ceil_div(tiling.dim_max(width - ow, 0), sw) + 1
-    # Tiles on the stride grid until the output covers the image; the last ones may
-    # reach into the mirrored border, and are cropped away.
-    covered_h, covered_w = (rows - 1) * sh + oh, (cols - 1) * sw + ow
-    margin_h, margin_w = (th - oh) // 2, (tw - ow) // 2
-    padded = tiling.mirror_pad(x, margin_h, margin_h + covered_h - height,
-                               margin_w, margin_w + covered_w - width)
-    canvas = jnp.zeros((batch, covered_h, covered_w, _num_classes(net, x, plan.tile)),
-                       jnp.float32)
-    canvas = tiling.over_tiles(
-        padded, net, (rows, sh, (rows - 1) * sh), (cols, sw, (cols - 1) * sw), plan.tile,
-        plan.tile_batch, tiling.place, canvas)
-    return tiling.crop(canvas, 0, 0, height, width)
+    layout = _tile_layout(plan, height, width)
+    padded = tiling.mirror_pad(x, *layout.pad)
+    update, finish = _stitching(plan)
+    carry = tiling.over_tiles(
+        padded, net, layout.rows, layout.cols, plan.tile, plan.tile_batch, update,
+        tiling.empty_canvas(plan.mode != "overlap_tile", batch, *layout.canvas,
+                            _num_classes(net, x, plan.tile)))
+    return tiling.crop(finish(carry), *layout.crop, height, width)
 
 
 def _one_scale(net: Logits, x: jax.Array, plan: Plan) -> jax.Array:
@@ -341,9 +334,7 @@ def _one_scale(net: Logits, x: jax.Array, plan: Plan) -> jax.Array:
         return net(x)
     if plan.mode == "pad":
         return _predict_pad(net, x, plan.multiple)
-    if plan.mode == "overlap_tile":
-        return _predict_overlap_tile(net, x, plan)
-    return _predict_sliding(net, x, plan)
+    return _predict_tiled(net, x, plan)
 
 
 def scaled_size(size: tiling.Dim, scale: Fraction, multiple: int = 1) -> tiling.Dim:
@@ -384,6 +375,57 @@ def logits_function(model: nn.Module, plan: Plan) -> Callable[[Any, jax.Array], 
     return logits
 
 
+def _shift_rows(x: jax.Array, shift: Any, axis: int) -> jax.Array:
+    """`x` moved up by `shift` rows along `axis` (0 <= shift <= its length), zeros below."""
+    both = jnp.concatenate([x, jnp.zeros_like(x)], axis)
+    return jax.lax.dynamic_slice_in_dim(both, shift, x.shape[axis], axis)
+
+
+def band_function(model: nn.Module, plan: Plan,
+                  tile_sharding: jax.sharding.Sharding | None = None) -> Callable[..., Any]:
+    """The band program of a tiled plan (`flaxseg.streaming`), one pure JAX function:
+    `(variables, rows float32 [1, h_in, w_in, C], carry, first_pass, num_passes, origin,
+    shift, rows_count, rows_last) -> (labels uint8 [1, h_out, w_out], carry)`.
+
+    `rows` are the padded input rows from `origin`; `carry` (`tiling.empty_canvas` of a
+    window `[1, h_out, w_out, K]`) holds the previous band's window, which moves up by
+    `shift` rows before this band's passes add their tiles. `rows_count, rows_last`: the
+    tile rows of the whole image (`TileLayout.rows`). Each pass of `tile_batch` tiles is
+    placed with `tile_sharding` (e.g. over the mesh's 'data' axis). Traceable with a
+    symbolic window width and height (`jax.export`)."""
+    if plan.mode not in TILED_MODES or plan.scales != (1,):
+        raise ValueError(f"streaming takes a tiled mode {TILED_MODES} without multi-scale "
+                         f"TTA; got mode={plan.mode!r}, scales={plan.scales}")
+    update, finish = _stitching(plan)
+    (_, ow), (sh, sw) = plan.out_tile or plan.tile, plan.step
+
+    def band(variables: Any, rows: jax.Array, carry: Any, first_pass: Any, num_passes: Any,
+             origin: Any, shift: Any, rows_count: Any, rows_last: Any) -> tuple[Any, Any]:
+        forward = _network(model, variables, plan.flip)
+
+        def net(tiles: jax.Array) -> jax.Array:
+            if tile_sharding is not None:  # the pass's tiles split over the devices
+                tiles = jax.lax.with_sharding_constraint(tiles, tile_sharding)
+            return forward(tiles)
+
+        width = carry[0].shape[2]
+        cols = (tiling.tile_grid(rows.shape[2], plan.tile[1], sw) if plan.mode != "overlap_tile"
+                else ((width - ow) // sw + 1, sw, width - ow))
+        window = (_shift_rows(carry[0], shift, 1), *(_shift_rows(c, shift, 0) for c in carry[1:]))
+        window = tiling.over_tiles(rows, net, (rows_count, sh, rows_last), cols, plan.tile,
+                                   plan.tile_batch, update, window,
+                                   passes=(first_pass, num_passes), origin=origin)
+        return jnp.argmax(finish(window), axis=-1).astype(jnp.uint8), window
+
+    return band
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5,))
+def _run_band(model: nn.Module, plan: Plan, tile_sharding: jax.sharding.Sharding | None,
+              variables: Any, rows: jax.Array, carry: Any, *scalars: Any) -> tuple[Any, Any]:
+    return band_function(model, plan, tile_sharding)(variables, rows, carry, *scalars)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _run(model: nn.Module, plan: Plan, variables: Any, images: jax.Array) -> jax.Array:
     return logits_function(model, plan)(variables, images)
@@ -407,12 +449,14 @@ def _as_float_batch(images: np.ndarray) -> tuple[np.ndarray, bool]:
     return images.astype(np.float32), single
 
 
-def _space_devices(sharding: jax.sharding.Sharding | None) -> int:
-    """How many devices `sharding` splits an image's H over (1 without one)."""
+def _splits(sharding: jax.sharding.Sharding | None, axis: int) -> int:
+    """How many ways `sharding` splits `axis` of an NHWC array (1 without one)."""
     if sharding is None:
         return 1
     probe = math.lcm(*range(1, 17))  # divisible by any split of up to 16 devices
-    return probe // sharding.shard_shape((1, probe, 1, 1))[1]
+    shape = [1, 1, 1, 1]
+    shape[axis] = probe
+    return probe // sharding.shard_shape(tuple(shape))[axis]
 
 
 def _split_pad(model: nn.Module, variables: Any, plan: Plan, images: np.ndarray,
@@ -423,7 +467,7 @@ def _split_pad(model: nn.Module, variables: Any, plan: Plan, images: np.ndarray,
         raise ValueError("sharding predicts each image in one pass at its own size; "
                          "multi-scale TTA (scales=) is not supported with it")
     _, height, width, _ = images.shape
-    multiple = (math.lcm(plan.multiple[0], _space_devices(sharding)), plan.multiple[1])
+    multiple = (math.lcm(plan.multiple[0], _splits(sharding, 1)), plan.multiple[1])
     top, bottom, left, right = _pad_amounts(height, width, multiple)
     padded = np.asarray(tiling.mirror_pad(jnp.asarray(images), top, bottom, left, right))
     whole = dataclasses.replace(plan, mode="whole")
@@ -522,6 +566,104 @@ def predict_logits(
     return logits[0] if single else logits
 
 
+def stream_bands(plan: Plan, height: int, width: int) -> streaming.Bands:
+    """How an image of `height x width` streams through the tiled `plan`."""
+    layout = _tile_layout(plan, height, width)
+    return streaming.make_bands(layout, plan.tile, plan.out_tile or plan.tile,
+                                plan.tile_batch)
+
+
+def predict_labels(
+    model: nn.Module,
+    variables: Any,
+    image: Any,
+    *,
+    mode: str,
+    tile_size: Size,
+    preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    flip: bool = False,
+    stride: Size | None = None,
+    overlap: float = 0.5,
+    align: Size | None = None,
+    tile_batch: int = 4,
+    tile_sharding: jax.sharding.Sharding | None = None,
+    out: np.ndarray | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Class labels of one image of any size in a tiled mode, streamed in bands of tile
+    rows (`flaxseg.streaming`): host memory holds one band of the input and of the
+    float32 logits, and the labels; never the image's whole logits.
+
+    Args:
+      image: uint8 (or raw) `[H, W, C]`, any array that slices by rows: a NumPy array, a
+        `np.memmap`, a memory-mapped TIFF (`image_files.open_large`).
+      mode, tile_size, flip, stride, overlap, align, tile_batch: as `predict_logits`
+        (mode one of `TILED_MODES`; multi-scale TTA is not streamed).
+      preprocess: a band of rows uint8 `[h, W, C]` -> float32, as in training; default
+        `normalizer()` (divides by 255).
+      tile_sharding: places each pass of `tile_batch` tiles, e.g. `NamedSharding(mesh,
+        P('data'))` to spread the tiles over the mesh's devices (`tile_batch` a multiple
+        of them; `variables` replicated on the same mesh).
+      out: uint8 `[H, W]` to write the labels into (e.g. a `np.memmap`); default a new
+        array.
+      on_progress: called with (tiles done, tiles in all) after each band
+        (`streaming.Progress` prints tiles/s and ETA).
+
+    Returns `out`: the labels, bitwise `argmax(predict_logits(...))` for the same options
+    and devices.
+    """
+    if mode not in TILED_MODES:
+        raise ValueError(f"predict_labels streams the tiled modes {TILED_MODES}; got mode="
+                         f"{mode!r} (use predict_logits for whole-image modes)")
+    height, width, channels = image.shape
+    plan = make_plan(model, variables, channels, mode=mode, flip=flip, tile_size=tile_size,
+                     stride=stride, overlap=overlap, align=align, tile_batch=tile_batch)
+    num_classes = _output_shape(model, variables, *plan.tile, channels)[2]
+    if num_classes > 256:
+        raise ValueError(f"{num_classes} classes do not fit uint8 labels")
+    place = functools.partial(jax.tree.map, jnp.asarray)
+    if tile_sharding is not None:
+        splits = _splits(tile_sharding, 0)
+        if tile_batch % splits:
+            raise ValueError(f"tile_batch={tile_batch} cannot be split over {splits} devices; "
+                             f"use a multiple of {splits} (e.g. "
+                             f"{splits * -(-tile_batch // splits)})")
+        replicated = jax.sharding.NamedSharding(tile_sharding.mesh, jax.sharding.PartitionSpec())
+        place = functools.partial(jax.device_put, device=replicated)
+    bands = stream_bands(plan, height, width)
+    carry = tiling.empty_canvas(plan.mode != "overlap_tile", 1, bands.window_out,
+                                bands.layout.canvas[1], num_classes, np)
+
+    def run(rows: np.ndarray, carry: Any, *scalars: int) -> tuple[Any, Any]:
+        return _run_band(model, plan, tile_sharding, variables, place(rows), carry, *scalars)
+
+    out = np.empty((height, width), np.uint8) if out is None else out
+    return streaming.stream(run, bands, image, place(carry), out, preprocess or normalizer(),
+                            on_progress)
+
+
+def streams(mode: str, scales: float | Sequence[float] | None = None) -> bool:
+    """Whether `predict` streams this procedure in bands (the tiled modes without
+    multi-scale TTA) rather than holding the image's logits."""
+    return mode in TILED_MODES and parse_scales(scales) == (1,)
+
+
+def _labels(model: nn.Module, variables: Any, image: Any, mode: str,
+            preprocess: Callable[[np.ndarray], np.ndarray], name: str,
+            options: dict[str, Any]) -> np.ndarray:
+    """uint8 labels `[h, w]` of one uint8 image `[H, W, C]`: streamed where `streams`
+    says so (with progress on stderr), else from `predict_logits`."""
+    if streams(mode, options.get("scales")):
+        kept = {k: v for k, v in options.items() if k not in ("scales", "batch_size")}
+        return predict_labels(model, variables, image, mode=mode, preprocess=preprocess,
+                              on_progress=streaming.Progress(name), **kept)
+    logits = predict_logits(model, variables, preprocess(np.asarray(image)), mode=mode,
+                            **options)
+    if logits.shape[-1] > 256:
+        raise ValueError(f"{logits.shape[-1]} classes do not fit a uint8 PNG mask")
+    return np.argmax(logits, axis=-1).astype(np.uint8)
+
+
 def predict(
     model: nn.Module,
     variables: Any,
@@ -537,12 +679,16 @@ def predict(
     **predict_kwargs: Any,
 ) -> list[PredictionResult]:
     """Segments image files and writes `<output_dir>/masks/<name>.png` (class indices,
-    uint8) and `<output_dir>/overlays/<name>.png` (colours over the image).
+    uint8) and `<output_dir>/overlays/<name>.png` (colours over the image); a mask past
+    PNG's practical size is a tiled TIFF (`image_files.write_prediction`).
 
     Args:
       inputs: an image file, a directory of images, or a list of files.
-      mode, predict_kwargs: passed to `predict_logits` (`flip`, `tile_size`, ...).
-        With the VALID U-Net in mode `'whole'` the mask covers the image's centre.
+      mode, predict_kwargs: passed to `predict_logits` (`flip`, `tile_size`, ...), or,
+        for the tiled modes without multi-scale TTA (`streams`), to `predict_labels`
+        (which also takes `tile_sharding`): streamed in bands with bounded memory and
+        progress on stderr. With the VALID U-Net in mode `'whole'` the mask covers the
+        image's centre.
       palette: uint8 `[num_classes, 3]`; default `visualize.generated_palette` (no
         dataset's colours).
       num_channels: the channel count the model was trained on; a file with another
@@ -569,17 +715,13 @@ def predict(
             mismatch = num_channels and channel_mismatch(image, num_channels)
             if mismatch:
                 raise ValueError(mismatch)
-            logits = predict_logits(
-                model, variables, preprocess(image), mode=mode, **predict_kwargs
-            )
+            mask = _labels(model, variables, image, mode, preprocess,
+                           os.path.basename(path), predict_kwargs)
         except (OSError, ValueError) as error:  # unreadable file, or an input the model rejects
             results.append(PredictionResult(path, error=f"{path}: {error}"))
             continue
-        num_classes = logits.shape[-1]
-        if num_classes > 256:
-            raise ValueError(f"{num_classes} classes do not fit a uint8 PNG mask")
-        colours = visualize.palette_or_generated(palette, num_classes)[0]
-        mask = np.argmax(logits, axis=-1).astype(np.uint8)
+        classes = num_classes(model, variables, image.shape[-1])
+        colours = visualize.palette_or_generated(palette, classes)[0]
         paths = write_prediction(output_dir, stem, image, mask, colours, alpha)
         results.append(PredictionResult(path, *paths))
     return results

@@ -17,6 +17,12 @@ Pillow are needed (not flax; `flaxseg.exported`):
 
     python -m flaxseg.predict --exported=model.jax --input=photos/ --output=out/
 
+The tiled modes (`--mode=sliding|gaussian|overlap_tile`, or `--mode=auto` with
+`--tile_size`) stream an image of any size in bands of tile rows: host memory holds one
+band and the labels, never the image's float scores; each pass of `--tile_batch` tiles is
+spread over the process's devices, and a prediction longer than a few seconds prints
+tiles done, tiles/s and ETA. (Multi-scale TTA, `--scales`, is not streamed.)
+
 A run trained with `spatial_partitions` > 1 predicts each image in one pass split over that
 many devices (modes 'whole' and 'pad'). Several processes (the distributed flags of
 `python -m flaxseg.train`) split the files:
@@ -41,7 +47,11 @@ def main(argv: list[str]) -> int:
 
     values = flags.FLAGS
     model, variables, config, options = evaluate.load_run(argv)
-    variables, local_options = evaluate.for_this_process(variables, config, options)
+    if inference.streams(options["mode"], options.get("scales")):
+        # Bands of tiles, each pass of --tile_batch tiles spread over this process's devices.
+        variables, local_options = evaluate.tiles_over_local_devices(variables, options)
+    else:
+        variables, local_options = evaluate.for_this_process(variables, config, options)
     palette = config.dataset.get("palette")
     results = inference.predict(
         model,

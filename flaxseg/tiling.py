@@ -9,6 +9,7 @@ Arrays are NHWC.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -36,13 +37,14 @@ def ceil_div(a: Dim, b: int) -> Dim:
     return (a + b - 1) // b
 
 
-def _reflect_indices(size: Dim, offset: Dim, length: Dim) -> jax.Array:
+def reflect_indices(size: Dim, offset: Dim, length: Dim, xp: Any = jnp) -> Any:
     """Indices into an axis of `length` for positions `-offset .. size - offset - 1`,
     mirrored at the ends without repeating the edge (NumPy's 'reflect', repeated as
-    often as the padding needs); a 1-pixel axis repeats its pixel."""
-    period = jnp.maximum(2 * (length - 1), 1)
-    index = jnp.mod(jnp.arange(size) - offset, period)
-    return jnp.where(index >= length, period - index, index)
+    often as the padding needs); a 1-pixel axis repeats its pixel. `xp=np` computes them
+    on the host (the streamed bands gather their rows with them)."""
+    period = xp.maximum(2 * (length - 1), 1)
+    index = xp.mod(xp.arange(size) - offset, period)
+    return xp.where(index >= length, period - index, index)
 
 
 def mirror_pad(x: jax.Array, top: Dim, bottom: Dim, left: Dim, right: Dim) -> jax.Array:
@@ -50,9 +52,9 @@ def mirror_pad(x: jax.Array, top: Dim, bottom: Dim, left: Dim, right: Dim) -> ja
     U-Net paper pads (Fig. 2)."""
     _, height, width, _ = x.shape
     if not all(isinstance(p, int) and p == 0 for p in (top, bottom)):
-        x = jnp.take(x, _reflect_indices(top + height + bottom, top, height), axis=1)
+        x = jnp.take(x, reflect_indices(top + height + bottom, top, height), axis=1)
     if not all(isinstance(p, int) and p == 0 for p in (left, right)):
-        x = jnp.take(x, _reflect_indices(left + width + right, left, width), axis=2)
+        x = jnp.take(x, reflect_indices(left + width + right, left, width), axis=2)
     return x
 
 
@@ -108,9 +110,56 @@ def tile_grid(length: Dim, tile: int, step: int) -> Grid:
     return ceil_div(length - tile, step) + 1, step, length - tile
 
 
-def _corner(index: jax.Array, grid: Grid) -> jax.Array:
+def corner(index: Any, grid: Grid) -> Any:
+    """The start of tile `index` along an axis (traced or host ints)."""
     _, step, last = grid
-    return jnp.minimum(index * step, last)
+    return jnp.minimum(index * step, last) if isinstance(index, jax.Array) \
+        else min(index * step, last)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLayout:
+    """Where the tiles of one image go (sizes may be symbolic).
+
+    pad: `(top, bottom, left, right)`: the mirror padding of the input.
+    rows, cols: the tile corners in the padded input; an input tile at `(y, x)` gives
+      the canvas its output tile at `(y, x)`.
+    canvas: `(h, w)` of the stitched logits.
+    crop: `(top, left)` of the image in the canvas.
+    """
+
+    pad: tuple[Dim, Dim, Dim, Dim]
+    rows: Grid
+    cols: Grid
+    canvas: tuple[Dim, Dim]
+    crop: tuple[Dim, Dim]
+
+
+def sliding_layout(height: Dim, width: Dim, tile: tuple[int, int], step: tuple[int, int]
+                   ) -> TileLayout:
+    """Tiles every `step` pixels, the last flush with the end; an image smaller than a
+    tile is mirror-padded up to it (centred) and cropped back."""
+    (th, tw), (sh, sw) = tile, step
+    pad_h, pad_w = dim_max(height, th) - height, dim_max(width, tw) - width
+    top, left = pad_h // 2, pad_w // 2
+    ph, pw = height + pad_h, width + pad_w
+    return TileLayout((top, pad_h - top, left, pad_w - left), tile_grid(ph, th, sh),
+                      tile_grid(pw, tw, sw), (ph, pw), (top, left))
+
+
+def overlap_tile_layout(height: Dim, width: Dim, tile: tuple[int, int],
+                        out_tile: tuple[int, int], step: tuple[int, int]) -> TileLayout:
+    """The U-Net paper's overlap-tile: output tiles on the stride grid until they cover
+    the image (the last ones may reach into the mirrored border, cropped away), each
+    input tile its output tile plus the margin the valid convolutions eat."""
+    (th, tw), (oh, ow), (sh, sw) = tile, out_tile, step
+    rows = ceil_div(dim_max(height - oh, 0), sh) + 1
+    cols = ceil_div(dim_max(width - ow, 0), sw) + 1
+    covered_h, covered_w = (rows - 1) * sh + oh, (cols - 1) * sw + ow
+    margin_h, margin_w = (th - oh) // 2, (tw - ow) // 2
+    pad = (margin_h, margin_h + covered_h - height, margin_w, margin_w + covered_w - width)
+    return TileLayout(pad, (rows, sh, (rows - 1) * sh), (cols, sw, (cols - 1) * sw),
+                      (covered_h, covered_w), (0, 0))
 
 
 def over_tiles(
@@ -122,6 +171,8 @@ def over_tiles(
     tile_batch: int,
     update: Callable[[Any, Dim, Dim, jax.Array, jax.Array], Any],
     init: Any,
+    passes: tuple[Any, Any] | None = None,
+    origin: Any = 0,
 ) -> Any:
     """Folds `update(carry, y, x, logits, valid)` over every tile of `padded` `[B, H, W, C]`.
 
@@ -129,6 +180,11 @@ def over_tiles(
     * B, th, tw, C]`) and predicts them in one call of `predict`; `logits` are one
     position's `[B, oh, ow, K]`, its corner `(y, x)`. The last pass repeats the last tile
     where the count runs out, with `valid` False (a traced bool).
+
+    A band of the image (`flaxseg.streaming`): `passes=(first, count)` runs only those
+    passes (the same tiles in the same passes as over the whole image, so every tile's
+    logits are the same bits), `padded` holds the padded rows from `origin` on, and the
+    corners are relative to it.
     """
     batch, channels = padded.shape[0], padded.shape[3]
     count = rows[0] * cols[0]
@@ -137,7 +193,8 @@ def over_tiles(
         tiles = index * tile_batch + jnp.arange(tile_batch)
         valid = tiles < count
         tiles = jnp.minimum(tiles, count - 1)
-        ys, xs = _corner(tiles // cols[0], rows), _corner(tiles % cols[0], cols)
+        ys = corner(tiles // cols[0], rows) - origin
+        xs = corner(tiles % cols[0], cols)
         cut = jnp.concatenate([
             jax.lax.dynamic_slice(padded, (0, ys[j], xs[j], 0), (batch, *tile, channels))
             for j in range(tile_batch)])
@@ -146,7 +203,11 @@ def over_tiles(
             carry = update(carry, ys[j], xs[j], logits[j * batch : (j + 1) * batch], valid[j])
         return carry
 
-    return jax.lax.fori_loop(0, ceil_div(count, tile_batch), one_pass, init)
+    total = ceil_div(count, tile_batch)
+    if passes is None:
+        return jax.lax.fori_loop(0, total, one_pass, init)
+    first, num = passes
+    return jax.lax.fori_loop(first, jnp.minimum(first + num, total), one_pass, init)
 
 
 def add_weighted(carry: tuple[jax.Array, jax.Array], y: Dim, x: Dim, logits: jax.Array,
@@ -160,6 +221,14 @@ def add_weighted(carry: tuple[jax.Array, jax.Array], y: Dim, x: Dim, logits: jax
     total = jax.lax.dynamic_update_slice(total, here + weights * logits, (0, y, x, 0))
     here = jax.lax.dynamic_slice(norm, (y, x, 0), (*size, 1))
     return total, jax.lax.dynamic_update_slice(norm, here + weights, (y, x, 0))
+
+
+def empty_canvas(weighted: bool, batch: Dim, height: Dim, width: Dim, num_classes: int,
+                 xp: Any = jnp) -> tuple[Any, ...]:
+    """The zero carry of a canvas `[batch, height, width, K]`: `(sums, summed weights
+    [height, width, 1])` for `add_weighted` (`weighted`), `(canvas,)` for `place`."""
+    total = xp.zeros((batch, height, width, num_classes), xp.float32)
+    return (total, xp.zeros((height, width, 1), xp.float32)) if weighted else (total,)
 
 
 def place(canvas: jax.Array, y: Dim, x: Dim, logits: jax.Array, valid: jax.Array

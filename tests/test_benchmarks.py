@@ -212,3 +212,16 @@ def test_pipeline_benchmark_measures_the_host_and_the_loop(tmp_path):
     table = pipeline.markdown([{"folder": "JPG 24x32", "crop": "16x16", "workers": 0,
                                 **host, **loop}])
     assert table.count("\n") == 2 and "| JPG 24x32 | 16x16 | 0 |" in table
+
+
+def test_large_images_scene_is_a_memory_mappable_tiff_and_rows_format(tmp_path):
+    from benchmarks import large_images
+    from flaxseg.image_files import load_image
+
+    large_images.write_scene(str(tmp_path / "scene.tif"), 40, rows=16)
+    scene = load_image(str(tmp_path / "scene.tif"))
+    assert isinstance(scene, np.memmap) and scene.shape == (40, 40, 3) and scene.std() > 10
+    row = {"size": 40, "devices": 4, "runtime": "inprocess", "seconds": 1.5,
+           "s_per_mpx": 937.5, "peak_gib": 0.5, "anon_gib": 0.4}
+    assert large_images.format_rows([row]).splitlines()[-1] == (
+        "| 40x40 | 4 | inprocess | 1.5 | 937.5 | 0.5 GiB | 0.4 GiB |")

@@ -253,8 +253,9 @@ def test_every_evaluate_option_is_applied_or_refused_and_named(trained_run, tmp_
 
     result = _cli("flaxseg.evaluate", f"--workdir={workdir}", "--mode=pad", "--tile_size=16")
     assert result.returncode == 2 and result.stderr.strip() == (
-        "Error: --tile_size applies to the tiled modes, not to mode 'pad'; drop it or pick "
-        "such a --mode.")
+        "Error: --tile_size applies to the tiled modes (sliding, gaussian, overlap_tile), not "
+        "to mode 'pad'; drop it or pick such a --mode (--mode=auto picks one when "
+        "--tile_size is given).")
     assert file_mtimes(workdir) == before  # the run is read, never written
 
 
@@ -278,8 +279,6 @@ def test_predict_cli_writes_masks_and_names_the_files_it_cannot_take(trained_run
     assert not (out / "masks" / "grey.png").exists()
 
 
-
-
 def test_auto_tile_needs_a_budget_where_the_device_reports_none():
     from flaxseg.models import create_model
 
@@ -301,15 +300,18 @@ def _cli_without(blocked, module, *args):
 
 
 def test_export_then_predict_with_the_artifact_alone(trained_run, tmp_path):
-    # flaxseg.export writes the run's 'pad' procedure; predict --exported segments PNGs
-    # with it where flax, optax, orbax, ml_collections and absl cannot be imported.
+    # A tile size is never ignored: with --mode=auto it picks the tiled mode (gaussian for
+    # this U-Net), whose band program flaxseg.export writes beside the artifact;
+    # predict --exported streams PNGs through it where flax, optax, orbax, ml_collections
+    # and absl cannot be imported. (Every mode's artifact: tests/test_export.py.)
     from flaxseg.train.checkpoint import load_for_inference
 
     workdir, _ = trained_run
     out = tmp_path / "model.jax"
-    result = _cli("flaxseg.export", f"--workdir={workdir}", f"--out={out}")
+    result = _cli("flaxseg.export", f"--workdir={workdir}", f"--out={out}", "--tile_size=16")
     assert result.returncode == 0, result.stderr
-    assert "mode pad" in result.stdout and "any height and width" in result.stdout
+    assert "mode gaussian" in result.stdout and "any height and width" in result.stdout
+    assert "model.jax.bands (the band program" in result.stdout
     assert "Given directory is read only" not in result.stderr
     # The synthetic dataset has no palette: the sidecar's colours say they are no dataset's.
     assert "palette: generated (the dataset gives none; these colours are no dataset's)." \
@@ -331,7 +333,7 @@ def test_export_then_predict_with_the_artifact_alone(trained_run, tmp_path):
     assert "grey.png: it has 1 channel(s) but the model takes 3" in result.stderr
     model, variables, config = load_for_inference(workdir)
     expected = inference.predict(model, variables, [inputs / "a.png", inputs / "b.png"],
-                                 tmp_path / "ref", mode="pad",
+                                 tmp_path / "ref", mode="gaussian", tile_size=16,
                                  preprocess=evaluate.image_normalizer(config))
     for ref in expected:
         name = os.path.basename(ref.mask_path)

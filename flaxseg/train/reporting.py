@@ -34,6 +34,8 @@ from typing import Any, TextIO
 import numpy as np
 from absl import flags, logging
 
+from flaxseg.streaming import format_duration
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 TENSORBOARD_DIR = "tensorboard"
@@ -67,14 +69,6 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def format_duration(seconds: float) -> str:
-    """`3725.2` -> `'1:02:05'`."""
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
