@@ -620,7 +620,8 @@ def predict_labels(
                      stride=stride, overlap=overlap, align=align, tile_batch=tile_batch)
     num_classes = _output_shape(model, variables, *plan.tile, channels)[2]
     if num_classes > 256:
-        raise ValueError(f"{num_classes} classes do not fit uint8 labels")
+        raise ValueError(f"{num_classes} classes do not fit the streamed uint8 labels; use "
+                         "predict_logits (in memory) for a model of more than 256 classes")
     place = functools.partial(jax.tree.map, jnp.asarray)
     if tile_sharding is not None:
         splits = _splits(tile_sharding, 0)
