@@ -125,7 +125,8 @@ def test_registry_reads_one_registration_per_model():
     assert create_model("unet_valid", num_classes=2).padding == "VALID"
     assert create_model("fcn16s", num_classes=2).variant == "16s"
     assert isinstance(create_model("encoder_decoder", num_classes=2), EncoderDecoder)
-    with pytest.raises(ValueError, match="Unknown model 'segnet'; available models: unet, "):
+    with pytest.raises(ValueError, match="Unknown model 'segnet'; available models: "
+                                         "deeplabv3_mobilenet_v3_large, deeplabv3_resnet101, "):
         create_model("segnet", num_classes=2)
     with pytest.raises(TypeError):
         create_model("unet", num_classes=2, widths=3)

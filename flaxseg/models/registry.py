@@ -84,7 +84,7 @@ def model_spec(name: str) -> ModelSpec:
         return _REGISTRY[name]
     if not isinstance(name, str) or ":" not in name:
         raise ValueError(
-            f"Unknown model {name!r}; available models: {', '.join(available_models())}; "
+            f"Unknown model {name!r}; available models: {', '.join(sorted(available_models()))}; "
             "or name your own as 'package.module:ClassName'.")
     module_name, attr = name.split(":", 1)
     try:
