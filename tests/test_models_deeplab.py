@@ -243,21 +243,29 @@ def test_deeplabv3plus_backbones_and_strides():
 def test_a_split_image_gives_the_unsplit_forward(num_devices):
     # Training mode: BatchNorm's batch statistics and the ASPP's image pooling (a global
     # average, as squeeze-excitation's and LR-ASPP's gates) are the whole image's, not
-    # one device's part of it.
-    model = tiny_model("deeplabv3plus")
-    x = uniform_images(3, (2, 64, 48, 3))
-    variables = random_variables(model, x.shape)
+    # one device's part of it. In float64: in float32 the layouts' different summation
+    # orders, amplified by train-mode BatchNorm, moved logits by 3.2e-5 of the largest on
+    # jax 0.12 (1e-5 held on jax 0.10); float64 leaves ~1e-14, and a per-device statistic
+    # would be off by ~1e-1.
+    with jax.enable_x64(True):
+        model = tiny_model("deeplabv3plus", dtype=jnp.float64, param_dtype=jnp.float64)
+        x = uniform_images(3, (2, 64, 48, 3)).astype(jnp.float64)
+        variables = jax.tree.map(lambda v: v.astype(jnp.float64),
+                                 random_variables(model, x.shape))
 
-    def forward(variables, x):
-        return model.apply(variables, x, train=True, mutable=["batch_stats"],
-                           rngs={"dropout": jax.random.key(0)})
+        def forward(variables, x):
+            return model.apply(variables, x, train=True, mutable=["batch_stats"],
+                               rngs={"dropout": jax.random.key(0)})
 
-    whole = jax.jit(forward)(variables, x)
-    par = DataParallel("mesh", spatial_partitions=num_devices)
-    split = jax.device_put(x, NamedSharding(par.mesh, PartitionSpec(None, SPACE_AXIS)))
-    parts = jax.jit(forward)(par.put_state(variables), split)
-    for got, want in zip(jax.tree.leaves(parts), jax.tree.leaves(whole), strict=True):
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+        whole = jax.jit(forward)(variables, x)
+        par = DataParallel("mesh", spatial_partitions=num_devices)
+        split = jax.device_put(x, NamedSharding(par.mesh, PartitionSpec(None, SPACE_AXIS)))
+        parts = jax.jit(forward)(par.put_state(variables), split)
+        for got, want in zip(jax.tree.leaves(parts), jax.tree.leaves(whole), strict=True):
+            print(f"max difference {float(np.abs(got - want).max()):.1e} "
+                  f"of {float(np.abs(want).max()):.1e}")
+            np.testing.assert_allclose(got, want, rtol=0,
+                                       atol=1e-9 * float(np.abs(want).max()))
 
 
 def test_deeplabv3plus_exports_for_a_fixed_size():
