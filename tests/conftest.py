@@ -252,6 +252,39 @@ def float64_batch_stats(state):
                                                   state.batch_stats))
 
 
+def nhwc(x) -> jax.Array:
+    """A PyTorch `[B, C, H, W]` array (or tensor) as a JAX `[B, H, W, C]` one."""
+    return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
+
+
+def max_rel_error(got, want) -> float:
+    """max |got - want| / max |want|: the error relative to the largest reference value."""
+    want = np.asarray(want)
+    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
+
+
+def save_state_dict(module, path) -> str:
+    """A torch module's state dict saved to `path` (a .pth file); returns the path."""
+    import torch
+
+    torch.save(module.state_dict(), path)
+    return str(path)
+
+
+def randomise_batch_norm(module, seed: int) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters in a torch module (eval mode
+    reads them), drawn from `seed`."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t, lo, hi in ((m.running_mean, -0.1, 0.1), (m.running_var, 0.5, 1.5),
+                                  (m.weight, 0.5, 1.5), (m.bias, -0.1, 0.1)):
+                    t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
+
+
 def uniform_images(seed: int, shape) -> jax.Array:
     """Float32 images in [0, 1), drawn with NumPy."""
     return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)

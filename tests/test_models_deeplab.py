@@ -13,7 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_variables, tiny_model, uniform_images
+from conftest import (
+    max_rel_error,
+    nhwc,
+    random_variables,
+    randomise_batch_norm,
+    save_state_dict,
+    tiny_model,
+    uniform_images,
+)
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flaxseg import inference
@@ -48,32 +56,6 @@ def _image(seed: int, height: int, width: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 3, height, width)).astype(np.float32)
 
 
-def _nhwc(x) -> jnp.ndarray:
-    return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
-
-
-def _max_rel_error(got, want) -> float:
-    want = np.asarray(want)
-    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
-
-
-def _randomise_batch_norm(model, seed: int) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters (eval mode reads them)."""
-    torch = _torch()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                for t, lo, hi in ((m.running_mean, -0.1, 0.1), (m.running_var, 0.5, 1.5),
-                                  (m.weight, 0.5, 1.5), (m.bias, -0.1, 0.1)):
-                    t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
-
-
-def _save(model, path) -> str:
-    _torch().save(model.state_dict(), path)
-    return str(path)
-
-
 @pytest.mark.parametrize("name, size", [
     ("deeplabv3_resnet50", (33, 40)), ("deeplabv3_resnet101", (32, 32)),
     ("deeplabv3_mobilenet_v3_large", (45, 38)), ("lraspp_mobilenet_v3_large", (37, 45)),
@@ -85,16 +67,16 @@ def test_torchvision_segmentation_files_give_torchvision_logits(torchvision, tmp
     aux = {} if name.startswith("lraspp") else {"aux_loss": True}
     reference = getattr(torchvision.models.segmentation, name)(
         weights=None, weights_backbone=None, **aux).eval()
-    _randomise_batch_norm(reference, 1)
-    model, variables = from_torchvision(name, _save(reference, tmp_path / f"{name}.pth"))
+    randomise_batch_norm(reference, 1)
+    model, variables = from_torchvision(name, save_state_dict(reference, tmp_path / f"{name}.pth"))
     assert (model.num_classes, getattr(model, "aux_loss", False)) == (21, bool(aux))
     assert sum(x.size for x in jax.tree.leaves(variables["params"])) == NUM_PARAMS[name]
     image = _image(2, *size)  # odd sizes: the resizes are PyTorch's align_corners=False
     with torch.no_grad():
         want = reference(torch.from_numpy(image))
-    got = jax.jit(model.apply)(variables, _nhwc(image))
+    got = jax.jit(model.apply)(variables, nhwc(image))
     got = got if isinstance(got, dict) else {"out": got}
-    errors = {k: _max_rel_error(got[k], _nhwc(want[k])) for k in got}
+    errors = {k: max_rel_error(got[k], nhwc(want[k])) for k in got}
     print(f"{name} max relative error: {errors}")
     assert max(errors.values()) < RTOL
 
@@ -103,17 +85,17 @@ def test_mobilenet_v3_large_imagenet_file_is_a_backbone(torchvision, tmp_path):
     torch = _torch()
     torch.manual_seed(3)
     reference = torchvision.models.mobilenet_v3_large().eval()
-    _randomise_batch_norm(reference, 4)
-    path = _save(reference, tmp_path / "mobilenet_v3_large.pth")
+    randomise_batch_norm(reference, 4)
+    path = save_state_dict(reference, tmp_path / "mobilenet_v3_large.pth")
     backbone = MobileNetV3()
     maps = jax.jit(backbone.apply)(load_backbone(path, backbone).variables,
-                                   _nhwc(image := _image(5, 64, 64)))
+                                   nhwc(image := _image(5, 64, 64)))
     x, errors = torch.from_numpy(image), {}
     with torch.no_grad():
         for i, layer in enumerate(reference.features):
             x = layer(x)
             if str(i) in ("1", "3", "6", "12", "16"):  # the end of each stride
-                errors[str(i)] = _max_rel_error(maps[str(i)], _nhwc(x))
+                errors[str(i)] = max_rel_error(maps[str(i)], nhwc(x))
     print(f"mobilenet_v3_large max relative error per stride: {errors}")
     assert max(errors.values()) < RTOL
     # torchvision's count (5,483,032) less the ImageNet classifier (960x1280, 1280x1000).
@@ -134,7 +116,7 @@ def test_mobilenet_v3_large_imagenet_file_is_a_backbone(torchvision, tmp_path):
                                            r"not lraspp_mobilenet_v3_large"):
         deeplab = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
             weights=None, weights_backbone=None, num_classes=2)
-        from_torchvision("lraspp_mobilenet_v3_large", _save(deeplab, tmp_path / "dl.pth"))
+        from_torchvision("lraspp_mobilenet_v3_large", save_state_dict(deeplab, tmp_path / "dl.pth"))
 
 
 def test_resnet101_imagenet_file_is_a_deeplabv3plus_backbone(torchvision, tmp_path):
@@ -144,7 +126,7 @@ def test_resnet101_imagenet_file_is_a_deeplabv3plus_backbone(torchvision, tmp_pa
     torch = _torch()
     torch.manual_seed(6)
     reference = torchvision.models.resnet101()
-    path = _save(reference, tmp_path / "resnet101.pth")
+    path = save_state_dict(reference, tmp_path / "resnet101.pth")
     with pytest.raises(WeightsError, match=r"is built on resnet50, not on resnet101 .*pass "
                                            r"backbone='resnet101'"):
         from_torchvision("resnet101", path, model="deeplabv3plus")
@@ -208,7 +190,7 @@ def test_deeplabv3plus_equals_a_pytorch_twin(torchvision):
     for output_stride in (16, 8):
         torch.manual_seed(output_stride)
         twin = _deeplabv3plus_twin(torchvision, 5, (1, 1, 1, 1), output_stride).eval()
-        _randomise_batch_norm(twin, 7)
+        randomise_batch_norm(twin, 7)
         model = DeepLabV3Plus(5, output_stride=output_stride, blocks=(1, 1, 1, 1))
         source = {k: v.numpy() for k, v in twin.state_dict().items()}
         abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
@@ -216,7 +198,7 @@ def test_deeplabv3plus_equals_a_pytorch_twin(torchvision):
         image = _image(8, 45, 38)
         with torch.no_grad():
             want = twin(torch.from_numpy(image))
-        error = _max_rel_error(jax.jit(model.apply)(variables, _nhwc(image)), _nhwc(want))
+        error = max_rel_error(jax.jit(model.apply)(variables, nhwc(image)), nhwc(want))
         print(f"deeplabv3plus output stride {output_stride}: max relative error {error}")
         assert error < RTOL
 

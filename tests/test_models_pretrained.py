@@ -9,9 +9,9 @@ the file. Nothing is downloaded. Errors are relative to the largest reference va
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import max_rel_error, nhwc, randomise_batch_norm, save_state_dict
 
 from flaxseg.models import FCN, FCNResNet, param_count
 from flaxseg.models.__main__ import main as zoo_main
@@ -30,45 +30,21 @@ def _image(seed: int = 0, size: int = SIZE) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
 
 
-def _nhwc(x) -> jnp.ndarray:
-    return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
-
-
-def _max_rel_error(got, want) -> float:
-    want = np.asarray(want)
-    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
-
-
-def _save(model, path) -> str:
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
-def _randomise_batch_norm(model, seed: int) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters (eval mode reads them)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                for t, lo, hi in ((m.running_mean, -0.1, 0.1), (m.running_var, 0.5, 1.5),
-                                  (m.weight, 0.5, 1.5), (m.bias, -0.1, 0.1)):
-                    t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
-
-
 def test_fcn_resnet50_checkpoint_equals_torchvision(torchvision, tmp_path):
     torch.manual_seed(0)
     reference = torchvision.models.segmentation.fcn_resnet50(
         weights=None, weights_backbone=None, aux_loss=True).eval()
-    _randomise_batch_norm(reference, 1)
-    model, variables = from_torchvision("fcn_resnet50", _save(reference, tmp_path / "fcn.pth"))
+    randomise_batch_norm(reference, 1)
+    path = save_state_dict(reference, tmp_path / "fcn.pth")
+    model, variables = from_torchvision("fcn_resnet50", path)
     assert (model.num_classes, model.aux_loss) == (21, True)
     # torchvision's FCN_ResNet50_Weights meta num_params, auxiliary head included.
     assert sum(x.size for x in jax.tree.leaves(variables["params"])) == 35_322_218
     image = _image()
     with torch.no_grad():
         want = reference(torch.from_numpy(image))
-    got = jax.jit(model.apply, static_argnames="train")(variables, _nhwc(image), train=False)
-    errors = {k: _max_rel_error(got[k], _nhwc(want[k])) for k in ("out", "aux")}
+    got = jax.jit(model.apply, static_argnames="train")(variables, nhwc(image), train=False)
+    errors = {k: max_rel_error(got[k], nhwc(want[k])) for k in ("out", "aux")}
     print(f"fcn_resnet50 max relative error: {errors}")
     assert max(errors.values()) < RTOL
 
@@ -76,20 +52,20 @@ def test_fcn_resnet50_checkpoint_equals_torchvision(torchvision, tmp_path):
 def test_resnet50_features_equal_torchvision_at_every_stride(torchvision, tmp_path):
     torch.manual_seed(2)
     reference = torchvision.models.resnet50().eval()
-    _randomise_batch_norm(reference, 3)
-    path = _save(reference, tmp_path / "resnet50.pth")
+    randomise_batch_norm(reference, 3)
+    path = save_state_dict(reference, tmp_path / "resnet50.pth")
     backbone = ResNet(depth=50)
     pretrained = load_backbone(path, backbone)
     assert pretrained.normalization == IMAGENET
     image = _image(4)
-    maps = jax.jit(backbone.apply)(pretrained.variables, _nhwc(image))
+    maps = jax.jit(backbone.apply)(pretrained.variables, nhwc(image))
     x, want = torch.from_numpy(image), {}
     with torch.no_grad():
         x = want["stem"] = reference.relu(reference.bn1(reference.conv1(x)))
         x = reference.maxpool(x)
         for name in ("layer1", "layer2", "layer3", "layer4"):
             x = want[name] = getattr(reference, name)(x)
-    errors = {name: _max_rel_error(maps[name], _nhwc(want[name])) for name in want}
+    errors = {name: max_rel_error(maps[name], nhwc(want[name])) for name in want}
     print(f"resnet50 max relative error per stride: {errors}")
     assert max(errors.values()) < RTOL
     # The ImageNet file is also FCN-ResNet-50's backbone: torchvision's count less fc.
@@ -108,14 +84,14 @@ def _classifier_features(reference, image: np.ndarray, hidden: int):
 def test_alexnet_convolutions_equal_torchvision(torchvision, tmp_path):
     torch.manual_seed(5)
     reference = torchvision.models.alexnet().eval()
-    path = _save(reference, tmp_path / "alexnet.pth")
+    path = save_state_dict(reference, tmp_path / "alexnet.pth")
     backbone = AlexNet()  # torchvision's geometry: conv1 pad 2, floor-mode pools
     variables = load_backbone(path, backbone).variables
     image = _image(6)
-    maps = jax.jit(backbone.apply)(variables, _nhwc(image))
+    maps = jax.jit(backbone.apply)(variables, nhwc(image))
     pool5, fc7 = _classifier_features(reference, image, hidden=6)
-    errors = {"pool5": _max_rel_error(maps["pool5"], _nhwc(pool5)),
-              "fc7": _max_rel_error(maps["fc7"][:, 0, 0], fc7)}
+    errors = {"pool5": max_rel_error(maps["pool5"], nhwc(pool5)),
+              "fc7": max_rel_error(maps["fc7"][:, 0, 0], fc7)}
     print(f"alexnet max relative error: {errors}")
     assert max(errors.values()) < RTOL
     # torchvision's AlexNet has 61,100,840 parameters; FCN-AlexNet drops fc8 (4096x1000).
@@ -158,7 +134,8 @@ def vgg16_files(torchvision, tmp_path_factory):
     reference = torchvision.models.vgg16().eval()
     folder = tmp_path_factory.mktemp("vgg16")
     _keras_vgg16(folder / "vgg16_keras.h5", reference)
-    return reference, _save(reference, folder / "vgg16.pth"), str(folder / "vgg16_keras.h5")
+    torch_path = save_state_dict(reference, folder / "vgg16.pth")
+    return reference, torch_path, str(folder / "vgg16_keras.h5")
 
 
 def test_fcn_vgg16_forward_equals_torchvision_from_torch_and_keras_files(vgg16_files):
@@ -174,9 +151,9 @@ def test_fcn_vgg16_forward_equals_torchvision_from_torch_and_keras_files(vgg16_f
                                      ("keras", keras_file, CAFFE)):
         pretrained = load_backbone(path, backbone)
         assert pretrained.normalization == normalization
-        maps = apply(pretrained.variables, _nhwc(image))
-        errors[fmt] = {"pool5": _max_rel_error(maps["pool5"], _nhwc(pool5)),
-                       "fc7": _max_rel_error(maps["fc7"][:, 0, 0], fc7)}
+        maps = apply(pretrained.variables, nhwc(image))
+        errors[fmt] = {"pool5": max_rel_error(maps["pool5"], nhwc(pool5)),
+                       "fc7": max_rel_error(maps["fc7"][:, 0, 0], fc7)}
     print(f"vgg16 max relative error: {errors}")
     assert max(e for fmt in errors.values() for e in fmt.values()) < RTOL
 
@@ -217,7 +194,7 @@ def test_convert_vgg16_cli_writes_an_npz_numpy_reads(vgg16_files, tmp_path, caps
 def test_bad_files_name_the_first_offending_key(torchvision, tmp_path):
     torch.manual_seed(9)
     alexnet = torchvision.models.alexnet()
-    path = _save(alexnet, tmp_path / "alexnet.pth")
+    path = save_state_dict(alexnet, tmp_path / "alexnet.pth")
     with pytest.raises(WeightsError, match=r"'features.0.weight' has shape \[64, 3, 11, 11\], "
                        r"which does not fit params/conv1_1/kernel \[3, 3, 3, 64\]"):
         load_backbone(path, VGG16())
@@ -254,13 +231,13 @@ def test_fcn_resnet_tiny_checkpoint_round_trip_without_aux(torchvision, tmp_path
                                               replace_stride_with_dilation=[False, True, True])
     backbone = torchvision.models._utils.IntermediateLayerGetter(resnet, {"layer4": "out"})
     reference = TorchFCN(backbone, FCNHead(2048, 5)).eval()
-    _randomise_batch_norm(reference, 11)
-    path = _save(reference, tmp_path / "tiny.pth")
+    randomise_batch_norm(reference, 11)
+    path = save_state_dict(reference, tmp_path / "tiny.pth")
     model, variables = from_torchvision("fcn_resnet50", path, aux_loss=False,
                                         blocks=(1, 1, 1, 1))
     assert isinstance(model, FCNResNet) and not model.aux_loss
     image = _image(12, size=37)  # an odd size: the resize is PyTorch's align_corners=False
     with torch.no_grad():
         want = reference(torch.from_numpy(image))["out"]
-    got = model.apply(variables, _nhwc(image))
-    assert _max_rel_error(got, _nhwc(want)) < RTOL
+    got = model.apply(variables, nhwc(image))
+    assert max_rel_error(got, nhwc(want)) < RTOL
