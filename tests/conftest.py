@@ -239,19 +239,6 @@ def random_variables(model: nn.Module, shape, seed: int = 0, bias_scale: float =
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-def float64_batch_stats(state):
-    """`state` with its BatchNorm statistics in float64 when its params are float64.
-
-    flax's BatchNorm creates its running statistics in float32 whatever the param dtype,
-    and the first float64 step returns them in float64: the step's signature changes and
-    it compiles twice. Cast up front, a float64 test compiles each program once.
-    """
-    if not any(x.dtype == jnp.float64 for x in jax.tree.leaves(state.params)):
-        return state
-    return state.replace(batch_stats=jax.tree.map(lambda x: x.astype(jnp.float64),
-                                                  state.batch_stats))
-
-
 def nhwc(x) -> jax.Array:
     """A PyTorch `[B, C, H, W]` array (or tensor) as a JAX `[B, H, W, C]` one."""
     return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
@@ -329,6 +316,13 @@ if full_from:  # the disk fills during the asynchronous (background) save of tha
             f.result()
         raise OSError(28, "No space left on device", str(directory))
     async_checkpointer._background_wait_for_commit_futures = commit
+if os.environ.get("FLAXSEG_TEST_FLOAT64"):  # the model computes and keeps params in float64
+    import jax, jax.numpy as jnp
+    jax.config.update("jax_enable_x64", True)
+    from flaxseg.train import loop
+    real_build = loop.build_model
+    loop.build_model = lambda config: real_build(config).clone(dtype=jnp.float64,
+                                                               param_dtype=jnp.float64)
 sys.argv = ["flaxseg.train", *sys.argv[1:]]
 runpy.run_module("flaxseg.train", run_name="__main__", alter_sys=True)
 """

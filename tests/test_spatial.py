@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import float64_batch_stats
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flaxseg import configs, inference, losses
@@ -28,8 +27,7 @@ def _batches(steps: int, size: int = 32, dtype=np.float32) -> list[dict[str, np.
 
 def _train(spatial_partitions: int, batches, model: UNet = MODEL) -> tuple:
     par = DataParallel("mesh", spatial_partitions=spatial_partitions)
-    state = par.put_state(float64_batch_stats(
-        create_train_state(model, SGD, jax.random.key(0), (1, 32, 32, 1))))
+    state = par.put_state(create_train_state(model, SGD, jax.random.key(0), (1, 32, 32, 1)))
     step = make_train_step(model, losses.get_loss_fn("cross_entropy"), 3, parallel=par)
     loss = []
     for batch in batches:

@@ -92,7 +92,13 @@ def _init_variables(
             f"The model creates variable collections {extra}; TrainState holds only "
             "'params' and 'batch_stats'."
         )
-    return variables["params"], variables.get("batch_stats", {}), state_key
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    # flax's BatchNorm creates its statistics in float32 whatever `param_dtype` is, and a
+    # float64 step returns them in float64: start them there, so the step compiles once and
+    # a float64 checkpoint restores into a target of its own dtypes.
+    if any(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(params)):
+        batch_stats = jax.tree.map(lambda x: x.astype(jnp.float64), batch_stats)
+    return params, batch_stats, state_key
 
 
 # Compiled once per (model, input shape): a second seed or a restore target reuses it.
