@@ -61,6 +61,22 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 ISBI_DIR_ENV = "FLAXSEG_ISBI_DIR"
 
+# xdist hands whole modules to its workers (--dist=loadfile) in collection order
+# (--no-loadscope-reorder; its default order is by test count). The modules that take
+# longest (measured with --durations) start first, so the run does not end with one worker
+# finishing a long module while the other idles.
+_LONGEST_FIRST = ("test_multiprocess.py", "test_resume.py", "test_reliability.py",
+                  "test_train_core.py", "test_evaluate_predict.py", "test_models_pretrained.py",
+                  "test_models_deeplab.py", "test_models_zoo.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a module's tests keep their order
+
 
 @pytest.fixture(scope="session")
 def num_devices() -> int:
