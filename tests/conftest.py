@@ -57,7 +57,7 @@ jax.config.update("jax_threefry_partitionable", THREEFRY_PARTITIONABLE)
 XLA_CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              ".pytest_cache", "xla")
 jax.config.update("jax_compilation_cache_dir", XLA_CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 ISBI_DIR_ENV = "FLAXSEG_ISBI_DIR"
 
@@ -112,7 +112,7 @@ def child_env(num_devices: int, **extra: str) -> dict[str, str]:
     devices, the repository on the path."""
     return {**os.environ, "JAX_NUM_CPU_DEVICES": str(num_devices),
             "JAX_COMPILATION_CACHE_DIR": XLA_CACHE_DIR,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_THREEFRY_PARTITIONABLE": str(THREEFRY_PARTITIONABLE).lower(),
             "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
             **extra}
