@@ -105,6 +105,63 @@ def test_dice_matches_numpy_and_is_near_zero_for_perfect_logits():
     assert float(losses.dice_loss(perfect, labels)) < 1e-5
 
 
+def _np_cross_entropy_grad(logits, labels, weights, smoothing):
+    """d(weighted-mean CE)/d(logits): w_i (softmax_i - target_i) / sum(w), 0 where ignored."""
+    probs = np.exp(_np_log_softmax(logits))
+    grad, norm = np.zeros_like(probs), 0.0
+    for idx in np.ndindex(labels.shape):
+        y = labels[idx]
+        if y == IGNORE:
+            continue
+        target = np.full(C, smoothing / C)
+        target[y] += 1.0 - smoothing
+        grad[idx] = weights[y] * (probs[idx] - target)
+        norm += weights[y]
+    return grad / norm
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_gradient_matches_numpy_in_both_modes(smoothing):
+    """The hand-written derivative (no gather, no scatter) against the formula, by
+    reverse and by forward mode."""
+    logits, labels = _inputs(8)
+    weights = [0.5, 2.0, 1.0, 3.0]
+
+    def loss(x):
+        return losses.cross_entropy(x, labels, class_weights=weights, label_smoothing=smoothing)
+
+    want = _np_cross_entropy_grad(logits, labels, weights, smoothing)
+    grad = jax.jit(jax.grad(loss))(logits)
+    # Each entry is w (p - t) / sum(w), p and t in [0, 1] computed in float32 (a few ulps
+    # of 1): within 1e-6 * max(w) / sum(w), on any CPU.
+    scale = max(weights) / sum(weights[y] for y in labels[labels != IGNORE])
+    np.testing.assert_allclose(grad, want, rtol=0, atol=1e-6 * scale)
+    direction = np.random.default_rng(9).normal(size=logits.shape).astype(np.float32)
+    _, tangent = jax.jvp(loss, (logits,), (direction,))
+    np.testing.assert_allclose(tangent, np.sum(want * direction), rtol=1e-5)
+    focal_grad = jax.grad(lambda x: losses.focal_loss(x, labels, gamma=0.0))(logits)
+    np.testing.assert_allclose(focal_grad, _np_cross_entropy_grad(logits, labels, [1] * C, 0.0),
+                               rtol=0, atol=1e-6 / np.sum(labels != IGNORE))
+
+
+@pytest.mark.parametrize("num_classes", [1, 4, 21])
+def test_class_axis_reductions_agree_on_every_platform_path(num_classes):
+    """CPU runs the class-plane form, GPU/TPU the reductions; both give the same parts."""
+    rng = np.random.default_rng(num_classes)
+    logits = (rng.normal(size=(2, 3, 5, num_classes)) * 4).astype(np.float32)
+    labels = rng.integers(0, num_classes, size=(2, 3, 5)).astype(np.int32)
+    planes = losses._unrolled_parts(jnp.asarray(logits), jnp.asarray(labels))
+    reduced = losses._reduced_parts(jnp.asarray(logits), jnp.asarray(labels))
+    log_sum = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    picked = np.take_along_axis(logits, labels[..., None], -1)[..., 0]
+    # Sums of <= 21 float32 terms in two orders: within 21 ulps of the largest term.
+    for got in (planes, reduced):
+        np.testing.assert_allclose(got[0], log_sum, rtol=0, atol=4e-6 * np.abs(log_sum).max())
+        np.testing.assert_array_equal(got[1], picked)
+        np.testing.assert_allclose(got[2], logits.astype(np.float64).sum(-1), rtol=0,
+                                   atol=21 * 6e-8 * np.abs(logits).sum(-1).max())
+
+
 @pytest.mark.parametrize("name", losses.LOSS_NAMES)
 def test_sum_form_is_exact_across_splits(name):
     """(sum, weight) over two halves gives the full batch's mean: no mean of means."""
