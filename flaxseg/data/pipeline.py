@@ -11,7 +11,7 @@ sixteen, each process loading its own block of rows (`process_rows`, by default 
 `jax.process_index()`-th of `jax.process_count()` equal blocks). So a run gives the same
 batches on any topology, and its data position resumes on another one.
 
-Train: the whole dataset reshuffled every epoch (grain's `shuffle` + `repeat`), each
+Train: the whole dataset reshuffled every epoch (`epoch_permutation`), each
 example placed on a fixed uint8 canvas (`transforms.fit_to_canvas`) with its (epoch,
 example index), from which the device draws its random transform, cut into global
 batches of `batch_size` (a batch may span an epoch boundary). The iterator's
@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -113,7 +114,7 @@ def _train_example(
     label_type: np.dtype,
     ignore_index: int,
 ) -> dict[str, np.ndarray]:
-    # Before `shuffle().repeat()`, grain passes `index` = epoch * num_examples + example index.
+    # `_shuffled` asks for `index` = epoch * num_examples + example index.
     epoch, example_index = divmod(index, num_examples)
     if canvas_hw is None:  # no augmentation: the eval transform
         out = transforms.eval_canvas(example, image_size=image_size, augment=None,
@@ -132,8 +133,50 @@ def _global_position(position: int, *, batch_size: int, rows: slice) -> int:
     return step * batch_size + rows.start + row
 
 
-def _row_of(position: int, *, ordered: grain.MapDataset, batch_size: int, rows: slice):
-    return ordered[_global_position(position, batch_size=batch_size, rows=rows)]
+# SplitMix64's finaliser constants, and the 64-bit golden ratio (odd: a stride that
+# visits every uint64).
+_MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on a uint64 array: a bijection (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * _MIX[0]
+    x = (x ^ (x >> np.uint64(27))) * _MIX[1]
+    return x ^ (x >> np.uint64(31))
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, length: int) -> np.ndarray:
+    """The order of the `length` examples in `epoch`: int64 `[length]`, a permutation of
+    `[0, length)` drawn from (seed, epoch) alone.
+
+    The examples sorted by a bijective 64-bit hash of (seed, epoch, index): distinct
+    keys, so the order is exact integer arithmetic, the same on every machine, NumPy
+    version, process and data worker. Once per epoch and process, O(n log n); grain's
+    `MapDataset.shuffle` (0.2.18) pays its index_shuffle per example, at a cost that grows
+    as the dataset shrinks: 1.4 ms at 30 examples, 0.1 ms at 367, against ~1 ms to read
+    a cached 360x480 example.
+    """
+    start = _mix64(_mix64(np.array([seed % 2**64], np.uint64)) ^ np.uint64(epoch))
+    keys = _mix64(start + np.arange(length, dtype=np.uint64) * _GOLDEN)
+    order = np.argsort(keys, kind="stable")
+    order.flags.writeable = False  # cached: shared by every caller
+    return order
+
+
+def _shuffled(position: int, *, examples: grain.MapDataset, seed: int):
+    """Example `position` of the repeated, per-epoch shuffled order of `examples`."""
+    epoch, index = divmod(position, len(examples))
+    example = int(epoch_permutation(seed, epoch, len(examples))[index])
+    # The index the transform sees (grain's map_with_index): epoch * n + example.
+    return examples[epoch * len(examples) + example]
+
+
+def _row_of(position: int, *, seed: int, examples: grain.MapDataset, batch_size: int,
+            rows: slice):
+    position = _global_position(position, batch_size=batch_size, rows=rows)
+    return _shuffled(position, examples=examples, seed=seed)
 
 
 class _ClosingIterator(Iterator[Batch]):
@@ -241,15 +284,14 @@ def create_train_iterator(
         label_type=transforms.label_dtype(info.num_classes, info.ignore_index),
         ignore_index=info.ignore_index,
     )
-    ordered = (
-        grain.MapDataset.source(source).map_with_index(transform).shuffle(seed=seed)
-        .repeat(num_epochs)
-    )
-    num_batches = len(ordered) // batch_size
+    examples = grain.MapDataset.source(source).map_with_index(transform)
+    num_batches = (sys.maxsize if num_epochs is None else len(source) * num_epochs) \
+        // batch_size
     local_batch = rows.stop - rows.start
     dataset = (
         grain.MapDataset.range(num_batches * local_batch)
-        .map(functools.partial(_row_of, ordered=ordered, batch_size=batch_size, rows=rows))
+        .map(functools.partial(_row_of, seed=int(seed), examples=examples,
+                               batch_size=batch_size, rows=rows))
         .batch(local_batch, drop_remainder=True)
     )
     read_options = grain.ReadOptions(
