@@ -121,6 +121,22 @@ def child_env(num_devices: int, **extra: str) -> dict[str, str]:
             **extra}
 
 
+# jax 0.12.1: the processes of one multi-process CPU job that load their train step from the
+# persistent compilation cache hang in its first cross-process collective (gloo), every
+# time; the same job whose processes compile the step themselves runs (measured on the
+# 2x2-device job of test_multiprocess; jax 0.10.2 and 0.12.0.1 run it from the cache).
+MULTIPROCESS_CACHE = jax.__version_info__ < (0, 12, 1)
+
+
+def multiprocess_env(num_devices: int, **extra: str) -> dict[str, str]:
+    """`child_env` for one process of a multi-process job: without the compilation cache
+    where jax hangs on cached multi-process programs (`MULTIPROCESS_CACHE`)."""
+    env = child_env(num_devices, **extra)
+    if not MULTIPROCESS_CACHE:
+        del env["JAX_COMPILATION_CACHE_DIR"]
+    return env
+
+
 def save_tiny_run(workdir, steps=(6,), model_name: str | None = None) -> None:
     """Checkpoints `steps` of the test config's untrained model into `workdir`, as a training
     run would save them (state, loop, config), without training; `model_name` replaces the

@@ -26,6 +26,7 @@ from conftest import (
     child_env,
     final_params,
     free_port,
+    multiprocess_env,
 )
 
 from flaxseg.train.checkpoint import Checkpointer, load_for_inference
@@ -63,7 +64,8 @@ class Job:
 
     def __init__(self, workdir: Path, num_processes: int, devices: int,
                  extra: tuple[str, ...] = (), delay: float = 0.0):
-        env = child_env(devices, FLAXSEG_TEST_BATCH_DELAY=str(delay), FLAXSEG_TEST_FLOAT64="1")
+        env = (multiprocess_env if num_processes > 1 else child_env)(
+            devices, FLAXSEG_TEST_BATCH_DELAY=str(delay), FLAXSEG_TEST_FLOAT64="1")
         flags = [*FLAGS, f"--workdir={workdir}", *extra]
         if num_processes > 1:
             flags += [f"--coordinator_address=localhost:{free_port()}",
@@ -224,7 +226,7 @@ def test_benchmark_scaling_runs_unchanged_in_two_processes(tmp_path):
             "--num_devices=2", "--scaling", f"--out_dir={out_dir}",
             f"--coordinator_address=localhost:{port}", "--num_processes=2"]
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.throughput", *args,
-                               f"--process_id={i}"], env=child_env(2), cwd=REPO,
+                               f"--process_id={i}"], env=multiprocess_env(2), cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = [proc.communicate(timeout=300)[0] for proc in procs]
@@ -245,7 +247,7 @@ def _cli_in_two_processes(module: str, *args: str) -> list[tuple[int, str]]:
     port = free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", module, *args, f"--coordinator_address=localhost:{port}",
-         "--num_processes=2", f"--process_id={i}"], env=child_env(2), cwd=REPO,
+         "--num_processes=2", f"--process_id={i}"], env=multiprocess_env(2), cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     return [(proc.wait(timeout=300), proc.stdout.read()) for proc in procs]
 

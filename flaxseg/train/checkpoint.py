@@ -152,7 +152,7 @@ def _identity(config: dict) -> dict:
 def _placed(tree: PyTree) -> PyTree:
     """`tree` with every leaf's restore sharding set: kept where `tree` has one (e.g.
     `DataParallel.abstract`), else the first local device."""
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                        sharding=getattr(x, "sharding", None) or device),
