@@ -64,9 +64,9 @@ def crop(x: jax.Array, top: Dim, left: Dim, height: Dim, width: Dim) -> jax.Arra
         x, (0, top, left, 0), (x.shape[0], height, width, x.shape[3]))
 
 
-def _resize_axis(x: jax.Array, axis: int, size: Dim) -> jax.Array:
-    """Linear interpolation along `axis` to `size`, pixel centres aligned (half-pixel)."""
-    length = x.shape[axis]
+def _linear_taps(length: Dim, size: Dim) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(low, high, fraction)`, each `[size]`: output pixel o of a half-pixel linear
+    resize from `length` to `size` is `(1 - fraction) * in[low] + fraction * in[high]`."""
     # Output pixel o samples the input at (o + 1/2) * length / size - 1/2, clamped to the
     # edges: numerator and denominator in integers, so the position is exact and the
     # fraction one correctly rounded division, whatever the compiler fuses.
@@ -76,17 +76,45 @@ def _resize_axis(x: jax.Array, axis: int, size: Dim) -> jax.Array:
     high = jnp.minimum(low + 1, length - 1)
     fraction = (numerator - low * denominator).astype(jnp.float32) / jnp.asarray(
         denominator, jnp.float32)
+    return low, high, fraction
+
+
+def _resize_axis(x: jax.Array, axis: int, size: Dim) -> jax.Array:
+    """Linear interpolation along `axis` to `size`: two gathers and a lerp."""
+    low, high, fraction = _linear_taps(x.shape[axis], size)
     shape = [1] * x.ndim
     shape[axis] = -1
     a, b = jnp.take(x, low, axis=axis), jnp.take(x, high, axis=axis)
     return a + (b - a) * fraction.reshape(shape)
 
 
-def resize_bilinear(x: jax.Array, height: Dim, width: Dim) -> jax.Array:
+def _resize_axis_dense(x: jax.Array, axis: int, size: Dim) -> jax.Array:
+    """Linear interpolation along `axis` to `size`: one contraction with the `[size,
+    length]` interpolation matrix, as `jax.image.resize` computes it."""
+    length = x.shape[axis]
+    low, high, fraction = _linear_taps(length, size)
+    source = jnp.arange(length)
+    matrix = ((1 - fraction)[:, None] * (source == low[:, None])
+              + fraction[:, None] * (source == high[:, None])).astype(x.dtype)
+    y = jnp.tensordot(matrix, jnp.moveaxis(x, axis, 0), axes=1,
+                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.moveaxis(y, 0, axis)
+
+
+def resize_bilinear(x: jax.Array, height: Dim, width: Dim, *, dense: bool = False
+                    ) -> jax.Array:
     """`[B, H, W, C]` -> `[B, height, width, C]`, bilinear with half-pixel centres and
     no antialiasing (PyTorch's `interpolate(mode='bilinear', align_corners=False)`,
-    OpenCV's `INTER_LINEAR`)."""
-    return _resize_axis(_resize_axis(x, 1, height), 2, width)
+    OpenCV's `INTER_LINEAR`). Sizes may be symbolic.
+
+    `dense=False` gathers the two neighbours: O(output) memory and work, for images (the
+    multi-scale TTA of whole scenes). `dense=True` contracts with interpolation matrices
+    (O(height x H) each), for the models' feature maps: their gradient is another
+    contraction where the gathers' would be a scatter (2x slower on XLA:CPU), and the
+    values are `jax.image.resize`'s bit for bit at the models' sizes (measured).
+    """
+    resize_axis = _resize_axis_dense if dense else _resize_axis
+    return resize_axis(resize_axis(x, 1, height), 2, width)
 
 
 def gaussian_weights(tile: tuple[int, int],

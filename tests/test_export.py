@@ -12,6 +12,7 @@ import pytest
 from conftest import child_env, random_variables, tiny_model
 
 from flaxseg import export, exported, inference
+from flaxseg import models as models_registry
 from flaxseg.models import model_geometry
 from flaxseg.normalization import Normalization
 
@@ -171,3 +172,31 @@ def test_bad_artifacts_and_bad_images_get_clear_errors(artifact_file, tmp_path):
         artifact(images.astype(np.float32) / 255)
     with pytest.raises(ValueError, match=r"batch \[B, H, W, C\]"):
         artifact(images[0])
+
+
+# Every registered SAME net but those exported elsewhere: the U-Net above, the DeepLab
+# and LR-ASPP nets through the command line (tests/test_models_deeplab.py), and the
+# 101-layer twins of the ResNet-50 ones (the same code).
+OTHER_MODELS = sorted(set(models_registry.available_models()) - {
+    "unet", "unet_valid", "deeplabv3_resnet50", "deeplabv3_resnet101",
+    "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "deeplabv3plus",
+    "fcn_resnet101"})
+
+
+@pytest.mark.parametrize("name", OTHER_MODELS)
+def test_every_same_size_model_exports_for_any_image_size(name):
+    # The models' own size arithmetic and bilinear resizes trace with symbolic H, W, so
+    # 'pad' exports one program for every size (the VALID U-Net: overlap_tile, above).
+    model = tiny_model(name)
+    variables = random_variables(model, (1, 32, 32, 3), seed=2)
+    plan = inference.make_plan(model, variables, 3, mode="pad")
+    exp, rule = export.export_procedure(model, variables, plan, normalization=NORMALIZATION,
+                                        channels=3, outputs="both")
+    assert rule == {"symbolic": True, "multiple": [1, 1]}
+    exp = jax.export.deserialize(exp.serialize())
+    images = _uint8(37, 45, 1, seed=3)
+    labels, probabilities = exp.call(images)
+    logits = inference.predict_logits(model, variables, NORMALIZATION(images), mode="pad")
+    np.testing.assert_array_equal(np.asarray(labels), logits.argmax(-1))
+    np.testing.assert_allclose(probabilities, jax.nn.softmax(logits, axis=-1), rtol=1e-5,
+                               atol=1e-5)

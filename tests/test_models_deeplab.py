@@ -1,5 +1,6 @@
 """DeepLabV3, LR-ASPP and DeepLabV3+: torchvision's files load exactly, DeepLabV3+ matches a
-PyTorch twin, a split image gives the unsplit forward, and DeepLabV3+ exports.
+PyTorch twin, a split image gives the unsplit forward, and each model trains and exports
+from the command line.
 
 The references are torchvision's own model definitions (the `torchvision` fixture of
 conftest.py), randomly initialised with non-trivial BatchNorm statistics and saved with
@@ -9,11 +10,16 @@ Inputs are small (32-64 px): the time goes to compiling the full-width networks.
 are relative to the largest reference value.
 """
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
+    child_env,
     max_rel_error,
     nhwc,
     random_variables,
@@ -222,15 +228,18 @@ def test_deeplabv3plus_backbones_and_strides():
         DeepLabV3(3, width_mult=0.5).backbone_module()
 
 
-def test_a_split_image_gives_the_unsplit_forward(num_devices):
-    # Training mode: BatchNorm's batch statistics and the ASPP's image pooling (a global
-    # average, as squeeze-excitation's and LR-ASPP's gates) are the whole image's, not
-    # one device's part of it. In float64: in float32 the layouts' different summation
-    # orders, amplified by train-mode BatchNorm, moved logits by 3.2e-5 of the largest on
-    # jax 0.12 (1e-5 held on jax 0.10); float64 leaves ~1e-14, and a per-device statistic
-    # would be off by ~1e-1.
+# The global averages: the ASPP's image pooling (ResNet; MobileNetV3 with its squeeze-
+# excitation gates) and LR-ASPP's gate branch.
+@pytest.mark.parametrize("name", ["deeplabv3plus", "deeplabv3_mobilenet_v3_large",
+                                  "lraspp_mobilenet_v3_large"])
+def test_a_split_image_gives_the_unsplit_forward(num_devices, name):
+    # Training mode: BatchNorm's batch statistics and every global average pool are the
+    # whole image's, not one device's part of it. In float64: in float32 the layouts'
+    # different summation orders, amplified by train-mode BatchNorm, moved logits by
+    # 3.2e-5 of the largest on jax 0.12 (1e-5 held on jax 0.10); float64 leaves ~1e-14,
+    # and a per-device statistic would be off by ~1e-1.
     with jax.enable_x64(True):
-        model = tiny_model("deeplabv3plus", dtype=jnp.float64, param_dtype=jnp.float64)
+        model = tiny_model(name, dtype=jnp.float64, param_dtype=jnp.float64)
         x = uniform_images(3, (2, 64, 48, 3)).astype(jnp.float64)
         variables = jax.tree.map(lambda v: v.astype(jnp.float64),
                                  random_variables(model, x.shape))
@@ -250,21 +259,54 @@ def test_a_split_image_gives_the_unsplit_forward(num_devices):
                                        atol=1e-9 * float(np.abs(want).max()))
 
 
-def test_deeplabv3plus_exports_for_a_fixed_size():
-    # Bilinear resizing needs concrete sizes (jax.image.resize): the export falls back to
-    # one image size, as `python -m flaxseg.export` does with --image_size.
-    from flaxseg import export
-    from flaxseg.normalization import Normalization
+# The command lines' config: the test config's 32 px scenes with `name` at its tiny width.
+CLI_CONFIG = """
+import ml_collections
 
-    model = tiny_model("deeplabv3plus")
-    variables = random_variables(model, (1, 32, 32, 3))
-    plan = inference.make_plan(model, variables, 3, mode="pad")
-    normalization = Normalization((0.5,) * 3, (0.25,) * 3)
-    exported, rule = export.export_procedure(model, variables, plan, outputs="probabilities",
-                                             normalization=normalization, channels=3,
-                                             image_size=(32, 48))
-    assert rule["symbolic"] is False and (rule["height"], rule["width"]) == (32, 48)
-    images = np.random.default_rng(0).integers(0, 256, (2, 32, 48, 3), np.uint8)
-    want = jax.nn.softmax(model.apply(variables, normalization(images)), axis=-1)
-    got = jax.export.deserialize(exported.serialize()).call(images)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+from flaxseg import configs
+from flaxseg.models import model_spec
+
+
+def get_config(name):
+    config = configs.get_config("test")
+    config.model = ml_collections.ConfigDict({"name": name, **model_spec(name).tiny})
+    config.batch_size = 4
+    config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+    return config
+"""
+
+
+# DeepLabV3 on ResNet (the ASPP, the aux head), LR-ASPP (MobileNetV3) and DeepLabV3+; the
+# MobileNetV3 DeepLabV3 is those parts combined, and its run would add 46 s to the suite.
+@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "lraspp_mobilenet_v3_large",
+                                  "deeplabv3plus"])
+def test_each_model_trains_and_exports_from_the_command_line(tmp_path, name):
+    # `python -m flaxseg.train`, then `python -m flaxseg.export` for any image size (the
+    # models' resizes and pools take symbolic sizes); the artifact computes what the
+    # trained model computes in process.
+    from flaxseg import evaluate
+    from flaxseg.train.checkpoint import load_for_inference
+
+    (tmp_path / "config.py").write_text(CLI_CONFIG)
+    workdir, artifact = tmp_path / "run", tmp_path / "model.jax"
+    commands = [("flaxseg.train", f"--config={tmp_path / 'config.py'}:{name}",
+                 f"--workdir={workdir}"),
+                ("flaxseg.export", f"--workdir={workdir}", f"--out={artifact}",
+                 "--outputs=probabilities")]
+    for module, *args in commands:
+        result = subprocess.run([sys.executable, "-m", module, *args], env=child_env(1),
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "any height and width" in result.stdout, result.stdout
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"] == 2 and np.isfinite(summary["loss"])
+    model, variables, config = load_for_inference(workdir)
+    assert type(model).__name__ == type(tiny_model(name)).__name__
+    images = np.random.default_rng(0).integers(0, 256, (2, 37, 45, 3), np.uint8)
+    got = jax.export.deserialize(artifact.read_bytes()).call(images)
+    mode = json.loads(artifact.with_suffix(".jax.json").read_text())["procedure"]["mode"]
+    logits = inference.predict_logits(model, variables,
+                                      np.stack([evaluate.image_normalizer(config)(image)
+                                                for image in images]), mode=mode)
+    assert got.shape == (2, 37, 45, 4)  # the synthetic classes
+    np.testing.assert_allclose(got, jax.nn.softmax(logits, axis=-1), rtol=0, atol=1e-5)

@@ -31,9 +31,9 @@ import jax.numpy as jnp
 
 from flaxseg.models.backbones import backbone_at_stride
 from flaxseg.models.backbones.resnet import batch_norm
-from flaxseg.models.fcn_resnet import FCNHead, resize_bilinear
+from flaxseg.models.fcn_resnet import FCNHead
 from flaxseg.models.geometry import Geometry
-from flaxseg.models.layers import Dtype, check_image_batch
+from flaxseg.models.layers import Dtype, check_image_batch, resize_bilinear
 from flaxseg.models.registry import register_model
 
 # torchvision's taps: the deepest map feeds the ASPP, this one the auxiliary head.

@@ -30,9 +30,8 @@ import jax.numpy as jnp
 
 from flaxseg.models.backbones import backbone_at_stride, last_per_stride
 from flaxseg.models.deeplabv3 import ASPP, ConvNormReLU, backbone_options, conv_norm_relu
-from flaxseg.models.fcn_resnet import resize_bilinear
 from flaxseg.models.geometry import Geometry
-from flaxseg.models.layers import Dtype, check_image_batch
+from flaxseg.models.layers import Dtype, check_image_batch, resize_bilinear
 from flaxseg.models.registry import register_model
 
 RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # the paper's ASPP rates per output stride

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from flaxseg.models.backbones.resnet import ResNet, batch_norm
 from flaxseg.models.geometry import Geometry
-from flaxseg.models.layers import Dtype, check_image_batch
+from flaxseg.models.layers import Dtype, check_image_batch, resize_bilinear
 from flaxseg.models.registry import register_model
 
 DILATION = (False, True, True)  # torchvision's replace_stride_with_dilation for FCN
@@ -51,12 +51,6 @@ class FCNHead(nn.Module):
         if self.dropout_rate > 0.0:
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return nn.Conv(self.num_classes, (1, 1), name="4", **kw)(x)
-
-
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """`[B, h, w, C]` -> `[B, H, W, C]`, PyTorch's `interpolate(mode='bilinear',
-    align_corners=False)` when upsampling (half-pixel centres, edges clamped)."""
-    return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), method="bilinear")
 
 
 class FCNResNet(nn.Module):

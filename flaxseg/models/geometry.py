@@ -12,6 +12,7 @@ import itertools
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,9 @@ class Geometry:
                      ) -> tuple[int, int]:
         """`(H', W')` of the logits for an input of `height x width`; ValueError if the
         model cannot take that size."""
-        if min(height, width) < self.min_size:
+        # Symbolic sizes (jax.export) are not compared: the exported size rule covers them.
+        concrete = not any(map(jax.export.is_symbolic_dim, (height, width)))
+        if concrete and min(height, width) < self.min_size:
             raise ValueError(
                 f"{model} needs inputs of at least {self.min_size}x{self.min_size}; got "
                 f"{height}x{width}. Pad or resize the images.")

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from flaxseg import tiling
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -80,6 +82,14 @@ def center_crop(x: jax.Array, size: Sequence[int]) -> jax.Array:
         )
     top, left = (height - h) // 2, (width - w) // 2
     return x[:, top : top + h, left : left + w]
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[Any]) -> jax.Array:
+    """`[B, h, w, C]` -> `[B, H, W, C]` for `size` (H, W), which may be symbolic:
+    PyTorch's `interpolate(mode='bilinear', align_corners=False)` (half-pixel centres,
+    edges clamped, no antialiasing), as interpolation-matrix contractions (see
+    `flaxseg.tiling.resize_bilinear`)."""
+    return tiling.resize_bilinear(x, *size, dense=True)
 
 
 def max_pool_2x2(x: jax.Array, ceil_mode: bool = False) -> jax.Array:
@@ -146,15 +156,16 @@ def max_pool_3x3(x: jax.Array, padding: int = 0, ceil_mode: bool = False) -> jax
     overhanging the edge. Written as the maximum of nine strided views, so its gradient
     is elementwise selects, never `select_and_scatter` (ties share the gradient).
     """
-    b, h, w, c = x.shape
-    rounding = math.ceil if ceil_mode else math.floor
-    out_h, out_w = (rounding((n + 2 * padding - 3) / 2) + 1 for n in (h, w))
-    if min(out_h, out_w) < 1:
+    _, h, w, _ = x.shape
+    # Integer arithmetic, so that H and W may be symbolic (jax.export).
+    ceil = 1 if ceil_mode else 0
+    out_h, out_w = ((n + 2 * padding - 3 + ceil) // 2 + 1 for n in (h, w))
+    if all(isinstance(n, int) for n in (h, w)) and min(out_h, out_w) < 1:
         raise ValueError(f"max_pool_3x3 needs H, W + 2 * padding >= 3; got {h}x{w}.")
     # The windows read 2 * (out - 1) + 3 rows and columns: pad up to that (floor mode
     # may leave the last ones unread).
-    pad = ((0, 0), (padding, max(0, 2 * out_h + 1 - h - padding)),
-           (padding, max(0, 2 * out_w + 1 - w - padding)), (0, 0))
+    pad = ((0, 0), (padding, tiling.dim_max(0, 2 * out_h + 1 - h - padding)),
+           (padding, tiling.dim_max(0, 2 * out_w + 1 - w - padding)), (0, 0))
     x = jnp.pad(x, pad, constant_values=-jnp.inf)
     views = [x[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2]
              for i in range(3) for j in range(3)]

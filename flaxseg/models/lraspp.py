@@ -25,9 +25,8 @@ import jax.numpy as jnp
 
 from flaxseg.models.backbones import backbone_at_stride
 from flaxseg.models.backbones.resnet import batch_norm
-from flaxseg.models.fcn_resnet import resize_bilinear
 from flaxseg.models.geometry import Geometry
-from flaxseg.models.layers import Dtype, check_image_batch
+from flaxseg.models.layers import Dtype, check_image_batch, resize_bilinear
 from flaxseg.models.registry import register_model
 
 LOW, HIGH = "4", "16"  # torchvision's taps: the first stride-8 block, the last layer

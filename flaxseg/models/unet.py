@@ -39,6 +39,7 @@ from flaxseg.models.layers import (
     check_remat,
     max_pool_2x2,
     rematerialized,
+    resize_bilinear,
 )
 from flaxseg.models.registry import register_model
 
@@ -207,8 +208,8 @@ class UNet(nn.Module):
             return ConvTranspose(
                 features, 2, 2, dtype=self.dtype, param_dtype=self.param_dtype, name=name
             )(x)
-        b, h, w, c = x.shape
-        x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="bilinear")
+        _, h, w, _ = x.shape
+        x = resize_bilinear(x, (2 * h, 2 * w))
         return Conv1x1(
             features,
             kernel_init=nn.initializers.he_normal(),
