@@ -123,8 +123,14 @@ def variables_of(state: TrainState) -> dict[str, Any]:
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+    """Whether every element of every leaf is finite: a bool scalar."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    # One reduction over the leaves side by side (XLA fuses the concatenation into it),
+    # not one per leaf: XLA:CPU took 70 s more to compile the ~400 per-leaf reductions of
+    # a MobileNetV3 DeepLabV3's train step (90 s against 11 s in all, measured).
+    return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x) for x in leaves])))
 
 
 def _summed_metrics(
