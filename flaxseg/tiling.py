@@ -3,7 +3,8 @@
 `flaxseg.inference` builds its modes from these; `flaxseg.export` lowers the result with
 H and W symbolic (`jax.export`'s shape polymorphism), so every size arithmetic here is
 `+ - * //` and `dim_max` on sizes that may be symbolic, and padding, cropping and
-resizing are gathers with computed indices: one traced program serves every image size.
+resizing are gathers with computed indices (or, for the models' resizes, contractions
+with matrices built from them): one traced program serves every image size.
 Arrays are NHWC.
 """
 
