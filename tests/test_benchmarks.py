@@ -1,4 +1,5 @@
-"""benchmarks/: the --quick suite's JSON, MFU arithmetic, peak table, torch equality check."""
+"""benchmarks/: the --quick suite's JSON, MFU arithmetic, peak table, torch equality check,
+the output-stride bound."""
 
 import json
 import math
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import child_env
 
-from benchmarks import peaks, pipeline, throughput
+from benchmarks import output_stride, peaks, pipeline, throughput
 from benchmarks.plot import line_plot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,3 +226,14 @@ def test_large_images_scene_is_a_memory_mappable_tiff_and_rows_format(tmp_path):
            "s_per_mpx": 937.5, "peak_gib": 0.5, "anon_gib": 0.4}
     assert large_images.format_rows([row]).splitlines()[-1] == (
         "| 40x40 | 4 | inprocess | 1.5 | 937.5 | 0.5 GiB | 0.4 GiB |")
+
+
+def test_the_output_stride_bound_is_exact_at_stride_1_and_fits_above_pooling():
+    masks = output_stride.val_masks(32)[:16]
+    pooled, fitted = output_stride.fitted_logits(masks, 1, 4, steps=1)
+    # At stride 1 the pooled logits are the one-hot masks: every pixel right.
+    assert output_stride.scores(pooled, masks, 4)[0] == 1.0
+    pooled, fitted = output_stride.fitted_logits(masks, 4, 4, steps=100)
+    (p, _), (f, per_class) = (output_stride.scores(z, masks, 4) for z in (pooled, fitted))
+    assert pooled.shape == fitted.shape == (16, 8, 8, 4) and len(per_class) == 4
+    assert 0.5 < p < f < 1.0, (p, f)
