@@ -13,8 +13,8 @@ decoder_features=256`); the default U-Net reaches 0.971 in 300 steps. On 128x128
 (`--config.dataset.image_size=128,128`, 1200 steps, 20 minutes) it reaches 0.967, the
 U-Net 0.986 in 300 steps. The stride-4 logits do not cap these numbers: free 16x16 logits
 fitted to each 64x64 val mask, resized bilinearly as the decoder's are, score 0.992
-(`python -m benchmarks.output_stride`). The
-gap is how fast a deep network from scratch learns sharp boundaries, not its output grid.
+(`python -m benchmarks.output_stride`). The gap is how fast a deep network from scratch
+learns sharp boundaries, not its output grid.
 """
 
 import ml_collections

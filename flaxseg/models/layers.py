@@ -160,7 +160,7 @@ def max_pool_3x3(x: jax.Array, padding: int = 0, ceil_mode: bool = False) -> jax
     # Integer arithmetic, so that H and W may be symbolic (jax.export).
     ceil = 1 if ceil_mode else 0
     out_h, out_w = ((n + 2 * padding - 3 + ceil) // 2 + 1 for n in (h, w))
-    if all(isinstance(n, int) for n in (h, w)) and min(out_h, out_w) < 1:
+    if not any(map(jax.export.is_symbolic_dim, (h, w))) and min(out_h, out_w) < 1:
         raise ValueError(f"max_pool_3x3 needs H, W + 2 * padding >= 3; got {h}x{w}.")
     # The windows read 2 * (out - 1) + 3 rows and columns: pad up to that (floor mode
     # may leave the last ones unread).
