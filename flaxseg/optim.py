@@ -28,34 +28,25 @@ from typing import Any
 import jax
 import optax
 
+from flaxseg.run_config import OPTIMIZER_DEFAULTS
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine", "poly")
 
-DEFAULTS: dict[str, Any] = {
-    "name": "adam",
-    "learning_rate": 1e-3,
-    "momentum": 0.9,
-    "nesterov": False,
-    "weight_decay": 0.0,
-    "schedule": "constant",
-    "warmup_steps": 0,
-    "end_learning_rate": 0.0,
-    "poly_power": 0.9,
-    "grad_clip_norm": None,
-}
-
 
 def _resolve(config: Mapping[str, Any] | Any) -> dict[str, Any]:
-    """Config (ConfigDict or mapping) merged over DEFAULTS; unknown keys are an error."""
+    """Config (ConfigDict or mapping) merged over OPTIMIZER_DEFAULTS (in `flaxseg.run_config`,
+    which config files import without JAX); unknown keys are an error."""
     items = dict(config.items()) if hasattr(config, "items") else None
     if items is None:
         raise TypeError(f"optimizer config must be a ConfigDict or a dict; got {type(config)}.")
-    unknown = sorted(set(items) - set(DEFAULTS))
+    unknown = sorted(set(items) - set(OPTIMIZER_DEFAULTS))
     if unknown:
         raise ValueError(
-            f"Unknown optimizer config key(s) {unknown}; known keys: {sorted(DEFAULTS)}."
+            f"Unknown optimizer config key(s) {unknown}; known keys: "
+            f"{sorted(OPTIMIZER_DEFAULTS)}."
         )
-    return {**DEFAULTS, **items}
+    return {**OPTIMIZER_DEFAULTS, **items}
 
 
 def create_learning_rate_schedule(

@@ -17,7 +17,19 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from flaxseg.optim import DEFAULTS as OPTIMIZER_DEFAULTS
+# The optimizer section: the keys `flaxseg.optim.create_optimizer` reads (documented there).
+OPTIMIZER_DEFAULTS: dict[str, Any] = {
+    "name": "adam",
+    "learning_rate": 1e-3,
+    "momentum": 0.9,
+    "nesterov": False,
+    "weight_decay": 0.0,
+    "schedule": "constant",
+    "warmup_steps": 0,
+    "end_learning_rate": 0.0,
+    "poly_power": 0.9,
+    "grad_clip_norm": None,
+}
 
 
 def _update_known(cfg: ml_collections.ConfigDict, overrides: dict, section: str) -> None:

@@ -1,6 +1,7 @@
 """Training: state, pure steps (mesh | jit | pmap), and the training program.
 
-Light at import: `train_and_evaluate` (the loop, `flaxseg.train.loop`) loads on first use.
+Light at import: every name loads on first use, so `python -m flaxseg.train` checks its
+flags and config (a mistake is one line, at once) before JAX is imported.
 `create_optimizer` / `create_learning_rate_schedule` live in `flaxseg.optim` and are
 re-exported here.
 """
@@ -10,20 +11,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from flaxseg.optim import create_learning_rate_schedule, create_optimizer
-from flaxseg.train.parallel import DataParallel
-from flaxseg.train.state import TrainState, abstract_train_state, create_train_state
-from flaxseg.train.steps import (
-    NonFiniteGuard,
-    NonFiniteLossError,
-    TrainMetrics,
-    eval_step_fn,
-    make_eval_step,
-    make_train_step,
-    train_step_fn,
-)
-
-_LAZY = {"train_and_evaluate": "flaxseg.train.loop"}
+_LAZY = {
+    "create_learning_rate_schedule": "flaxseg.optim",
+    "create_optimizer": "flaxseg.optim",
+    "DataParallel": "flaxseg.train.parallel",
+    "TrainState": "flaxseg.train.state",
+    "abstract_train_state": "flaxseg.train.state",
+    "create_train_state": "flaxseg.train.state",
+    **dict.fromkeys(("NonFiniteGuard", "NonFiniteLossError", "TrainMetrics", "eval_step_fn",
+                     "make_eval_step", "make_train_step", "train_step_fn"),
+                    "flaxseg.train.steps"),
+    "train_and_evaluate": "flaxseg.train.loop",
+}
 
 __all__ = [
     "DataParallel",
