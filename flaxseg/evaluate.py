@@ -34,6 +34,7 @@ shared with `python -m flaxseg.predict` live here too.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -250,8 +251,10 @@ def define_inference_flags() -> None:
                       "stride).")
     flags.DEFINE_integer("batch_size", 4, "Images per call of the compiled procedure.")
     flags.DEFINE_integer("tile_batch", 4, "Tile positions per forward pass (tiled modes).")
-    flags.DEFINE_float("memory_budget_gb", 0.0, "--tile_size=auto: the device memory one "
-                       "forward pass may use (0: what the device reports; a CPU reports none).")
+    flags.DEFINE_float("memory_budget_gb", 0.0, "--tile_size=auto, and predict's "
+                       "--mode=auto (one pass or tiles): the device memory one forward pass "
+                       "may use (0: what the device reports; a CPU reports none, and predict "
+                       "then takes half of the host's memory).")
     flags.DEFINE_integer("max_tile", 1024, "--tile_size=auto: the largest tile side tried.")
     flags.mark_flag_as_required("workdir")
     distributed.define_flags()
@@ -280,14 +283,16 @@ def _scales_flag(value: list[str] | None) -> tuple[float, ...] | None:
 
 
 def auto_tile_size(model: Any, variables: Any, channels: int, tile_batch: int,
-                   budget_gb: float, max_tile: int) -> int:
+                   budget_gb: float, max_tile: int, host_fallback: bool = False) -> int:
     """`--tile_size=auto`: the largest square tile (one the model's geometry takes) whose
-    compiled forward pass of `tile_batch` tiles fits the memory budget; says so."""
+    compiled forward pass of `tile_batch` tiles fits the memory budget; says so.
+    `host_fallback`: see `memory.memory_budget`."""
     from flaxseg.train import memory
 
     budget, where = memory.memory_budget(
         budget_gb, what="--tile_size=auto",
-        fix="set --memory_budget_gb (the GiB one device may use), or give --tile_size")
+        fix="set --memory_budget_gb (the GiB one device may use), or give --tile_size",
+        host_fallback=host_fallback)
     candidates = memory.tile_candidates(model_geometry(model), max_tile)
     size, why = memory.fit_tile_size(
         lambda s: memory.forward_bytes(model, variables, (tile_batch, s, s, channels)),
@@ -308,9 +313,10 @@ _FLAG_APPLIES = {
 }
 
 
-def refuse_unused_flags(mode: str, given: set[str]) -> None:
+def refuse_unused_flags(mode: str, given: set[str], sized_auto: bool = False) -> None:
     """Raises ValueError for a flag in `given` (the flags on the command line) that the
-    resolved `mode` would ignore."""
+    resolved `mode` would ignore. `sized_auto`: --mode=auto chose between one pass and
+    tiles from the images' size (`fit_mode_to_images`), which reads the budget flags."""
     for name, (modes, where) in _FLAG_APPLIES.items():
         if name in given and mode not in modes:
             raise ValueError(f"--{name} applies to {where}, not to mode {mode!r}; drop it "
@@ -318,41 +324,83 @@ def refuse_unused_flags(mode: str, given: set[str]) -> None:
                              "is given).")
     auto_tile = mode in inference.TILED_MODES and flags.FLAGS.tile_size == ["auto"]
     for name in ("memory_budget_gb", "max_tile"):
-        if name in given and not auto_tile:
-            raise ValueError(f"--{name} applies to --tile_size=auto (a tiled mode) only; "
-                             "drop it or pass --tile_size=auto.")
+        if name in given and not (auto_tile or sized_auto):
+            raise ValueError(f"--{name} applies to --tile_size=auto (a tiled mode) and to "
+                             "`predict --mode=auto` only; drop it or pass --tile_size=auto.")
 
 
 def options_text(options: dict[str, Any], mode_flag: str) -> str:
     """Every inference option in effect, for a command's header line: `mode=pad (auto:
     from the model's geometry), flip=False, batch_size=4, scales=(0.75, 1.0, 1.25), ...`
     (scales (1.0,) where none are given)."""
-    why = ("--tile_size given: a tiled mode, streamed in bands"
-           if options["mode"] in inference.TILED_MODES and flags.FLAGS["tile_size"].present
-           else "from the model's geometry")
+    if options["mode"] in inference.TILED_MODES and flags.FLAGS["tile_size"].present:
+        why = "--tile_size given: a tiled mode, streamed in bands"
+    elif options["mode"] == "gaussian":  # no geometry defaults to it: fit_mode_to_images
+        why = "an image too large for one pass: gaussian tiles, streamed in bands"
+    else:
+        why = "from the model's geometry"
     shown = {"mode": options["mode"] + (f" (auto: {why})" if mode_flag == "auto" else ""),
              **{k: v for k, v in options.items() if k not in ("mode", "sharding")}}
     shown["scales"] = tuple(options.get("scales") or (1.0,))
     return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
-def inference_options(model: Any, variables: Any,
-                      config: ml_collections.ConfigDict) -> dict[str, Any]:
+def fit_mode_to_images(model: Any, variables: Any, config: ml_collections.ConfigDict,
+                       mode: str, image_sizes: list[tuple[int, int]]) -> bool:
+    """Whether one `mode` ('whole' or 'pad') forward pass over the largest of `image_sizes`
+    ((height, width), at the largest --scales, padded as 'pad' pads, split over the run's
+    spatial partitions) fits --memory_budget_gb (or the device's memory; a CPU's: half
+    of the host's); says which, and that tiles follow when it does not. The compiled
+    pass's memory analysis decides; nothing runs."""
+    from flaxseg.train import memory
+
+    values = flags.FLAGS
+    height, width = max(image_sizes, key=lambda size: size[0] * size[1])
+    scale = max(_scales_flag(values.scales) or (1.0,))
+    stride = model_geometry(model).stride
+    multiple = size_flag(values.multiple, "multiple") or (stride, stride)
+    if mode == "whole":
+        multiple = (1, 1)
+    rows, cols = (-(-math.ceil(n * scale) // m) * m for n, m in zip((height, width), multiple,
+                                                                     strict=True))
+    rows = -(-rows // int(config.get("spatial_partitions", 1)))
+    budget, where = memory.memory_budget(
+        values.memory_budget_gb, what="--mode=auto", fix="set --memory_budget_gb",
+        host_fallback=True)
+    used = memory.forward_bytes(model, variables,
+                                (1, rows, cols, int(config.dataset.num_channels)))
+    fits = used <= budget
+    distributed.say(
+        f"--mode=auto: one {mode} pass over the largest image ({height}x{width}) needs "
+        f"{memory.format_bytes(used)} of the {memory.format_bytes(budget)} budget ({where})"
+        + ("." if fits else "; it is segmented in tiles instead (--tile_size=auto)."))
+    return fits
+
+
+def inference_options(model: Any, variables: Any, config: ml_collections.ConfigDict,
+                      image_sizes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
     """`predict_logits` keyword arguments from the shared flags (after parsing); raises
-    ValueError for a flag the mode would ignore."""
+    ValueError for a flag the mode would ignore. `image_sizes` (predict: the input files'
+    (height, width)): --mode=auto without --tile_size tiles them when one pass over the
+    largest would not fit the memory budget (`fit_mode_to_images`)."""
     values = flags.FLAGS
     # --mode=auto with --tile_size tiles (a tile size is never ignored); explicit whole or
     # pad with it is refused below.
     mode = (inference.default_mode(model, tiled=values["tile_size"].present)
             if values.mode == "auto" else values.mode)
+    sized_auto = bool(image_sizes) and values.mode == "auto" and mode in ("whole", "pad")
     refuse_unused_flags(mode, {name for name in _FLAG_APPLIES.keys() | {
-        "memory_budget_gb", "max_tile"} if values[name].present})
+        "memory_budget_gb", "max_tile"} if values[name].present}, sized_auto)
+    if sized_auto and not fit_mode_to_images(model, variables, config, mode, image_sizes):
+        mode = inference.default_mode(model, tiled=True)
+        refuse_unused_flags(mode, {name for name in _FLAG_APPLIES if values[name].present})
     options: dict[str, Any] = {"mode": mode, "flip": values.flip, "batch_size": values.batch_size,
                                "scales": _scales_flag(values.scales)}
     if mode in inference.TILED_MODES:
-        if values.tile_size == ["auto"]:
+        if values.tile_size == ["auto"] or not values["tile_size"].present and sized_auto:
             side = auto_tile_size(model, variables, int(config.dataset.num_channels),
-                                  values.tile_batch, values.memory_budget_gb, values.max_tile)
+                                  values.tile_batch, values.memory_budget_gb, values.max_tile,
+                                  host_fallback=sized_auto)
             tile = (side, side)
         else:
             tile = size_flag(values.tile_size, "tile_size")
@@ -372,14 +420,15 @@ def _progress(done: int, total: int) -> None:
         print(f"  evaluated {done}/{total} images", file=sys.stderr, flush=True)
 
 
-def load_run(argv: list[str]) -> tuple[Any, Any, ml_collections.ConfigDict, dict[str, Any]]:
+def load_run(argv: list[str], image_sizes: list[tuple[int, int]] | None = None
+             ) -> tuple[Any, Any, ml_collections.ConfigDict, dict[str, Any]]:
     """The entry points' shared start: `(model, variables, config, predict options)`.
 
     Rejects positional arguments, starts `jax.distributed` when the flags or the
     environment ask for it, quiets library logs, loads `--workdir` (at `--step`) with the
     variables replicated over every device of every process, and reads the shared
-    inference flags. Raises ValueError / FileNotFoundError for a workdir or option that
-    cannot be used.
+    inference flags (`image_sizes`: see `inference_options`). Raises ValueError /
+    FileNotFoundError for a workdir or option that cannot be used.
     """
     if len(argv) > 1:
         raise cli.unexpected_arguments(argv[1:])
@@ -392,7 +441,8 @@ def load_run(argv: list[str]) -> tuple[Any, Any, ml_collections.ConfigDict, dict
     model, variables, config = load_for_inference(
         flags.FLAGS.workdir, flags.FLAGS.step, sharding=DataParallel("mesh").replicated,
         model_name=flags.FLAGS.model, trust_saved_code=flags.FLAGS.trust_saved_code)
-    return model, variables, config, inference_options(model, variables, config)
+    return model, variables, config, inference_options(model, variables, config,
+                                                       image_sizes)
 
 
 def for_this_process(variables: Any, config: ml_collections.ConfigDict,

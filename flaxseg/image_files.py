@@ -112,6 +112,19 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation(image) in _QUARTER_TURNS else (width, height)
 
 
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) of an image file as displayed, from its headers (nothing decoded);
+    OSError / ValueError for a file that is not a readable image."""
+    if path.lower().endswith(TIFF_EXTENSIONS):
+        with _tifffile().TiffFile(path) as tif:
+            series = tif.series[0]
+            shape = dict(zip(series.axes, series.shape, strict=True))
+        return shape["Y"], shape["X"]
+    with Image.open(path) as image:
+        width, height = upright_size(image)
+    return height, width
+
+
 def is_rotated(path: str) -> bool:
     """Whether the file carries an EXIF orientation other than 'as stored' (headers only)."""
     with Image.open(path) as image:

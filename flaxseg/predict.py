@@ -8,9 +8,13 @@ Writes `<output>/masks/<name>.png` (class indices, uint8) and
 `<output>/overlays/<name>.png` (class colours over the image). Images are
 normalised as the run's config says; by default (`--mode=auto`) the VALID U-Net
 uses overlap-tile and other U-Nets mirror-pad, so images of any size get a full
-mask. A file that cannot be segmented (unreadable, wrong channel count, a size the
-model cannot take) is reported by name, the others are still written, and the exit
-status is 1. The library function is `flaxseg.inference.predict`.
+mask; when one pass over the largest input would not fit the memory budget
+(`--memory_budget_gb`, else the device's memory, on a CPU half of the host's; read from
+the compiled pass, nothing runs), every image is segmented in gaussian tiles of
+`--tile_size=auto`, streamed, and the output says so. A file that cannot be segmented
+(unreadable, wrong channel count, a size the model cannot take) is reported by name, the
+others are still written, and the exit status is 1. The library function is
+`flaxseg.inference.predict`.
 
 With an artifact of `python -m flaxseg.export` instead of a workdir, only jax, NumPy and
 Pillow are needed (not flax; `flaxseg.exported`):
@@ -46,7 +50,7 @@ def main(argv: list[str]) -> int:
     from flaxseg.train.parallel import sum_over_processes
 
     values = flags.FLAGS
-    model, variables, config, options = evaluate.load_run(argv)
+    model, variables, config, options = evaluate.load_run(argv, _image_sizes(values.input))
     if inference.streams(options["mode"], options.get("scales")):
         # Bands of tiles, each pass of --tile_batch tiles spread over this process's devices.
         variables, local_options = evaluate.tiles_over_local_devices(variables, options)
@@ -74,6 +78,20 @@ def main(argv: list[str]) -> int:
     for result in failed:
         print(f"  failed: {result.error}", file=sys.stderr)
     return 1 if num_failed else 0
+
+
+def _image_sizes(inputs: str) -> list[tuple[int, int]]:
+    """(height, width) of each readable input file, from its headers; a file that cannot
+    be read is left to `inference.predict`, which reports it by name."""
+    from flaxseg import image_files
+
+    sizes = []
+    for path in image_files.list_images(inputs):
+        try:
+            sizes.append(image_files.image_size(path))
+        except (OSError, ValueError, KeyError):
+            continue
+    return sizes
 
 
 def _define_flags() -> None:

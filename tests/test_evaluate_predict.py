@@ -278,6 +278,22 @@ def test_predict_cli_writes_masks_and_names_the_files_it_cannot_take(trained_run
         assert np.asarray(Image.open(out / "overlays" / name)).shape == (*shape, 3)
     assert not (out / "masks" / "grey.png").exists()
 
+    # --mode=auto: one pass over the largest image (160x160) needs more than the budget, so
+    # every image is tiled (gaussian, --tile_size=auto), and the output says why.
+    Image.fromarray(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(inputs / "c.png")
+    (inputs / "grey.png").unlink()
+    result = _cli("flaxseg.predict", f"--workdir={workdir}", f"--input={inputs}",
+                  f"--output={tmp_path / 'tiled'}", "--memory_budget_gb=0.001", "--max_tile=32")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"--mode=auto: one pad pass over the largest image \(160x160\) needs "
+                     r"[\d.]+ MiB of the 1.0 MiB budget \(memory_budget_gb=0.001\); it is "
+                     r"segmented in tiles instead", result.stdout), result.stdout
+    assert re.search(r"--tile_size=auto chose (\d+)x\1", result.stdout), result.stdout
+    assert ("mode=gaussian (auto: an image too large for one pass: gaussian tiles, streamed "
+            "in bands)") in result.stdout, result.stdout
+    for name, shape in (("a.png", (32, 32)), ("b.png", (45, 37)), ("c.png", (160, 160))):
+        assert np.asarray(Image.open(tmp_path / "tiled" / "masks" / name)).shape == shape
+
 
 def test_auto_tile_needs_a_budget_where_the_device_reports_none():
     from flaxseg.models import create_model

@@ -1,5 +1,7 @@
 """batch_size='auto': the largest batch whose compiled train step fits a memory budget."""
 
+import os
+
 import jax
 import pytest
 
@@ -56,6 +58,11 @@ def test_auto_needs_a_budget_on_a_cpu():
     with pytest.raises(ValueError, match="memory_budget_gb must be a number >= 0"):
         validate_config(config)
     assert jax.devices()[0].memory_stats() is None  # why a CPU run needs the budget
+    # predict's --mode=auto falls back on the host's memory, which a CPU device computes in.
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    budget, where = memory.memory_budget(0.0, host_fallback=True)
+    assert budget == host // 2 and where == f"half of the host's {memory.format_bytes(host)}"
+    assert memory.memory_budget(1.5, host_fallback=True)[0] == int(1.5 * 2**30)
 
 
 def test_tile_candidates_follow_the_geometry():

@@ -21,6 +21,7 @@ memory-aware schedulers' does.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -52,18 +53,25 @@ def memory_budget(
     budget_gb: float, what: str = "batch_size='auto'",
     fix: str = "set --config.memory_budget_gb (the GiB one device may use), or give "
                "--config.batch_size",
+    host_fallback: bool = False,
 ) -> tuple[int, str]:
     """(bytes, where the number comes from): `budget_gb` if > 0, else the first device's
-    memory as it reports it (`memory_stats()['bytes_limit']`, GPU and TPU). `what` and
-    `fix` name the option that needs it and what to do, for the error."""
+    memory as it reports it (`memory_stats()['bytes_limit']`, GPU and TPU). A CPU device
+    reports none: with `host_fallback` its budget is half of the host's physical memory
+    (a CPU device computes in the host's memory), else it is an error naming `what` needs
+    the budget and the `fix`."""
     if budget_gb and budget_gb > 0:
         return int(budget_gb * GIB), f"memory_budget_gb={budget_gb:g}"
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
-        raise ValueError(
-            f"{what} needs a memory budget, and the {jax.devices()[0].platform} device does "
-            f"not report its memory size; {fix}.")
-    return int(stats["bytes_limit"]), f"the {jax.devices()[0].device_kind}'s memory"
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]), f"the {device.device_kind}'s memory"
+    if host_fallback and device.platform == "cpu":
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return host // 2, f"half of the host's {format_bytes(host)}"
+    raise ValueError(
+        f"{what} needs a memory budget, and the {device.platform} device does not report "
+        f"its memory size; {fix}.")
 
 
 def train_step_bytes(train_step: Any, abstract_state: Any, par: Any, global_batch: int,
