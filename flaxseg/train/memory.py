@@ -55,14 +55,14 @@ def memory_budget(
                "--config.batch_size",
     host_fallback: bool = False,
 ) -> tuple[int, str]:
-    """(bytes, where the number comes from): `budget_gb` if > 0, else the first device's
-    memory as it reports it (`memory_stats()['bytes_limit']`, GPU and TPU). A CPU device
-    reports none: with `host_fallback` its budget is half of the host's physical memory
-    (a CPU device computes in the host's memory), else it is an error naming `what` needs
-    the budget and the `fix`."""
+    """(bytes, where the number comes from): `budget_gb` if > 0, else the memory of this
+    process's first device as it reports it (`memory_stats()['bytes_limit']`, GPU and TPU).
+    A CPU device reports none: with `host_fallback` its budget is half of the host's
+    physical memory (a CPU device computes in the host's memory), else it is an error
+    naming `what` needs the budget and the `fix`."""
     if budget_gb and budget_gb > 0:
         return int(budget_gb * GIB), f"memory_budget_gb={budget_gb:g}"
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # another process's device reports nothing here
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"]), f"the {device.device_kind}'s memory"
@@ -148,11 +148,15 @@ def residual_bytes(model: Any, variables: Any, input_shape: tuple[int, ...]) -> 
 
 
 def forward_bytes(model: Any, variables: Any, input_shape: tuple[int, ...]) -> int:
-    """Per-device bytes of `model`'s inference forward (`train=False`) compiled for a
-    float32 batch of `input_shape` `[N, H, W, C]` on the variables' device; nothing runs."""
+    """Bytes of `model`'s inference forward (`train=False`) compiled for one device and a
+    float32 batch of `input_shape` `[N, H, W, C]`; nothing runs.
+
+    Compiled from the variables' shapes alone, for one device: the variables may be
+    replicated over the devices of several processes, and one device's share is asked."""
     images = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+    shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), variables)
     apply = jax.jit(functools.partial(model.apply, train=False))
-    used = compiled_bytes(apply.lower(variables, images).compile())
+    used = compiled_bytes(apply.lower(shapes, images).compile())
     if used is None:
         raise ValueError("--tile_size=auto: this backend's compiler reports no memory "
                          "analysis; give --tile_size.")
