@@ -14,8 +14,9 @@ ones went.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from flaxseg.api import load_lazily  # imports nothing else of flaxseg
 
 __version__ = "0.1.0"
 
@@ -39,11 +40,7 @@ __all__ = ["__version__", *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        module = importlib.import_module(f"{__name__}.{name}")
-        globals()[name] = module
-        return module
-    raise AttributeError(f"module 'flaxseg' has no attribute {name!r}")
+    return load_lazily(globals(), name, {n: f"{__name__}.{n}" for n in _SUBMODULES})
 
 
 def __dir__() -> list[str]:

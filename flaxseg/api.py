@@ -77,3 +77,17 @@ def moved_attribute(module: str, name: str) -> Any:
         f"{module}.{name} moved to {new_home}.{name}; import it from there "
         f"(the old name goes away in the next release).", DeprecationWarning, stacklevel=3)
     return getattr(importlib.import_module(new_home), name)
+
+
+def load_lazily(namespace: dict[str, Any], name: str, homes: dict[str, str]) -> Any:
+    """A package's `__getattr__` for names that load on first use: `name` from the module
+    `homes[name]` (the module itself when it is the submodule `<package>.<name>`), kept in
+    the package's `namespace` (its `globals()`) so it loads once; AttributeError for a name
+    not in `homes`."""
+    package = namespace["__name__"]
+    if name not in homes:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    module = importlib.import_module(homes[name])
+    value = module if homes[name] == f"{package}.{name}" else getattr(module, name)
+    namespace[name] = value
+    return value

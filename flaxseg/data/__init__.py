@@ -15,12 +15,12 @@ nnU-Net, ...) are detected.
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
 import ml_collections
 
+from flaxseg.api import load_lazily
 from flaxseg.data.base import Source, SourceInfo
 from flaxseg.data.config import augment_config, available_datasets, dataset_config
 
@@ -37,16 +37,13 @@ __all__ = [
 ]
 
 _SOURCES = ("synthetic", "folder", "tfds")
-# Load on first use: a config file imports this package (dataset_config) without JAX/grain.
-_LAZY_SUBMODULES = ("pipeline", "transforms")
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY_SUBMODULES:
-        module = importlib.import_module(f"{__name__}.{name}")
-        globals()[name] = module
-        return module
-    raise AttributeError(f"module 'flaxseg.data' has no attribute {name!r}")
+    # Loaded on first use: a config file imports this package (dataset_config) without
+    # JAX or grain.
+    return load_lazily(globals(), name, {n: f"{__name__}.{n}" for n in ("pipeline",
+                                                                      "transforms")})
 
 
 def create_source(dataset_config: ml_collections.ConfigDict, split: str) -> Source:

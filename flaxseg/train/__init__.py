@@ -8,8 +8,9 @@ re-exported here.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from flaxseg.api import load_lazily
 
 _LAZY = {
     "create_learning_rate_schedule": "flaxseg.optim",
@@ -43,8 +44,4 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'flaxseg.train' has no attribute {name!r}")
+    return load_lazily(globals(), name, _LAZY)
