@@ -158,8 +158,9 @@ def forward_bytes(model: Any, variables: Any, input_shape: tuple[int, ...]) -> i
     apply = jax.jit(functools.partial(model.apply, train=False))
     used = compiled_bytes(apply.lower(shapes, images).compile())
     if used is None:
-        raise ValueError("--tile_size=auto: this backend's compiler reports no memory "
-                         "analysis; give --tile_size.")
+        raise ValueError("--tile_size=auto and predict's --mode=auto read the compiled "
+                         "memory, and this backend's compiler reports none; give --tile_size "
+                         "and --mode.")
     return used
 
 
