@@ -145,14 +145,23 @@ def describe(error: BaseException) -> tuple[str, int] | None:
 
 def report(error: BaseException) -> int:
     """Prints the one line for a user error and returns its exit status; re-raises
-    anything else (and everything when a traceback is asked for)."""
+    anything else (and everything when a traceback is asked for).
+
+    A process of a multi-process job exits here, after the line (or, for anything else,
+    the traceback): without `jax.distributed`'s shutdown barrier and without telling its
+    peers it ended normally, so a peer waiting in a collective stops in one line (its
+    `PeerWatch`, or the collective's broken connection) instead of waiting for it."""
+    distributed = sys.modules.get("flaxseg.train.distributed")
+    in_job = distributed is not None and distributed.joined()
     described = None if wants_traceback() else describe(error)
     if described is None:
+        if in_job and not wants_traceback():
+            traceback.print_exception(error)
+            distributed.exit_now(1)
         raise error
     message, status = described
     print(f"Error: {message}", file=sys.stderr, flush=True)
-    distributed = sys.modules.get("flaxseg.train.distributed")
-    if distributed is not None and distributed.lost_peer_message(error):
+    if in_job or (distributed is not None and distributed.lost_peer_message(error)):
         distributed.exit_now(status)
     return status
 

@@ -114,11 +114,14 @@ def test_a_peer_that_never_starts_and_a_second_process_0_each_end_in_one_line(tm
 WATCHED_CHILD = r"""
 import os, sys, time
 import jax
+from flaxseg import cli
 from flaxseg.train import distributed
-port, me, victim = (int(a) for a in sys.argv[1:])
+port, me, victim = (int(a) for a in sys.argv[1:4])
 jax.distributed.initialize(f"localhost:{port}", 2, me, heartbeat_timeout_seconds=60)
 distributed.PeerWatch(limit_s=2).start()  # what initialize() starts, with a short limit
 time.sleep(2 + me)  # the processes end at different times, as at the end of a run
+if me == victim and sys.argv[4] == "raise":  # a bug in one process: a traceback, exit 1
+    sys.exit(cli.run(lambda: 1 / 0))
 if me == victim:
     os._exit(9)  # kill -9
 if victim >= 0:
@@ -128,20 +131,27 @@ if victim >= 0:
 
 def test_a_dead_peer_ends_the_other_in_one_line_and_a_normal_end_is_no_death():
     jobs = {}
-    for victim in (1, -1):  # process 1 killed; nobody killed
+    # process 1 killed; process 1 failing with a traceback; nobody killed
+    for victim, how in ((1, "kill"), (1, "raise"), (-1, "kill")):
         port = free_port()
-        jobs[victim] = [subprocess.Popen(
-            [sys.executable, "-c", WATCHED_CHILD, str(port), str(me), str(victim)],
+        jobs[victim, how] = [subprocess.Popen(
+            [sys.executable, "-c", WATCHED_CHILD, str(port), str(me), str(victim), how],
             env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for me in (0, 1)]
-    survivor, killed = jobs[1]
-    _, err = survivor.communicate(timeout=120)
-    killed.wait(timeout=120)
-    assert survivor.returncode == 1 and killed.returncode == 9
-    assert _only_line(err) == (
-        "Error: process 0 of 2: process 1 stopped responding for 2 s (killed, crashed, or "
-        "its host went away); its log says why. Run the same commands again to resume from "
-        "the last finished checkpoint.")
-    for proc in jobs[-1]:
+    for how, status in (("kill", 9), ("raise", 1)):
+        survivor, victim = jobs[1, how]
+        start = time.monotonic()
+        _, err = survivor.communicate(timeout=120)
+        _, victim_err = victim.communicate(timeout=120)
+        assert survivor.returncode == 1 and victim.returncode == status, victim_err[-3000:]
+        # Not after its 30 s: the failed process left without JAX's shutdown barrier and
+        # without saying it ended normally.
+        assert time.monotonic() - start < 25
+        assert _only_line(err) == (
+            "Error: process 0 of 2: process 1 stopped responding for 2 s (killed, crashed, "
+            "or its host went away); its log says why. Run the same commands again to "
+            "resume from the last finished checkpoint.")
+    assert victim_err.rstrip().endswith("ZeroDivisionError: division by zero"), victim_err
+    for proc in jobs[-1, "kill"]:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0 and "Error" not in err, err[-3000:]

@@ -26,7 +26,10 @@ naming itself and what to do, instead of JAX's C++ abort (status 134, dozens of 
   `--heartbeat_timeout_seconds` (at least 10 s; `PeerWatch`: every process posts a beat to
   the coordinator's key-value store each second; JAX itself aborts at the full timeout),
   or at once when a collective fails first (gloo: connection reset); without JAX's
-  shutdown barrier, which would wait for the dead one and then abort.
+  shutdown barrier, which would wait for the dead one and then abort;
+* a process that fails (an `Error:` line, or a bug's traceback; `cli.report`) leaves at
+  once the same way, without saying it ended normally, so the others stop as above
+  instead of waiting in a collective for it.
 `FLAXSEG_TRACEBACK=1` leaves JAX's own behaviour and output. Running the same commands
 again resumes from the last finished checkpoint.
 
@@ -198,6 +201,17 @@ def _deadline(seconds: float, message: str) -> Iterator[None]:
 def _say_and_exit(message: str, status: int) -> None:
     print(f"Error: {message}", file=sys.stderr, flush=True)
     exit_now(status)
+
+
+def joined() -> bool:
+    """Whether this process is one of several of a started `jax.distributed` job (read
+    without starting JAX's backend)."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import distributed as jax_distributed
+
+    state = jax_distributed.global_state
+    return state.client is not None and (state.num_processes or 1) > 1
 
 
 def exit_now(status: int) -> None:
