@@ -48,8 +48,8 @@ def _one_repeat(state, abstract, step: int) -> dict[str, float]:
         out["save_total_s"] = time.perf_counter() - start
         step_dir = ckpt.directory / str(step)
         out["checksum_s"] = _timed(lambda: checksums.write(step_dir))[0]
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(
-            checkpoint._placed(abstract)))  # the read the Checkpointer does, unverified
+        # the read the Checkpointer does, unverified
+        args = ocp.args.Composite(state=checkpoint.state_restore_args(abstract))
         out["restore_plain_s"] = _timed(lambda: jax.block_until_ready(
             ckpt._manager.restore(step, args=args)["state"]))[0]
         out["restore_s"] = _timed(lambda: jax.block_until_ready(
