@@ -251,10 +251,10 @@ def define_inference_flags() -> None:
                       "stride).")
     flags.DEFINE_integer("batch_size", 4, "Images per call of the compiled procedure.")
     flags.DEFINE_integer("tile_batch", 4, "Tile positions per forward pass (tiled modes).")
-    flags.DEFINE_float("memory_budget_gb", 0.0, "--tile_size=auto, and predict's "
-                       "--mode=auto (one pass or tiles): the device memory one forward pass "
-                       "may use (0: what the device reports; a CPU reports none, and predict "
-                       "then takes half of the host's memory).")
+    flags.DEFINE_float("memory_budget_gb", 0.0, "--tile_size=auto, predict's --mode=auto "
+                       "(one pass or tiles) and export's (the size of its tiles): the device "
+                       "memory one forward pass may use (0: what the device reports; a CPU "
+                       "reports none, and those two then take half of the host's memory).")
     flags.DEFINE_integer("max_tile", 1024, "--tile_size=auto: the largest tile side tried.")
     flags.mark_flag_as_required("workdir")
     distributed.define_flags()
@@ -326,7 +326,8 @@ def refuse_unused_flags(mode: str, given: set[str], sized_auto: bool = False) ->
     for name in ("memory_budget_gb", "max_tile"):
         if name in given and not (auto_tile or sized_auto):
             raise ValueError(f"--{name} applies to --tile_size=auto (a tiled mode) and to "
-                             "`predict --mode=auto` only; drop it or pass --tile_size=auto.")
+                             "predict's and export's --mode=auto only; drop it or pass "
+                             "--tile_size=auto.")
 
 
 def options_text(options: dict[str, Any], mode_flag: str) -> str:
@@ -369,29 +370,31 @@ def fit_mode_to_images(model: Any, variables: Any, config: ml_collections.Config
         host_fallback=True)
     used = memory.forward_bytes(model, variables,
                                 (1, rows, cols, int(config.dataset.num_channels)))
-    fits = used <= budget
-    distributed.say(
-        f"--mode=auto: one {mode} pass over the largest image ({height}x{width}) needs "
-        f"{memory.format_bytes(used)} of the {memory.format_bytes(budget)} budget ({where})"
-        + ("." if fits else "; it is segmented in tiles instead (--tile_size=auto)."))
-    return fits
+    distributed.say(memory.one_pass_verdict("--mode=auto", mode, (height, width), used, budget,
+                                            where, "tiles instead (--tile_size=auto)"))
+    return used <= budget
 
 
 def inference_options(model: Any, variables: Any, config: ml_collections.ConfigDict,
-                      image_sizes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+                      image_sizes: list[tuple[int, int]] | None = None,
+                      tiled_fallback: bool = False) -> dict[str, Any]:
     """`predict_logits` keyword arguments from the shared flags (after parsing); raises
     ValueError for a flag the mode would ignore. `image_sizes` (predict: the input files'
     (height, width)): --mode=auto without --tile_size tiles them when one pass over the
-    largest would not fit the memory budget (`fit_mode_to_images`)."""
+    largest would not fit the memory budget (`fit_mode_to_images`). `tiled_fallback`
+    (export): --mode=auto's one-pass procedure gets tiles sized by the budget flags
+    (`flaxseg.export.tiled_fallback`), so they apply."""
     values = flags.FLAGS
     # --mode=auto with --tile_size tiles (a tile size is never ignored); explicit whole or
     # pad with it is refused below.
     mode = (inference.default_mode(model, tiled=values["tile_size"].present)
             if values.mode == "auto" else values.mode)
-    sized_auto = bool(image_sizes) and values.mode == "auto" and mode in ("whole", "pad")
+    sized_auto = (bool(image_sizes) or tiled_fallback) and values.mode == "auto" and mode in (
+        "whole", "pad")
     refuse_unused_flags(mode, {name for name in _FLAG_APPLIES.keys() | {
         "memory_budget_gb", "max_tile"} if values[name].present}, sized_auto)
-    if sized_auto and not fit_mode_to_images(model, variables, config, mode, image_sizes):
+    if image_sizes and sized_auto and not fit_mode_to_images(model, variables, config, mode,
+                                                             image_sizes):
         mode = inference.default_mode(model, tiled=True)
         refuse_unused_flags(mode, {name for name in _FLAG_APPLIES if values[name].present})
     options: dict[str, Any] = {"mode": mode, "flip": values.flip, "batch_size": values.batch_size,
@@ -420,14 +423,15 @@ def _progress(done: int, total: int) -> None:
         print(f"  evaluated {done}/{total} images", file=sys.stderr, flush=True)
 
 
-def load_run(argv: list[str], image_sizes: list[tuple[int, int]] | None = None
+def load_run(argv: list[str], image_sizes: list[tuple[int, int]] | None = None,
+             tiled_fallback: bool = False
              ) -> tuple[Any, Any, ml_collections.ConfigDict, dict[str, Any]]:
     """The entry points' shared start: `(model, variables, config, predict options)`.
 
     Rejects positional arguments, starts `jax.distributed` when the flags or the
     environment ask for it, quiets library logs, loads `--workdir` (at `--step`) with the
     variables replicated over every device of every process, and reads the shared
-    inference flags (`image_sizes`: see `inference_options`). Raises ValueError /
+    inference flags (`image_sizes`, `tiled_fallback`: see `inference_options`). Raises ValueError /
     FileNotFoundError for a workdir or option that cannot be used.
     """
     if len(argv) > 1:
@@ -442,7 +446,7 @@ def load_run(argv: list[str], image_sizes: list[tuple[int, int]] | None = None
         flags.FLAGS.workdir, flags.FLAGS.step, sharding=DataParallel("mesh").replicated,
         model_name=flags.FLAGS.model, trust_saved_code=flags.FLAGS.trust_saved_code)
     return model, variables, config, inference_options(model, variables, config,
-                                                       image_sizes)
+                                                       image_sizes, tiled_fallback)
 
 
 def for_this_process(variables: Any, config: ml_collections.ConfigDict,

@@ -17,7 +17,11 @@ for `--image_size` (default: the config's), and the command says so.
 
 For a streamed procedure (the tiled modes without `--scales`) it also writes `model.jax.bands`:
 the band program (`export_bands`), with which `flaxseg.exported` segments images of any size in
-bands of tile rows with bounded memory, as `flaxseg.inference.predict_labels` does.
+bands of tile rows with bounded memory, as `flaxseg.inference.predict_labels` does. With
+`--mode=auto` (the default) and a one-pass procedure ('pad' or 'whole', no `--scales`),
+`model.jax.bands` holds its tiled twin (`tiled_fallback`: the model's tiled mode, tiles of
+`--tile_size=auto`), and `predict --exported` switches to it when one pass over the
+largest input would not fit the memory budget, as `predict --mode=auto` does in process.
 
 Running it needs jax alone (no flaxseg, no flax):
 
@@ -198,10 +202,7 @@ def sidecar(exported: jax.export.Exported, data: bytes, *, plan: inference.Plan,
         # 'generated': the dataset gave no colours; these are flaxseg's, no dataset's.
         "palette_source": palette_source,
         "normalization": {**normalization.to_dict(), "inside": True},
-        "procedure": {"mode": plan.mode, "flip": plan.flip,
-                      "scales": [float(s) for s in plan.scales], "multiple": plan.multiple,
-                      "tile": plan.tile, "step": plan.step, "out_tile": plan.out_tile,
-                      "tile_batch": plan.tile_batch},
+        "procedure": procedure_info(plan),
         "platforms": list(exported.platforms),
         "versions": _versions(exported),
     }
@@ -217,11 +218,40 @@ def _versions(exported: jax.export.Exported) -> dict[str, Any]:
             "calling_convention": exported.calling_convention_version}
 
 
-def bands_entry(path: str | os.PathLike, data: bytes) -> dict[str, Any]:
-    """The sidecar's `bands` entry for a band program's serialised bytes `data`."""
+def procedure_info(plan: inference.Plan) -> dict[str, Any]:
+    """A plan as the sidecar records it."""
+    return {"mode": plan.mode, "flip": plan.flip, "scales": [float(s) for s in plan.scales],
+            "multiple": plan.multiple, "tile": plan.tile, "step": plan.step,
+            "out_tile": plan.out_tile, "tile_batch": plan.tile_batch}
+
+
+def bands_entry(path: str | os.PathLike, data: bytes, plan: inference.Plan,
+                fallback: bool = False) -> dict[str, Any]:
+    """The sidecar's `bands` entry for the serialised band program `data` of the tiled
+    `plan`: the artifact's own procedure, or (`fallback`) the tiles `flaxseg.exported`
+    switches to when one pass of the artifact over an image would not fit in memory."""
     return {"file": os.path.basename(os.fspath(path)) + BANDS_SUFFIX, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
-            "outputs": "uint8 labels [1, window, w] and the carry (flaxseg.streaming)"}
+            "outputs": "uint8 labels [1, window, w] and the carry (flaxseg.streaming)",
+            "procedure": procedure_info(plan), "fallback": fallback}
+
+
+def tiled_fallback(model: Any, variables: Any, plan: inference.Plan, *, channels: int,
+                   tile_batch: int, budget_gb: float = 0.0, max_tile: int = 1024
+                   ) -> inference.Plan | None:
+    """The tiled twin of `--mode=auto`'s one-pass procedure ('whole' or 'pad', no
+    multi-scale TTA): the model's tiled mode with the same flip, square tiles of
+    `--tile_size=auto` (`budget_gb`, else this machine's memory; at most `max_tile`);
+    None for any other plan."""
+    from flaxseg import evaluate
+
+    if plan.mode not in ("whole", "pad") or plan.scales != (1,):
+        return None
+    side = evaluate.auto_tile_size(model, variables, channels, tile_batch, budget_gb,
+                                   max_tile, host_fallback=True)
+    return inference.make_plan(model, variables, channels, flip=plan.flip,
+                               mode=inference.default_mode(model, tiled=True),
+                               tile_size=(side, side), tile_batch=tile_batch)
 
 
 def write(path: str | os.PathLike, data: bytes, info: dict[str, Any],
@@ -268,7 +298,7 @@ def main(argv: list[str]) -> int:
 
     values = flags.FLAGS
     check_platforms(values.platforms)  # before the checkpoint is read
-    model, variables, config, options = evaluate.load_run(argv)
+    model, variables, config, options = evaluate.load_run(argv, tiled_fallback=True)
     channels = int(config.dataset.num_channels)
     plan_options = {k: v for k, v in options.items() if k != "batch_size"}
     plan = inference.make_plan(model, variables, channels, **plan_options)
@@ -285,14 +315,22 @@ def main(argv: list[str]) -> int:
     info = sidecar(exported, data, plan=plan, rule=rule, normalization=normalization,
                    outputs=values.outputs, class_names=names,
                    palette=None if palette is None else np.asarray(palette, np.uint8))
-    band_data = None
-    if inference.streams(plan.mode, plan.scales):
-        band_data = export_bands(model, variables, plan, normalization=normalization,
+    band_data, streamed = None, ""
+    band_plan = plan if inference.streams(plan.mode, plan.scales) else (
+        tiled_fallback(model, variables, plan, channels=channels, tile_batch=values.tile_batch,
+                       budget_gb=values.memory_budget_gb, max_tile=values.max_tile)
+        if values.mode == "auto" else None)
+    if band_plan is not None:
+        band_data = export_bands(model, variables, band_plan, normalization=normalization,
                                  channels=channels, platforms=values.platforms).serialize()
-        info["bands"] = bands_entry(values.out, band_data)
+        info["bands"] = bands_entry(values.out, band_data, band_plan, band_plan is not plan)
+        streamed = f", {values.out}{BANDS_SUFFIX} ({len(band_data) / 2**20:.1f} MiB, " + (
+            "the band program: predict --exported streams images of any size)"
+            if band_plan is plan else
+            f"{band_plan.mode} tiles of {band_plan.tile[0]}x{band_plan.tile[1]}, streamed: "
+            f"predict --exported switches to them for images too large for one "
+            f"{plan.mode} pass)")
     sidecar_path = write(values.out, data, info, band_data)
-    streamed = (f", {values.out}{BANDS_SUFFIX} (the band program: predict --exported "
-                "streams images of any size)" if band_data else "")
     print(f"Wrote {values.out} ({len(data) / 2**20:.1f} MiB){streamed} and {sidecar_path}: mode "
           f"{plan.mode}, flip={plan.flip}, scales={info['procedure']['scales']}, outputs "
           f"{values.outputs}, platforms {','.join(exported.platforms)}; input uint8 "

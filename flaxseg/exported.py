@@ -38,8 +38,10 @@ from flaxseg.image_files import (
     list_images,
     load_image,
     output_stems,
+    readable_sizes,
     write_prediction,
 )
+from flaxseg.train import memory
 
 SIDECAR_SUFFIX = ".json"  # as flaxseg.export writes them
 BANDS_SUFFIX = ".bands"
@@ -67,8 +69,9 @@ class Artifact:
         return tuple(np.asarray(o) for o in out) if isinstance(out, tuple | list) \
             else np.asarray(out)
 
-    def check(self, images: np.ndarray) -> np.ndarray:
-        """`images` as the artifact takes them; ValueError saying what does not fit."""
+    def check(self, images: np.ndarray, size_rule: bool = True) -> np.ndarray:
+        """`images` as the artifact takes them (its size rule too, with `size_rule`);
+        ValueError saying what does not fit."""
         images = np.asarray(images)
         if images.dtype != np.uint8:
             raise ValueError(f"{self.path} takes uint8 images (0..255, unnormalised: the "
@@ -80,23 +83,47 @@ class Artifact:
             raise ValueError(f"{self.path} takes images with {self.channels} channel(s); "
                              f"got {images.shape[3]} (shape {images.shape})")
         rule = self.info.get("input", {}).get("size_rule")
-        if rule and not _fits(rule, *images.shape[1:3]):
+        if size_rule and rule and not _fits(rule, *images.shape[1:3]):
             raise ValueError(f"{self.path} cannot take {images.shape[1]}x{images.shape[2]} "
                              f"images: it takes {self.info['input']['size_rule_text']}")
         return images
 
+    @property
+    def streams(self) -> bool:
+        """Whether the artifact's own procedure is the band program's (a tiled mode); not
+        when its band program is the tiled fallback of a one-pass procedure."""
+        return self.bands is not None and not self.info["bands"].get("fallback", False)
 
-    def segment(self, image: Any,
-                on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    @property
+    def has_fallback(self) -> bool:
+        """Whether the band program is the tiled twin of the artifact's one-pass procedure
+        (`flaxseg.export.tiled_fallback`)."""
+        return self.bands is not None and not self.streams
+
+    def one_pass_bytes(self, height: int, width: int) -> int | None:
+        """Bytes of one call of the artifact on one `height x width` image, from the
+        compiled program's memory analysis (nothing runs); None where the backend gives
+        none."""
+        image = jax.ShapeDtypeStruct((1, height, width, self.channels), np.uint8)
+        return memory.compiled_bytes(jax.jit(self.exported.call).lower(image).compile())
+
+    def segment(self, image: Any, on_progress: Callable[[int, int], None] | None = None,
+                tiled: bool | None = None) -> np.ndarray:
         """Labels `[h, w]` of one uint8 image `[H, W, C]` (any array that slices by rows,
-        e.g. a memory map): streamed in bands through the band program where the artifact
-        has one (bounded memory, `on_progress(tiles done, tiles)`), else one call."""
-        self.check(image[None])
-        if self.bands is None:
+        e.g. a memory map): streamed in bands through the band program (bounded memory,
+        `on_progress(tiles done, tiles)`) when `tiled` (default: `streams`), else one call
+        of the artifact."""
+        tiled = self.streams if tiled is None else tiled
+        if tiled and self.bands is None:
+            raise ValueError(f"{self.path} has no band program to tile with; export it with "
+                             "a tiled --mode, or with --mode=auto")
+        self.check(image[None], size_rule=not tiled)  # tiles take any size
+        if not tiled:
             out = self(np.asarray(image)[None])
             out = out[0] if isinstance(out, tuple) else out
             return out[0] if out.ndim == 3 else np.argmax(out[0], axis=-1)
-        procedure = self.info["procedure"]
+        # An artifact exported before the entry named its procedure streams its own.
+        procedure = self.info["bands"].get("procedure", self.info["procedure"])
         tile, step = tuple(procedure["tile"]), tuple(procedure["step"])
         out_tile = tuple(procedure["out_tile"] or tile)
         height, width = image.shape[:2]
@@ -159,12 +186,38 @@ def load(path: str | os.PathLike) -> Artifact:
     return Artifact(exported, info, path, bands or None)
 
 
+def fit_to_images(artifact: Artifact, sizes: list[tuple[int, int]], budget_gb: float = 0.0
+                  ) -> bool:
+    """Whether to segment images of `sizes` ((height, width)) in the artifact's tiled
+    fallback: when one call over the largest would need more than the memory budget
+    (`budget_gb` if > 0, else the device's; a CPU's: half of the host's). Prints why.
+    False for an artifact without a fallback, or images it cannot take whole."""
+    if not artifact.has_fallback or not sizes:
+        return False
+    height, width = max(sizes, key=lambda size: size[0] * size[1])
+    rule = artifact.info.get("input", {}).get("size_rule")
+    if rule and not _fits(rule, height, width):
+        return False  # segment_files names each file it cannot take
+    budget, where = memory.memory_budget(
+        budget_gb, what="predict --exported", fix="set --memory_budget_gb",
+        host_fallback=True)
+    used = artifact.one_pass_bytes(height, width)
+    if used is None:
+        return False
+    tiles = artifact.info["bands"]["procedure"]
+    print(memory.one_pass_verdict(
+        "predict --exported", artifact.info["procedure"]["mode"], (height, width), used,
+        budget, where, f"the artifact's {tiles['mode']} tiles of "
+                       f"{tiles['tile'][0]}x{tiles['tile'][1]}, streamed"), flush=True)
+    return used > budget
+
+
 def segment_files(artifact: Artifact, inputs: Inputs, output_dir: str | os.PathLike,
-                  alpha: float = 0.5) -> list[PredictionResult]:
-    """Segments image files one at a time (streamed in bands where the artifact has a
-    band program) and writes masks/ and overlays/ as `flaxseg.inference.predict` does;
-    a file that cannot be segmented gets a result naming the file and the problem, the
-    others are still written."""
+                  alpha: float = 0.5, tiled: bool | None = None) -> list[PredictionResult]:
+    """Segments image files one at a time (streamed in bands when `tiled`, default the
+    artifact's own procedure: `Artifact.segment`) and writes masks/ and overlays/ as
+    `flaxseg.inference.predict` does; a file that cannot be segmented gets a result
+    naming the file and the problem, the others are still written."""
     files = list_images(inputs)
     palette = artifact.info.get("palette")
     results = []
@@ -174,7 +227,7 @@ def segment_files(artifact: Artifact, inputs: Inputs, output_dir: str | os.PathL
             mismatch = channel_mismatch(image, artifact.channels)
             if mismatch:
                 raise ValueError(mismatch)
-            mask = artifact.segment(image, streaming.Progress(os.path.basename(path)))
+            mask = artifact.segment(image, streaming.Progress(os.path.basename(path)), tiled)
         except (OSError, ValueError) as error:
             results.append(PredictionResult(path, error=f"{path}: {error}"))
             continue
@@ -194,12 +247,26 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--input", required=True, help="An image file or a directory.")
     parser.add_argument("--output", required=True, help="Directory for masks/, overlays/.")
     parser.add_argument("--alpha", type=float, default=0.5, help="Overlay opacity.")
+    parser.add_argument(
+        "--memory_budget_gb", type=float, default=0.0,
+        help="An artifact exported with --mode=auto segments the images in its tiles when "
+             "one pass over the largest would need more (default: the device's memory; a "
+             "CPU's: half of the host's).")
     args = parser.parse_args(argv)
     artifact = load(args.exported)
-    results = segment_files(artifact, args.input, args.output, alpha=args.alpha)
+    if args.memory_budget_gb and not artifact.has_fallback:
+        raise ValueError(f"--memory_budget_gb chooses between one pass and the tiles of an "
+                         f"artifact exported with --mode=auto; {args.exported} has "
+                         + ("only tiles" if artifact.streams else "no tiles")
+                         + ". Drop the flag.")
+    tiled = artifact.streams or fit_to_images(artifact, readable_sizes(args.input),
+                                              args.memory_budget_gb)
+    results = segment_files(artifact, args.input, args.output, alpha=args.alpha, tiled=tiled)
     failed = [r for r in results if not r.ok]
+    mode = artifact.info.get("procedure", {}).get("mode")
+    how = "streamed in tiles" if tiled else f"one {mode} pass each" if mode else "one call each"
     print(f"Segmented {len(results) - len(failed)} of {len(results)} images with "
-          f"{args.exported} into {args.output}")
+          f"{args.exported} ({how}) into {args.output}")
     for result in failed:
         print(f"  failed: {result.error}", file=sys.stderr)
     return 1 if failed else 0

@@ -125,6 +125,18 @@ def image_size(path: str) -> tuple[int, int]:
     return height, width
 
 
+def readable_sizes(inputs: Inputs) -> list[tuple[int, int]]:
+    """(height, width) of each readable file of `inputs` (`list_images`), from its headers;
+    a file that cannot be read is skipped (segmenting it reports it by name)."""
+    sizes = []
+    for path in list_images(inputs):
+        try:
+            sizes.append(image_size(path))
+        except (OSError, ValueError, KeyError):
+            continue
+    return sizes
+
+
 def is_rotated(path: str) -> bool:
     """Whether the file carries an EXIF orientation other than 'as stored' (headers only)."""
     with Image.open(path) as image:

@@ -46,11 +46,12 @@ def main(argv: list[str]) -> int:
     import numpy as np
     from absl import flags
 
-    from flaxseg import evaluate, inference
+    from flaxseg import evaluate, image_files, inference
     from flaxseg.train.parallel import sum_over_processes
 
     values = flags.FLAGS
-    model, variables, config, options = evaluate.load_run(argv, _image_sizes(values.input))
+    model, variables, config, options = evaluate.load_run(
+        argv, image_files.readable_sizes(values.input))
     if inference.streams(options["mode"], options.get("scales")):
         # Bands of tiles, each pass of --tile_batch tiles spread over this process's devices.
         variables, local_options = evaluate.tiles_over_local_devices(variables, options)
@@ -78,20 +79,6 @@ def main(argv: list[str]) -> int:
     for result in failed:
         print(f"  failed: {result.error}", file=sys.stderr)
     return 1 if num_failed else 0
-
-
-def _image_sizes(inputs: str) -> list[tuple[int, int]]:
-    """(height, width) of each readable input file, from its headers; a file that cannot
-    be read is left to `inference.predict`, which reports it by name."""
-    from flaxseg import image_files
-
-    sizes = []
-    for path in image_files.list_images(inputs):
-        try:
-            sizes.append(image_files.image_size(path))
-        except (OSError, ValueError, KeyError):
-            continue
-    return sizes
 
 
 def _define_flags() -> None:

@@ -295,6 +295,67 @@ def test_predict_cli_writes_masks_and_names_the_files_it_cannot_take(trained_run
         assert np.asarray(Image.open(tmp_path / "tiled" / "masks" / name)).shape == shape
 
 
+def test_an_auto_export_tiles_images_too_large_for_one_pass(trained_run, tmp_path):
+    # --mode=auto exports this U-Net's pad pass and, beside it, its gaussian tiles (sized
+    # by --memory_budget_gb / --max_tile); predict --exported switches to the tiles when one
+    # pad pass over the largest input would not fit its own budget, and says so.
+    from flaxseg import exported
+    from flaxseg.train.checkpoint import load_for_inference
+
+    workdir, _ = trained_run
+    out = tmp_path / "model.jax"
+    result = _cli("flaxseg.export", f"--workdir={workdir}", f"--out={out}", "--max_tile=24")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"model.jax.bands \([\d.]+ MiB, gaussian tiles of 24x24, streamed: "
+                     r"predict --exported switches to them for images too large for one pad "
+                     r"pass\)", result.stdout), result.stdout
+    artifact = exported.load(out)
+    assert artifact.has_fallback and not artifact.streams
+    assert artifact.info["bands"]["procedure"]["tile"] == [24, 24]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(1)
+    images = {"a": rng.integers(0, 256, (45, 37, 3), dtype=np.uint8),
+              "b": rng.integers(0, 256, (70, 52, 3), dtype=np.uint8)}
+    for name, image in images.items():
+        Image.fromarray(image).save(inputs / f"{name}.png")
+    result = _cli_without(("flax", "optax", "orbax", "ml_collections", "absl"),
+                          "flaxseg.predict", f"--exported={out}", f"--input={inputs}",
+                          f"--output={tmp_path / 'out'}", "--memory_budget_gb=0.0001")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"predict --exported: one pad pass over the largest image \(70x52\) "
+                     r"needs [\d.]+ MiB of the 0.1 MiB budget \(memory_budget_gb=0.0001\); it "
+                     r"is segmented in the artifact's gaussian tiles of 24x24, streamed\.",
+                     result.stdout), result.stdout
+    assert "Segmented 2 of 2 images with" in result.stdout
+    assert "(streamed in tiles)" in result.stdout
+    # The same labels as the in-process stream of those tiles; at the default budget (half
+    # of this host's memory), one pad pass, as in process.
+    model, variables, config = load_for_inference(workdir)
+    normalize = evaluate.image_normalizer(config)
+    for name, image in images.items():
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(tmp_path / "out" / "masks" / f"{name}.png")),
+            inference.predict_labels(model, variables, image, mode="gaussian",
+                                     tile_size=24, preprocess=normalize))
+    assert not exported.fit_to_images(artifact, [(70, 52)])
+    np.testing.assert_array_equal(
+        artifact.segment(images["b"]),
+        np.argmax(inference.predict_logits(model, variables, normalize(images["b"]),
+                                           mode="pad"), axis=-1))
+    # The budget flag on an artifact that has no choice to make (as --mode=pad exports
+    # it: no band program) is refused.
+    info = json.loads((tmp_path / "model.jax.json").read_text())
+    del info["bands"]
+    (tmp_path / "pad.jax").write_bytes(out.read_bytes())
+    (tmp_path / "pad.jax.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"--memory_budget_gb chooses between one pass and the "
+                       r"tiles of an artifact exported with --mode=auto; \S+pad.jax has no "
+                       r"tiles. Drop the flag."):
+        exported.main([f"--exported={tmp_path / 'pad.jax'}", f"--input={inputs}",
+                       f"--output={tmp_path / 'out2'}", "--memory_budget_gb=1"])
+
+
 def test_auto_tile_needs_a_budget_where_the_device_reports_none():
     from flaxseg.models import create_model
 
@@ -327,7 +388,7 @@ def test_export_then_predict_with_the_artifact_alone(trained_run, tmp_path):
     result = _cli("flaxseg.export", f"--workdir={workdir}", f"--out={out}", "--tile_size=16")
     assert result.returncode == 0, result.stderr
     assert "mode gaussian" in result.stdout and "any height and width" in result.stdout
-    assert "model.jax.bands (the band program" in result.stdout
+    assert re.search(r"model.jax.bands \([\d.]+ MiB, the band program", result.stdout)
     assert "Given directory is read only" not in result.stderr
     # The synthetic dataset has no palette: the sidecar's colours say they are no dataset's.
     assert "palette: generated (the dataset gives none; these colours are no dataset's)." \

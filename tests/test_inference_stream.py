@@ -202,7 +202,7 @@ def test_the_artifacts_band_program_streams_the_same_labels(unet, tmp_path):
     info = export.sidecar(whole, data, plan=plan, rule=rule, normalization=UNIT,
                           outputs="labels", class_names=[f"c{i}" for i in range(4)],
                           palette=None)
-    info["bands"] = export.bands_entry(path, band_data)
+    info["bands"] = export.bands_entry(path, band_data, plan)
     export.write(path, data, info, band_data)
     artifact = exported.load(path)
     image = _image((61, 45, 3))

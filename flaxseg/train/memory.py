@@ -49,6 +49,15 @@ def compiled_bytes(compiled: Any) -> int | None:
                + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
+def one_pass_verdict(what: str, mode: str, size: tuple[int, int], used: int, budget: int,
+                     where: str, instead: str) -> str:
+    """The line saying whether one `mode` pass over the largest image (`size`, (height,
+    width)) fits the budget; `instead`: how the images are segmented when it does not."""
+    return (f"{what}: one {mode} pass over the largest image ({size[0]}x{size[1]}) needs "
+            f"{format_bytes(used)} of the {format_bytes(budget)} budget ({where})"
+            + ("." if used <= budget else f"; it is segmented in {instead}."))
+
+
 def memory_budget(
     budget_gb: float, what: str = "batch_size='auto'",
     fix: str = "set --config.memory_budget_gb (the GiB one device may use), or give "
@@ -176,9 +185,9 @@ def tile_candidates(geometry: Any, max_size: int) -> list[int]:
 
 def fit_tile_size(bytes_for: Callable[[int], int], candidates: list[int], budget: int
                   ) -> tuple[int, str]:
-    """The largest of `candidates` (ascending) whose `bytes_for(size)` is at most `budget`,
-    found by bisection (a forward pass's memory grows with its tile), and a line saying
-    why. Raises ValueError if none fits."""
+    """The largest of `candidates` (ascending) whose `bytes_for(size)` is at most `budget`
+    (the largest itself first, then by bisection: a forward pass's memory grows with its
+    tile), and a line saying why. Raises ValueError if none fits."""
     if not candidates:
         raise ValueError("--tile_size=auto: the model takes no tile size up to --max_tile.")
     cache: dict[int, int] = {}
@@ -195,6 +204,8 @@ def fit_tile_size(bytes_for: Callable[[int], int], candidates: list[int], budget
             f"{format_bytes(cache[candidates[0]])} per device, over the "
             f"{format_bytes(budget)} budget; lower --tile_batch or raise the budget.")
     low, high = 0, len(candidates) - 1  # fits(low); the answer is in [low, high]
+    if fits(high):  # the usual case on a large budget: two compiles
+        low = high
     while low < high:
         middle = (low + high + 1) // 2
         low, high = (middle, high) if fits(middle) else (low, middle - 1)
