@@ -10,7 +10,10 @@
 (`model.jax.bands`), and turns a truncated or corrupt file into one clear error; calling
 the artifact checks the images' dtype, rank, channels and size rule before JAX sees
 them. `Artifact.segment` streams an image of any size through the band program
-(`flaxseg.streaming`: bounded memory, progress), as in-process inference does. Only
+(`flaxseg.streaming`: bounded memory, progress), as in-process inference does. An
+artifact exported with `--mode=auto` holds a one-pass procedure and its tiled twin as the
+band program; `fit_to_images` picks the tiles when one pass over the largest input would
+not fit the memory budget (`--memory_budget_gb`). Only
 NumPy, Pillow and jax are imported here (and flaxseg's own `image_files`, `visualize`,
 `streaming` and `tiling`, which need no more; tifffile for TIFF files), so this runs
 where flaxseg's training stack is not installed.

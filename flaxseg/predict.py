@@ -21,6 +21,9 @@ Pillow are needed (not flax; `flaxseg.exported`):
 
     python -m flaxseg.predict --exported=model.jax --input=photos/ --output=out/
 
+(an artifact exported with `--mode=auto` switches to its tiles, as `--mode=auto` does
+here, when one pass over the largest input would not fit `--memory_budget_gb`).
+
 The tiled modes (`--mode=sliding|gaussian|overlap_tile`, or `--mode=auto` with
 `--tile_size`) stream an image of any size in bands of tile rows: host memory holds one
 band and the labels, never the image's float scores; each pass of `--tile_batch` tiles is
