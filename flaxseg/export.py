@@ -316,7 +316,9 @@ def main(argv: list[str]) -> int:
                    outputs=values.outputs, class_names=names,
                    palette=None if palette is None else np.asarray(palette, np.uint8))
     band_data, streamed = None, ""
-    band_plan = plan if inference.streams(plan.mode, plan.scales) else (
+    # A band program streams one scale (in process, multi-scale TTA streams each scale).
+    single_scale = inference.streams(plan.mode) and plan.scales == (1,)
+    band_plan = plan if single_scale else (
         tiled_fallback(model, variables, plan, channels=channels, tile_batch=values.tile_batch,
                        budget_gb=values.memory_budget_gb, max_tile=values.max_tile)
         if values.mode == "auto" else None)

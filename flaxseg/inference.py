@@ -39,7 +39,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -382,10 +382,13 @@ def _shift_rows(x: jax.Array, shift: Any, axis: int) -> jax.Array:
 
 
 def band_function(model: nn.Module, plan: Plan,
-                  tile_sharding: jax.sharding.Sharding | None = None) -> Callable[..., Any]:
+                  tile_sharding: jax.sharding.Sharding | None = None,
+                  logits: bool = False) -> Callable[..., Any]:
     """The band program of a tiled plan (`flaxseg.streaming`), one pure JAX function:
     `(variables, rows float32 [1, h_in, w_in, C], carry, first_pass, num_passes, origin,
-    shift, rows_count, rows_last) -> (labels uint8 [1, h_out, w_out], carry)`.
+    shift, rows_count, rows_last) -> (labels uint8 [1, h_out, w_out], carry)`; with
+    `logits`, the window's logits float32 `[1, h_out, w_out, K]` instead of its labels
+    (one scale of the streamed multi-scale TTA).
 
     `rows` are the padded input rows from `origin`; `carry` (`tiling.empty_canvas` of a
     window `[1, h_out, w_out, K]`) holds the previous band's window, which moves up by
@@ -415,15 +418,17 @@ def band_function(model: nn.Module, plan: Plan,
         window = tiling.over_tiles(rows, net, (rows_count, sh, rows_last), cols, plan.tile,
                                    plan.tile_batch, update, window,
                                    passes=(first_pass, num_passes), origin=origin)
-        return jnp.argmax(finish(window), axis=-1).astype(jnp.uint8), window
+        scores = finish(window)
+        return (scores if logits else jnp.argmax(scores, axis=-1).astype(jnp.uint8)), window
 
     return band
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5,))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(6,))
 def _run_band(model: nn.Module, plan: Plan, tile_sharding: jax.sharding.Sharding | None,
-              variables: Any, rows: jax.Array, carry: Any, *scalars: Any) -> tuple[Any, Any]:
-    return band_function(model, plan, tile_sharding)(variables, rows, carry, *scalars)
+              logits: bool, variables: Any, rows: jax.Array, carry: Any, *scalars: Any
+              ) -> tuple[Any, Any]:
+    return band_function(model, plan, tile_sharding, logits)(variables, rows, carry, *scalars)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -582,6 +587,7 @@ def predict_labels(
     tile_size: Size,
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
     flip: bool = False,
+    scales: float | Sequence[float] | None = None,
     stride: Size | None = None,
     overlap: float = 0.5,
     align: Size | None = None,
@@ -592,13 +598,16 @@ def predict_labels(
 ) -> np.ndarray:
     """Class labels of one image of any size in a tiled mode, streamed in bands of tile
     rows (`flaxseg.streaming`): host memory holds one band of the input and of the
-    float32 logits, and the labels; never the image's whole logits.
+    float32 logits (per scale), and the labels; never the image's whole logits.
 
     Args:
       image: uint8 (or raw) `[H, W, C]`, any array that slices by rows: a NumPy array, a
         `np.memmap`, a memory-mapped TIFF (`image_files.open_large`).
-      mode, tile_size, flip, stride, overlap, align, tile_batch: as `predict_logits`
-        (mode one of `TILED_MODES`; multi-scale TTA is not streamed).
+      mode, tile_size, flip, scales, stride, overlap, align, tile_batch: as
+        `predict_logits` (mode one of `TILED_MODES`). With multi-scale TTA every scale
+        streams its own bands over the image resized to it (`streaming.ResizedImage`),
+        and its logits are resized back and averaged one chunk of rows at a time
+        (`streaming.stream_scales`).
       preprocess: a band of rows uint8 `[h, W, C]` -> float32, as in training; default
         `normalizer()` (divides by 255).
       tile_sharding: places each pass of `tile_batch` tiles, e.g. `NamedSharding(mesh,
@@ -606,8 +615,8 @@ def predict_labels(
         of them; `variables` replicated on the same mesh).
       out: uint8 `[H, W]` to write the labels into (e.g. a `np.memmap`); default a new
         array.
-      on_progress: called with (tiles done, tiles in all) after each band
-        (`streaming.Progress` prints tiles/s and ETA).
+      on_progress: called with (tiles done, tiles in all, over every scale) after each
+        band (`streaming.Progress` prints tiles/s and ETA).
 
     Returns `out`: the labels, bitwise `argmax(predict_logits(...))` for the same options
     and devices.
@@ -616,37 +625,67 @@ def predict_labels(
         raise ValueError(f"predict_labels streams the tiled modes {TILED_MODES}; got mode="
                          f"{mode!r} (use predict_logits for whole-image modes)")
     height, width, channels = image.shape
-    plan = make_plan(model, variables, channels, mode=mode, flip=flip, tile_size=tile_size,
-                     stride=stride, overlap=overlap, align=align, tile_batch=tile_batch)
+    plan = make_plan(model, variables, channels, mode=mode, flip=flip, scales=scales,
+                     tile_size=tile_size, stride=stride, overlap=overlap, align=align,
+                     tile_batch=tile_batch)
     num_classes = _output_shape(model, variables, *plan.tile, channels)[2]
     if num_classes > 256:
         raise ValueError(f"{num_classes} classes do not fit the streamed uint8 labels; use "
                          "predict_logits (in memory) for a model of more than 256 classes")
-    place = functools.partial(jax.tree.map, jnp.asarray)
-    if tile_sharding is not None:
-        splits = _splits(tile_sharding, 0)
-        if tile_batch % splits:
-            raise ValueError(f"tile_batch={tile_batch} cannot be split over {splits} devices; "
-                             f"use a multiple of {splits} (e.g. "
-                             f"{splits * -(-tile_batch // splits)})")
-        replicated = jax.sharding.NamedSharding(tile_sharding.mesh, jax.sharding.PartitionSpec())
-        place = functools.partial(jax.device_put, device=replicated)
-    bands = stream_bands(plan, height, width)
-    carry = tiling.empty_canvas(plan.mode != "overlap_tile", 1, bands.window_out,
-                                bands.layout.canvas[1], num_classes, np)
-
-    def run(rows: np.ndarray, carry: Any, *scalars: int) -> tuple[Any, Any]:
-        return _run_band(model, plan, tile_sharding, variables, place(rows), carry, *scalars)
-
+    place = _placement(tile_sharding, tile_batch)
+    one_scale = dataclasses.replace(plan, scales=(Fraction(1),))
+    preprocess = preprocess or normalizer()
     out = np.empty((height, width), np.uint8) if out is None else out
-    return streaming.stream(run, bands, image, place(carry), out, preprocess or normalizer(),
-                            on_progress)
+
+    def band_rows(source: Any, logits: bool, prepare: Callable[[np.ndarray], np.ndarray],
+                  progress: Callable[[int, int], None] | None
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+        bands = stream_bands(one_scale, *source.shape[:2])
+        carry = tiling.empty_canvas(plan.mode != "overlap_tile", 1, bands.window_out,
+                                    bands.layout.canvas[1], num_classes, np)
+
+        def run(rows: np.ndarray, carry: Any, *scalars: int) -> tuple[Any, Any]:
+            return _run_band(model, one_scale, tile_sharding, logits, variables, place(rows),
+                             carry, *scalars)
+
+        return streaming.finished_rows(run, bands, source, place(carry), prepare, progress)
+
+    if plan.scales == (1,):
+        return streaming.stream_rows(band_rows(image, False, preprocess, on_progress), out)
+    sizes = [(scaled_size(height, scale), scaled_size(width, scale)) for scale in plan.scales]
+    progress = streaming.CombinedProgress(
+        [stream_bands(one_scale, *size).num_tiles for size in sizes], on_progress)
+    sources: list[Any] = []
+    for index, (scale, size) in enumerate(zip(plan.scales, sizes, strict=True)):
+        if scale == 1:
+            sources.append(streaming.RowBuffer(
+                band_rows(image, True, preprocess, progress.of(index))))
+        else:
+            resized = streaming.ResizedImage(image, *size, preprocess)
+            rows = band_rows(resized, True, lambda rows: rows, progress.of(index))
+            sources.append((streaming.RowBuffer(rows), *size))
+    return streaming.stream_scales(sources, out, chunk=plan.tile[0])
 
 
-def streams(mode: str, scales: float | Sequence[float] | None = None) -> bool:
-    """Whether `predict` streams this procedure in bands (the tiled modes without
-    multi-scale TTA) rather than holding the image's logits."""
-    return mode in TILED_MODES and parse_scales(scales) == (1,)
+def _placement(tile_sharding: jax.sharding.Sharding | None, tile_batch: int
+               ) -> Callable[[Any], Any]:
+    """Puts a band's arrays where its program runs: the default device, or replicated
+    over `tile_sharding`'s mesh (whose 'data' axis must divide `tile_batch`)."""
+    if tile_sharding is None:
+        return functools.partial(jax.tree.map, jnp.asarray)
+    splits = _splits(tile_sharding, 0)
+    if tile_batch % splits:
+        raise ValueError(f"tile_batch={tile_batch} cannot be split over {splits} devices; "
+                         f"use a multiple of {splits} (e.g. "
+                         f"{splits * -(-tile_batch // splits)})")
+    replicated = jax.sharding.NamedSharding(tile_sharding.mesh, jax.sharding.PartitionSpec())
+    return functools.partial(jax.device_put, device=replicated)
+
+
+def streams(mode: str) -> bool:
+    """Whether `predict` streams this mode in bands (the tiled modes, multi-scale TTA
+    included) rather than holding the image's logits."""
+    return mode in TILED_MODES
 
 
 def _labels(model: nn.Module, variables: Any, image: Any, mode: str,
@@ -654,8 +693,8 @@ def _labels(model: nn.Module, variables: Any, image: Any, mode: str,
             options: dict[str, Any]) -> np.ndarray:
     """uint8 labels `[h, w]` of one uint8 image `[H, W, C]`: streamed where `streams`
     says so (with progress on stderr), else from `predict_logits`."""
-    if streams(mode, options.get("scales")):
-        kept = {k: v for k, v in options.items() if k not in ("scales", "batch_size")}
+    if streams(mode):
+        kept = {k: v for k, v in options.items() if k != "batch_size"}
         return predict_labels(model, variables, image, mode=mode, preprocess=preprocess,
                               on_progress=streaming.Progress(name), **kept)
     logits = predict_logits(model, variables, preprocess(np.asarray(image)), mode=mode,
@@ -686,9 +725,9 @@ def predict(
     Args:
       inputs: an image file, a directory of images, or a list of files.
       mode, predict_kwargs: passed to `predict_logits` (`flip`, `tile_size`, ...), or,
-        for the tiled modes without multi-scale TTA (`streams`), to `predict_labels`
-        (which also takes `tile_sharding`): streamed in bands with bounded memory and
-        progress on stderr. With the VALID U-Net in mode `'whole'` the mask covers the
+        for the tiled modes (`streams`), to `predict_labels` (which also takes
+        `tile_sharding`): streamed in bands with bounded memory and progress on stderr,
+        multi-scale TTA too. With the VALID U-Net in mode `'whole'` the mask covers the
         image's centre.
       palette: uint8 `[num_classes, 3]`; default `visualize.generated_palette` (no
         dataset's colours).

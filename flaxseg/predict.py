@@ -28,7 +28,8 @@ The tiled modes (`--mode=sliding|gaussian|overlap_tile`, or `--mode=auto` with
 `--tile_size`) stream an image of any size in bands of tile rows: host memory holds one
 band and the labels, never the image's float scores; each pass of `--tile_batch` tiles is
 spread over the process's devices, and a prediction longer than a few seconds prints
-tiles done, tiles/s and ETA. (Multi-scale TTA, `--scales`, is not streamed.)
+tiles done, tiles/s and ETA. With multi-scale TTA (`--scales`) every scale streams the
+image resized to it, and the scales' logits are averaged a chunk of rows at a time.
 
 A run trained with `spatial_partitions` > 1 predicts each image in one pass split over that
 many devices (modes 'whole' and 'pad'). Several processes (the distributed flags of
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> int:
     values = flags.FLAGS
     model, variables, config, options = evaluate.load_run(
         argv, image_files.readable_sizes(values.input))
-    if inference.streams(options["mode"], options.get("scales")):
+    if inference.streams(options["mode"]):
         # Bands of tiles, each pass of --tile_batch tiles spread over this process's devices.
         variables, local_options = evaluate.tiles_over_local_devices(variables, options)
     else:

@@ -15,6 +15,12 @@ bitwise those of the in-memory path. Host memory holds one band of the input (re
 `reflect_indices` from an array that may be memory-mapped), one window of float32 sums
 (a few tile heights x the image width x K) and the output labels.
 
+Multi-scale TTA: every scale streams the image resized to it (`ResizedImage`, block by
+block) through a band program that returns logits; `stream_scales` resizes each scale's
+finished rows back, a chunk of rows at a time, and averages them (`RowBuffer` keeps the
+rows a later chunk reads). The resizes and the mean are the in-memory ones, operation for
+operation, so these labels are bitwise the in-memory ones too.
+
 NumPy and jax only (no flax): `flaxseg.exported` streams an artifact's band program too.
 """
 
@@ -24,9 +30,11 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flaxseg import tiling
@@ -144,13 +152,14 @@ def read_band(image: Any, bands: Bands, origin: int,
     return prepare(block[rows - first][:, cols])[None]
 
 
-def stream(run_band: BandProgram, bands: Bands, image: Any, carry: Any,
-           out: np.ndarray, prepare: Callable[[np.ndarray], np.ndarray],
-           on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Runs `run_band` over every band of `image` `[H, W, C]` and writes the finished
-    rows of labels into `out` uint8 `[H, W]` (any array that takes row slices, e.g. a
-    memory map). `carry`: the band program's zero carry (`tiling.empty_canvas` of a window).
-    Returns `out`."""
+def finished_rows(run_band: BandProgram, bands: Bands, image: Any, carry: Any,
+                  prepare: Callable[[np.ndarray], np.ndarray],
+                  on_progress: Callable[[int, int], None] | None = None
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+    """Runs `run_band` over every band of `image` `[H, W, C]` and yields `(top, rows)`
+    after each band: the image rows from `top` that are now final, as the band program
+    outputs them (labels `[n, W]`, or logits `[n, W, K]`), in order and each once.
+    `carry`: the band program's zero carry (`tiling.empty_canvas` of a window)."""
     layout = bands.layout
     height, width = image.shape[:2]
     crop_top, crop_left = layout.crop
@@ -159,18 +168,144 @@ def stream(run_band: BandProgram, bands: Bands, image: Any, carry: Any,
     for band in range(bands.num_bands):
         start, end = bands.origin(band), bands.origin(band + 1)
         first_pass = band * bands.passes_per_band
-        labels, carry = run_band(read_band(image, bands, start, prepare), carry, first_pass,
+        output, carry = run_band(read_band(image, bands, start, prepare), carry, first_pass,
                                  bands.passes_per_band, start, start - origin, rows_count,
                                  rows_last)
         origin = start
-        # Canvas rows [start, end) are final: no later tile reaches above `end`.
-        top, bottom = max(start - crop_top, 0), min(end - crop_top, height)
-        if bottom > top:
-            window = np.asarray(labels)[0]  # the whole window: slicing on device compiles
-            out[top:bottom] = window[top + crop_top - start : bottom + crop_top - start,
-                                     crop_left : crop_left + width]
         if on_progress is not None:
             done = min((first_pass + bands.passes_per_band) * bands.tile_batch,
                        bands.num_tiles)
             on_progress(done, bands.num_tiles)
+        # Canvas rows [start, end) are final: no later tile reaches above `end`.
+        top, bottom = max(start - crop_top, 0), min(end - crop_top, height)
+        if bottom > top:
+            window = np.asarray(output)[0]  # the whole window: slicing on device compiles
+            yield top, window[top + crop_top - start : bottom + crop_top - start,
+                              crop_left : crop_left + width]
+
+
+def stream_rows(rows: Iterator[tuple[int, np.ndarray]], out: np.ndarray) -> np.ndarray:
+    """Writes the `(top, labels)` of `finished_rows` into `out` uint8 `[H, W]` (any array
+    that takes row slices, e.g. a memory map). Returns `out`."""
+    for top, labels in rows:
+        out[top : top + len(labels)] = labels
+    return out
+
+
+def stream(run_band: BandProgram, bands: Bands, image: Any, carry: Any,
+           out: np.ndarray, prepare: Callable[[np.ndarray], np.ndarray],
+           on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Runs `run_band` (labels out) over every band of `image` `[H, W, C]` and writes the
+    finished rows of labels into `out` uint8 `[H, W]`. `carry`: the band program's zero
+    carry (`tiling.empty_canvas` of a window). Returns `out`."""
+    return stream_rows(finished_rows(run_band, bands, image, carry, prepare, on_progress),
+                       out)
+
+
+class CombinedProgress:
+    """One `(done, total)` progress over several streams of `totals` tiles (the scales of
+    a multi-scale TTA): `of(i)` is stream i's callback (None when `on_progress` is)."""
+
+    def __init__(self, totals: list[int], on_progress: Callable[[int, int], None] | None):
+        self.totals, self.on_progress = totals, on_progress
+        self.done = [0] * len(totals)
+
+    def of(self, index: int) -> Callable[[int, int], None] | None:
+        if self.on_progress is None:
+            return None
+
+        def report(done: int, _: int) -> None:
+            self.done[index] = done
+            self.on_progress(sum(self.done), sum(self.totals))
+
+        return report
+
+
+class RowBuffer:
+    """The rows of an in-order stream of `(top, rows)` (`finished_rows`), kept from the
+    first row still wanted: `take(start, stop)` pulls the stream up to `stop` and returns
+    rows `[start, stop)`; later calls may not ask for rows below `start`."""
+
+    def __init__(self, rows: Iterator[tuple[int, np.ndarray]]):
+        self._source = rows
+        self._top = 0
+        self._rows: np.ndarray | None = None
+
+    @property
+    def top(self) -> int:
+        """The first row held."""
+        return self._top
+
+    def take(self, start: int, stop: int) -> np.ndarray:
+        if self._rows is not None and start > self._top:  # rows no later call reads
+            self._rows, self._top = self._rows[start - self._top:], start
+        while self._rows is None or self._top + len(self._rows) < stop:
+            top, rows = next(self._source)
+            if self._rows is None:
+                self._rows, self._top = rows, top
+            else:  # the stream's rows are contiguous
+                self._rows = np.concatenate([self._rows, rows])
+        return self._rows[start - self._top : stop - self._top]
+
+
+class ResizedImage:
+    """`image` `[H, W, C]` normalised by `prepare` and resized (bilinear, half-pixel) to
+    `[height, width, C]` float32, computed block by block as rows are sliced
+    (`tiling.resize_rows`: bitwise `tiling.resize_bilinear` of the whole image): the
+    input of one scale of the streamed multi-scale TTA."""
+
+    def __init__(self, image: Any, height: int, width: int,
+                 prepare: Callable[[np.ndarray], np.ndarray]):
+        self.image, self.prepare = image, prepare
+        self.shape = (height, width, image.shape[2])
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        return np.asarray(resize_block(self.image, start, stop - start, *self.shape[:2],
+                                       self.prepare))[0]
+
+
+def resize_block(image: Any, start: int, count: int, height: int, width: int,
+                 prepare: Callable[[np.ndarray], np.ndarray] = lambda rows: rows) -> Any:
+    """Rows `[start, start + count)` of `image` `[H, W, C]` (through `prepare`) resized to
+    `height x width`: `[1, count, width, C]` float32, on the default device."""
+    first, last = tiling.source_rows(image.shape[0], height, start, count)
+    block = prepare(np.asarray(image[first:last]))[None]
+    return _resize_rows(block, first, image.shape[0], start, count, height, width)
+
+
+_resize_rows = jax.jit(tiling.resize_rows, static_argnums=(2, 4, 5, 6))
+
+
+@jax.jit
+def _mean_labels(*logits: jax.Array) -> jax.Array:
+    """The scales' logits summed in order, divided by their count, and the argmax: as
+    `flaxseg.inference` averages multi-scale TTA over the whole image."""
+    total = logits[0]
+    for more in logits[1:]:
+        total = total + more
+    return jnp.argmax(total / len(logits), axis=-1).astype(jnp.uint8)
+
+
+def stream_scales(scales: list[tuple[RowBuffer, int, int] | RowBuffer], out: np.ndarray,
+                  chunk: int) -> np.ndarray:
+    """Multi-scale TTA's labels, `chunk` rows at a time, into `out` uint8 `[H, W]`.
+
+    `scales`, in the plan's order: the image's own scale as a `RowBuffer` of logits
+    `[H, W, K]` rows, another as `(RowBuffer of its logits rows, height, width)` at its
+    size, resized back to `H x W` one block of rows at a time. Host memory holds the
+    buffered rows of each scale and one chunk of logits per scale."""
+    height, width = out.shape
+    for start in range(0, height, chunk):
+        count = min(chunk, height - start)
+        logits = []
+        for scale in scales:
+            if isinstance(scale, RowBuffer):
+                logits.append(scale.take(start, start + count)[None])
+                continue
+            rows, scaled_height, _ = scale
+            first, last = tiling.source_rows(scaled_height, height, start, count)
+            logits.append(_resize_rows(rows.take(first, last)[None], first, scaled_height,
+                                       start, count, height, width))
+        out[start : start + count] = np.asarray(_mean_labels(*logits))[0]
     return out

@@ -65,19 +65,39 @@ def crop(x: jax.Array, top: Dim, left: Dim, height: Dim, width: Dim) -> jax.Arra
         x, (0, top, left, 0), (x.shape[0], height, width, x.shape[3]))
 
 
-def _linear_taps(length: Dim, size: Dim) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _linear_taps(length: Dim, size: Dim, xp: Any = jnp) -> tuple[Any, Any, Any]:
     """`(low, high, fraction)`, each `[size]`: output pixel o of a half-pixel linear
-    resize from `length` to `size` is `(1 - fraction) * in[low] + fraction * in[high]`."""
+    resize from `length` to `size` is `(1 - fraction) * in[low] + fraction * in[high]`.
+    `xp=np`: on the host (the streamed multi-scale TTA reads which rows a block needs)."""
     # Output pixel o samples the input at (o + 1/2) * length / size - 1/2, clamped to the
     # edges: numerator and denominator in integers, so the position is exact and the
     # fraction one correctly rounded division, whatever the compiler fuses.
-    numerator = jnp.maximum((2 * jnp.arange(size) + 1) * length - size, 0)
+    numerator = xp.maximum((2 * xp.arange(size) + 1) * length - size, 0)
     denominator = 2 * size
-    low = jnp.minimum(numerator // denominator, length - 1)
-    high = jnp.minimum(low + 1, length - 1)
-    fraction = (numerator - low * denominator).astype(jnp.float32) / jnp.asarray(
-        denominator, jnp.float32)
+    low = xp.minimum(numerator // denominator, length - 1)
+    high = xp.minimum(low + 1, length - 1)
+    fraction = (numerator - low * denominator).astype(xp.float32) / xp.asarray(
+        denominator, xp.float32)
     return low, high, fraction
+
+
+def source_rows(length: int, size: int, start: int, count: int) -> tuple[int, int]:
+    """The input rows `[first, last)` that rows `[start, start + count)` of a resize from
+    `length` to `size` rows read (host integers)."""
+    low, high, _ = _linear_taps(length, size, np)
+    return int(low[start]), int(high[start + count - 1]) + 1
+
+
+def resize_rows(block: jax.Array, first: Any, length: int, start: Any, count: int,
+                size: int, width: int) -> jax.Array:
+    """Rows `[start, start + count)` of `resize_bilinear(x, size, width)` for an `x` of
+    `length` rows, from `block` `[B, n, W, C]`: x's rows `first, first + 1, ...` (at least
+    those `source_rows` names). The same taps and lerps in the same order, so the rows
+    are bitwise `resize_bilinear`'s; a streamed image is resized one block at a time."""
+    low, high, fraction = (jax.lax.dynamic_slice_in_dim(t, start, count)
+                           for t in _linear_taps(length, size))
+    a, b = jnp.take(block, low - first, axis=1), jnp.take(block, high - first, axis=1)
+    return _resize_axis(a + (b - a) * fraction.reshape(1, -1, 1, 1), 2, width)
 
 
 def _resize_axis(x: jax.Array, axis: int, size: Dim) -> jax.Array:

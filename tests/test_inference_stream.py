@@ -104,24 +104,47 @@ GAUSSIAN = dict(mode="gaussian", tile_size=(16, 24), overlap=0.25, flip=True)
 @pytest.mark.parametrize("shape, options", [
     ((61, 45, 3), GAUSSIAN),  # 5 x 3 tiles of 16 x 24 every 12 x 18: 4 passes, 4 bands
     ((10, 45, 3), dict(mode="sliding", tile_size=16, tile_batch=3)),  # shorter than a tile
+    # Multi-scale TTA: each scale streams the image resized to it (0.5: 31 x 23, smaller
+    # than two tiles; 1.5: 92 x 68), its logits resized back a chunk of rows at a time.
+    ((61, 45, 3), {**GAUSSIAN, "scales": (0.5, 1, 1.5)}),
+    ((70, 52, 3), dict(mode="sliding", tile_size=16, scales=(1.25, 0.75))),  # no scale 1
 ])
 def test_streamed_labels_are_bitwise_the_in_memory_ones(unet, shape, options):
     model, variables = unet
     image = _image(shape)
     logits = inference.predict_logits(model, variables, inference.normalizer()(image),
                                       **options)
-    labels = inference.predict_labels(model, variables, image, **options)
+    progress = []
+    labels = inference.predict_labels(model, variables, image, **options,
+                                      on_progress=lambda *p: progress.append(p))
     assert labels.dtype == np.uint8 and labels.shape == shape[:2]
     np.testing.assert_array_equal(labels, np.argmax(logits, axis=-1))
+    done, total = zip(*progress, strict=True)  # one count over every scale's tiles
+    assert list(done) == sorted(done) and set(total) == {total[0]} and done[-1] == total[0]
 
 
 def test_streamed_overlap_tile_is_bitwise_the_in_memory_one(valid_unet):
     model, variables = valid_unet
     image = _image((101, 77, 1))
-    options = dict(mode="overlap_tile", tile_size=60, flip=True)
-    logits = inference.predict_logits(model, variables, image / np.float32(255), **options)
-    np.testing.assert_array_equal(inference.predict_labels(model, variables, image, **options),
-                                  np.argmax(logits, axis=-1))
+    for options in (dict(mode="overlap_tile", tile_size=60, flip=True),
+                    dict(mode="overlap_tile", tile_size=60, scales=(0.8, 1))):
+        logits = inference.predict_logits(model, variables, image / np.float32(255),
+                                          **options)
+        np.testing.assert_array_equal(
+            inference.predict_labels(model, variables, image, **options),
+            np.argmax(logits, axis=-1))
+
+
+def test_rows_are_buffered_only_until_read():
+    # A stream of (top, rows) in bands of 3, read in chunks of 4 that overlap by 1 (the
+    # taps of a resize): every chunk is right, and the buffer never holds a row below the
+    # last chunk's start.
+    rows = np.arange(20)[:, None]
+    buffer = streaming.RowBuffer((top, rows[top : top + 3]) for top in range(0, 20, 3))
+    for start in range(0, 19, 3):
+        np.testing.assert_array_equal(buffer.take(start, min(start + 4, 20)),
+                                      rows[start : start + 4])
+        assert buffer.top == start
 
 
 def test_tiles_spread_over_four_devices_stitch_exactly(unet, num_devices):
@@ -152,7 +175,7 @@ def test_whole_image_modes_are_not_streamed(unet):
     with pytest.raises(ValueError, match="predict_labels streams the tiled modes"):
         inference.predict_labels(model, variables, _image((16, 16, 3)), mode="pad",
                                  tile_size=16)
-    assert inference.streams("gaussian") and not inference.streams("gaussian", (0.5, 1))
+    assert inference.streams("gaussian") and not inference.streams("pad")
     assert inference.default_mode(model, tiled=True) == "gaussian"
 
 
