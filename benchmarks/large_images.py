@@ -3,6 +3,7 @@
     python -m benchmarks.large_images                         # 2k, 8k, 20k on 1 and 4 devices
     python -m benchmarks.large_images --sizes=4096 --devices=1,4   # the device speed-up
     python -m benchmarks.large_images --sizes=12000 --devices=1 --runtimes=inprocess,exported
+    python -m benchmarks.large_images --sizes=4096 --devices=1 --scales=0.5,1,1.5  # TTA
 
 Each size is written once as an uncompressed RGB TIFF (a smooth synthetic scene), which
 `flaxseg.image_files` memory-maps. Each (size, device count, runtime) runs in a fresh
@@ -71,7 +72,8 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _options(args: argparse.Namespace, devices: int) -> dict[str, Any]:
     return {"mode": args.mode, "tile_size": args.tile, "overlap": args.overlap,
-            "tile_batch": args.tile_batch * devices}
+            "tile_batch": args.tile_batch * devices,
+            "scales": [float(s) for s in args.scales.split(",")]}
 
 
 def run_inprocess(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +110,7 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     info = export.sidecar(whole, data, plan=plan, rule=rule, normalization=UNIT,
                           outputs="labels", palette=None,
                           class_names=[f"class_{i}" for i in range(args.classes)])
-    info["bands"] = export.bands_entry(args.artifact, band_data)
+    info["bands"] = export.bands_entry(args.artifact, band_data, plan)
     export.write(args.artifact, data, info, band_data)
     return {}
 
@@ -153,7 +155,7 @@ def _child(args: argparse.Namespace, task: str, devices: int, **paths: str) -> d
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices)}
     flags = [f"--{k}={v}" for k, v in paths.items()] + [
         f"--{name}={getattr(args, name)}" for name in
-        ("features", "depth", "classes", "mode", "tile", "overlap", "tile_batch")]
+        ("features", "depth", "classes", "mode", "tile", "overlap", "tile_batch", "scales")]
     result = subprocess.run([sys.executable, "-m", "benchmarks.large_images",
                              f"--child={task}", *flags], env=env, capture_output=True,
                             text=True, check=False)
@@ -173,7 +175,8 @@ def measure(args: argparse.Namespace, size: int, devices: int, runtime: str, sce
     else:
         row = _child(args, "inprocess", devices, image=scene, output=output)
     megapixels = size * size / 1e6
-    return {"size": size, "devices": row["devices"], "runtime": runtime,
+    scales = "" if args.scales == "1" else f", scales {args.scales}"
+    return {"size": size, "devices": row["devices"], "runtime": runtime + scales,
             "seconds": round(row["seconds"], 1),
             "s_per_mpx": round(row["seconds"] / megapixels, 3),
             "peak_gib": round(row["peak_kib"] / 2**20, 2),
@@ -201,6 +204,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--tile_batch", type=int, default=4, help="Tiles per device a pass.")
+    parser.add_argument("--scales", default="1", help="Multi-scale TTA, e.g. 0.5,1,1.5 "
+                        "(in process only: the exported band program streams one scale).")
     parser.add_argument("--json", action="store_true", help="Also print JSON lines.")
     parser.add_argument("--child", choices=("inprocess", "export", "exported"),
                         help=argparse.SUPPRESS)
@@ -221,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtimes = args.runtimes.split(",")
     if set(runtimes) - set(RUNTIMES):
         raise SystemExit(f"--runtimes takes some of {RUNTIMES}, got {args.runtimes}")
+    if args.scales != "1" and "exported" in runtimes:
+        raise SystemExit("--scales applies to --runtimes=inprocess: the exported band program "
+                         "streams one scale")
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for size in (int(s) for s in args.sizes.split(",")):

@@ -123,6 +123,21 @@ def test_streamed_labels_are_bitwise_the_in_memory_ones(unet, shape, options):
     assert list(done) == sorted(done) and set(total) == {total[0]} and done[-1] == total[0]
 
 
+def test_predict_streams_multi_scale_tta_into_its_masks(unet, tmp_path):
+    # The files' path (what `python -m flaxseg.predict --scales` runs) streams a tiled mode
+    # with multi-scale TTA too; the same image and options as above: compiled once.
+    model, variables = unet
+    options = {**GAUSSIAN, "scales": (0.5, 1, 1.5)}
+    image = _image((61, 45, 3))
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    [result] = inference.predict(model, variables, tmp_path / "scene.png", tmp_path / "out",
+                                 **options)
+    logits = inference.predict_logits(model, variables, inference.normalizer()(image),
+                                      **options)
+    np.testing.assert_array_equal(np.asarray(Image.open(result.mask_path)),
+                                  np.argmax(logits, axis=-1))
+
+
 def test_streamed_overlap_tile_is_bitwise_the_in_memory_one(valid_unet):
     model, variables = valid_unet
     image = _image((101, 77, 1))
