@@ -39,7 +39,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -337,14 +337,6 @@ def _one_scale(net: Logits, x: jax.Array, plan: Plan) -> jax.Array:
     return _predict_tiled(net, x, plan)
 
 
-def scaled_size(size: tiling.Dim, scale: Fraction, multiple: int = 1) -> tiling.Dim:
-    """`size * scale` rounded (half up) to a multiple of `multiple`, at least `multiple`:
-    integer arithmetic, so it holds for symbolic sizes too."""
-    p, q = scale.numerator, scale.denominator
-    return tiling.dim_max((2 * size * p + q * multiple) // (2 * q * multiple) * multiple,
-                          multiple)
-
-
 def _multi_scale(net: Logits, x: jax.Array, plan: Plan) -> jax.Array:
     """The mode at every scale of `plan`, logits resized back to the image and averaged.
     'whole' rounds the scaled sizes to its `multiple` (the net's stride)."""
@@ -358,7 +350,7 @@ def _multi_scale(net: Logits, x: jax.Array, plan: Plan) -> jax.Array:
             logits = _one_scale(net, x, plan)
         else:
             small = tiling.resize_bilinear(
-                x, scaled_size(height, scale, mh), scaled_size(width, scale, mw))
+                x, tiling.scaled_size(height, scale, mh), tiling.scaled_size(width, scale, mw))
             logits = tiling.resize_bilinear(_one_scale(net, small, plan), height, width)
         total = logits if total is None else total + logits
     return total / len(plan.scales)
@@ -637,34 +629,23 @@ def predict_labels(
     preprocess = preprocess or normalizer()
     out = np.empty((height, width), np.uint8) if out is None else out
 
-    def band_rows(source: Any, logits: bool, prepare: Callable[[np.ndarray], np.ndarray],
-                  progress: Callable[[int, int], None] | None
-                  ) -> Iterator[tuple[int, np.ndarray]]:
-        bands = stream_bands(one_scale, *source.shape[:2])
-        carry = tiling.empty_canvas(plan.mode != "overlap_tile", 1, bands.window_out,
-                                    bands.layout.canvas[1], num_classes, np)
+    def bands_for(rows: int, cols: int) -> streaming.Bands:
+        return stream_bands(one_scale, rows, cols)
 
-        def run(rows: np.ndarray, carry: Any, *scalars: int) -> tuple[Any, Any]:
-            return _run_band(model, one_scale, tile_sharding, logits, variables, place(rows),
-                             carry, *scalars)
+    def zero_carry(bands: streaming.Bands) -> Any:
+        return place(tiling.empty_canvas(plan.mode != "overlap_tile", 1, bands.window_out,
+                                         bands.layout.canvas[1], num_classes, np))
 
-        return streaming.finished_rows(run, bands, source, place(carry), prepare, progress)
+    def run(logits: bool) -> streaming.BandProgram:
+        return lambda rows, carry, *scalars: _run_band(
+            model, one_scale, tile_sharding, logits, variables, place(rows), carry, *scalars)
 
     if plan.scales == (1,):
-        return streaming.stream_rows(band_rows(image, False, preprocess, on_progress), out)
-    sizes = [(scaled_size(height, scale), scaled_size(width, scale)) for scale in plan.scales]
-    progress = streaming.CombinedProgress(
-        [stream_bands(one_scale, *size).num_tiles for size in sizes], on_progress)
-    sources: list[Any] = []
-    for index, (scale, size) in enumerate(zip(plan.scales, sizes, strict=True)):
-        if scale == 1:
-            sources.append(streaming.RowBuffer(
-                band_rows(image, True, preprocess, progress.of(index))))
-        else:
-            resized = streaming.ResizedImage(image, *size, preprocess)
-            rows = band_rows(resized, True, lambda rows: rows, progress.of(index))
-            sources.append((streaming.RowBuffer(rows), *size))
-    return streaming.stream_scales(sources, out, chunk=plan.tile[0])
+        bands = bands_for(height, width)
+        return streaming.stream(run(False), bands, image, zero_carry(bands), out, preprocess,
+                                on_progress)
+    return streaming.stream_tta(run(True), bands_for, image, plan.scales, zero_carry,
+                                preprocess, out, plan.tile[0], on_progress)
 
 
 def _placement(tile_sharding: jax.sharding.Sharding | None, tile_batch: int

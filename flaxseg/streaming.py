@@ -30,7 +30,8 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from fractions import Fraction
 from typing import Any, TextIO
 
 import jax
@@ -184,22 +185,16 @@ def finished_rows(run_band: BandProgram, bands: Bands, image: Any, carry: Any,
                               crop_left : crop_left + width]
 
 
-def stream_rows(rows: Iterator[tuple[int, np.ndarray]], out: np.ndarray) -> np.ndarray:
-    """Writes the `(top, labels)` of `finished_rows` into `out` uint8 `[H, W]` (any array
-    that takes row slices, e.g. a memory map). Returns `out`."""
-    for top, labels in rows:
-        out[top : top + len(labels)] = labels
-    return out
-
-
 def stream(run_band: BandProgram, bands: Bands, image: Any, carry: Any,
            out: np.ndarray, prepare: Callable[[np.ndarray], np.ndarray],
            on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Runs `run_band` (labels out) over every band of `image` `[H, W, C]` and writes the
-    finished rows of labels into `out` uint8 `[H, W]`. `carry`: the band program's zero
-    carry (`tiling.empty_canvas` of a window). Returns `out`."""
-    return stream_rows(finished_rows(run_band, bands, image, carry, prepare, on_progress),
-                       out)
+    finished rows of labels into `out` uint8 `[H, W]` (any array that takes row slices,
+    e.g. a memory map). `carry`: the band program's zero carry (`tiling.empty_canvas` of
+    a window). Returns `out`."""
+    for top, labels in finished_rows(run_band, bands, image, carry, prepare, on_progress):
+        out[top : top + len(labels)] = labels
+    return out
 
 
 class CombinedProgress:
@@ -285,6 +280,35 @@ def _mean_labels(*logits: jax.Array) -> jax.Array:
     for more in logits[1:]:
         total = total + more
     return jnp.argmax(total / len(logits), axis=-1).astype(jnp.uint8)
+
+
+def stream_tta(run_band: BandProgram, bands_for: Callable[[int, int], Bands], image: Any,
+               scales: Sequence[Fraction], zero_carry: Callable[[Bands], Any],
+               prepare: Callable[[np.ndarray], np.ndarray], out: np.ndarray, chunk: int,
+               on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Multi-scale TTA of `image` `[H, W, C]`, streamed, into `out` uint8 `[H, W]`.
+
+    Every scale streams the image resized to it (`tiling.scaled_size`; the image itself at
+    scale 1) through `run_band`, a band program that returns the window's logits, with
+    the bands `bands_for(height, width)` and the carry `zero_carry(bands)`; the inputs
+    go through `prepare` before the resize, as in memory. `stream_scales` averages them,
+    `chunk` rows at a time. `on_progress`: tiles done and in all, over every scale."""
+    height, width = image.shape[:2]
+    sizes = [(tiling.scaled_size(height, s), tiling.scaled_size(width, s)) for s in scales]
+    layouts = [bands_for(*size) for size in sizes]
+    progress = CombinedProgress([bands.num_tiles for bands in layouts], on_progress)
+    sources: list[Any] = []
+    for index, (scale, size, bands) in enumerate(zip(scales, sizes, layouts, strict=True)):
+        source, source_prepare = ((image, prepare) if scale == 1 else
+                                  (ResizedImage(image, *size, prepare), _as_is))
+        rows = RowBuffer(finished_rows(run_band, bands, source, zero_carry(bands),
+                                       source_prepare, progress.of(index)))
+        sources.append(rows if scale == 1 else (rows, *size))
+    return stream_scales(sources, out, chunk)
+
+
+def _as_is(rows: np.ndarray) -> np.ndarray:
+    return rows
 
 
 def stream_scales(scales: list[tuple[RowBuffer, int, int] | RowBuffer], out: np.ndarray,

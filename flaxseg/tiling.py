@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import jax
@@ -36,6 +37,13 @@ def dim_max(a: Dim, b: Dim) -> Dim:
 
 def ceil_div(a: Dim, b: int) -> Dim:
     return (a + b - 1) // b
+
+
+def scaled_size(size: Dim, scale: Fraction, multiple: int = 1) -> Dim:
+    """`size * scale` rounded (half up) to a multiple of `multiple`, at least `multiple`:
+    integer arithmetic, so it holds for symbolic sizes too (multi-scale TTA's sizes)."""
+    p, q = scale.numerator, scale.denominator
+    return dim_max((2 * size * p + q * multiple) // (2 * q * multiple) * multiple, multiple)
 
 
 def reflect_indices(size: Dim, offset: Dim, length: Dim, xp: Any = jnp) -> Any:

@@ -78,11 +78,11 @@ def test_gaussian_weighs_tile_centres_above_tile_borders():
 
 
 def test_scaled_sizes_round_half_up_to_the_multiple():
-    assert inference.scaled_size(37, Fraction(3, 4)) == 28  # 27.75
-    assert inference.scaled_size(10, Fraction(1, 4)) == 3  # 2.5 rounds up
-    assert inference.scaled_size(64, Fraction(3, 4), multiple=8) == 48
-    assert inference.scaled_size(36, Fraction(1, 2), multiple=8) == 16  # 18 -> 16
-    assert inference.scaled_size(3, Fraction(1, 8), multiple=4) == 4  # at least one step
+    assert tiling.scaled_size(37, Fraction(3, 4)) == 28  # 27.75
+    assert tiling.scaled_size(10, Fraction(1, 4)) == 3  # 2.5 rounds up
+    assert tiling.scaled_size(64, Fraction(3, 4), multiple=8) == 48
+    assert tiling.scaled_size(36, Fraction(1, 2), multiple=8) == 16  # 18 -> 16
+    assert tiling.scaled_size(3, Fraction(1, 8), multiple=4) == 4  # at least one step
     assert inference.parse_scales([0.5, 1, 1.75]) == (Fraction(1, 2), 1, Fraction(7, 4))
     with pytest.raises(ValueError, match="positive"):
         inference.parse_scales([1.0, -0.5])
