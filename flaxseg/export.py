@@ -15,10 +15,11 @@ and W wherever the mode allows (`'whole'` on a SAME net: any multiple of its str
 the other modes: any size); a model or mode that cannot take symbolic sizes is exported
 for `--image_size` (default: the config's), and the command says so.
 
-For a streamed procedure (the tiled modes without `--scales`) it also writes `model.jax.bands`:
-the band program (`export_bands`), with which `flaxseg.exported` segments images of any size in
-bands of tile rows with bounded memory, as `flaxseg.inference.predict_labels` does. With
-`--mode=auto` (the default) and a one-pass procedure ('pad' or 'whole', no `--scales`),
+For a tiled procedure it also writes `model.jax.bands`: the band program (`export_bands`),
+with which `flaxseg.exported` segments images of any size in bands of tile rows with
+bounded memory, as `flaxseg.inference.predict_labels` does (with `--scales`, every scale
+streams through it, the image resized on the host). With
+`--mode=auto` (the default) and a one-pass procedure ('pad' or 'whole'),
 `model.jax.bands` holds its tiled twin (`tiled_fallback`: the model's tiled mode, tiles of
 `--tile_size=auto`), and `predict --exported` switches to it when one pass over the
 largest input would not fit the memory budget, as `predict --mode=auto` does in process.
@@ -34,10 +35,12 @@ or `python -m flaxseg.predict --exported=model.jax --input=... --output=...`
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from typing import Any
 
 import jax
@@ -87,16 +90,23 @@ def _normalizer(normalization: Normalization) -> Callable[[jax.Array], jax.Array
 def export_bands(model: Any, variables: Any, plan: inference.Plan, *,
                  normalization: Normalization, channels: int,
                  platforms: Sequence[str] = ("cpu",)) -> jax.export.Exported:
-    """The band program of a streamed plan (`inference.band_function`, the normalisation
-    inside) lowered for `platforms`, for any image: the window's tile rows `n` and its
-    width `w` are symbolic. Its inputs: uint8 rows `[1, th + (n - 1) * sh, w + tw - ow,
-    C]`, the carry (float32 `[1, oh + (n - 1) * sh, w, K]`, and the summed weights
-    `[oh + (n - 1) * sh, w, 1]` for 'sliding' and 'gaussian'), six int32 scalars;
-    `flaxseg.exported` streams images through it (`flaxseg.streaming.stream`)."""
+    """The band program of a tiled plan (`inference.band_function`) lowered for
+    `platforms`, for any image: the window's tile rows `n` and its width `w` are
+    symbolic. Its inputs: rows `[1, th + (n - 1) * sh, w + tw - ow, C]`, the carry
+    (float32 `[1, oh + (n - 1) * sh, w, K]`, and the summed weights `[oh + (n - 1) * sh,
+    w, 1]` for 'sliding' and 'gaussian'), six int32 scalars.
+
+    One scale: the rows are uint8 (the normalisation inside) and it returns the window's
+    labels; `flaxseg.exported` streams images through it (`flaxseg.streaming.stream`).
+    Multi-scale TTA: the rows are float32, normalised and resized on the host, and it
+    returns the window's logits, for every scale (`flaxseg.streaming.stream_tta`)."""
     check_platforms(platforms)
     variables = jax.device_get(variables)
-    band = inference.band_function(model, plan)
-    normalize = _normalizer(normalization)
+    scales = plan.scales
+    plan = dataclasses.replace(plan, scales=(Fraction(1),))
+    logits = scales != plan.scales
+    band = inference.band_function(model, plan, logits=logits)
+    normalize = (lambda rows: rows) if logits else _normalizer(normalization)
 
     def run(rows: jax.Array, carry: Any, *scalars: jax.Array) -> tuple[Any, Any]:
         return band(variables, normalize(rows), carry, *scalars)
@@ -105,7 +115,8 @@ def export_bands(model: Any, variables: Any, plan: inference.Plan, *,
     # A window is at least one tile wide (the host pads a narrower image up to a tile).
     n, w = jax.export.symbolic_shape("n, w", constraints=(f"w >= {ow}",))
     num_classes = inference.num_classes(model, variables, channels)
-    rows = jax.ShapeDtypeStruct((1, th + (n - 1) * sh, w + tw - ow, channels), jnp.uint8)
+    rows = jax.ShapeDtypeStruct((1, th + (n - 1) * sh, w + tw - ow, channels),
+                                jnp.float32 if logits else jnp.uint8)
     window = oh + (n - 1) * sh
     carry = (jax.ShapeDtypeStruct((1, window, w, num_classes), jnp.float32),)
     if plan.mode != "overlap_tile":  # the summed weights (tiling.empty_canvas)
@@ -230,26 +241,32 @@ def bands_entry(path: str | os.PathLike, data: bytes, plan: inference.Plan,
     """The sidecar's `bands` entry for the serialised band program `data` of the tiled
     `plan`: the artifact's own procedure, or (`fallback`) the tiles `flaxseg.exported`
     switches to when one pass of the artifact over an image would not fit in memory."""
+    one_scale = plan.scales == (1,)
     return {"file": os.path.basename(os.fspath(path)) + BANDS_SUFFIX, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
-            "outputs": "uint8 labels [1, window, w] and the carry (flaxseg.streaming)",
-            "procedure": procedure_info(plan), "fallback": fallback}
+            "inputs": ("uint8 rows (normalised inside)" if one_scale else
+                       "float32 rows, normalised and resized to each scale on the host"),
+            "outputs": ("uint8 labels" if one_scale else "float32 logits")
+                       + " [1, window, w] and the carry (flaxseg.streaming)",
+            "procedure": procedure_info(plan), "fallback": fallback,
+            # The exact scales (the procedure's are floats), for the resized sizes.
+            "scale_fractions": [[s.numerator, s.denominator] for s in plan.scales]}
 
 
 def tiled_fallback(model: Any, variables: Any, plan: inference.Plan, *, channels: int,
                    tile_batch: int, budget_gb: float = 0.0, max_tile: int = 1024
                    ) -> inference.Plan | None:
-    """The tiled twin of `--mode=auto`'s one-pass procedure ('whole' or 'pad', no
-    multi-scale TTA): the model's tiled mode with the same flip, square tiles of
-    `--tile_size=auto` (`budget_gb`, else this machine's memory; at most `max_tile`);
-    None for any other plan."""
+    """The tiled twin of `--mode=auto`'s one-pass procedure ('whole' or 'pad'): the
+    model's tiled mode with the same flip and scales, square tiles of `--tile_size=auto`
+    (`budget_gb`, else this machine's memory; at most `max_tile`); None for any other
+    plan."""
     from flaxseg import evaluate
 
-    if plan.mode not in ("whole", "pad") or plan.scales != (1,):
+    if plan.mode not in ("whole", "pad"):
         return None
     side = evaluate.auto_tile_size(model, variables, channels, tile_batch, budget_gb,
                                    max_tile, host_fallback=True)
-    return inference.make_plan(model, variables, channels, flip=plan.flip,
+    return inference.make_plan(model, variables, channels, flip=plan.flip, scales=plan.scales,
                                mode=inference.default_mode(model, tiled=True),
                                tile_size=(side, side), tile_batch=tile_batch)
 
@@ -316,9 +333,7 @@ def main(argv: list[str]) -> int:
                    outputs=values.outputs, class_names=names,
                    palette=None if palette is None else np.asarray(palette, np.uint8))
     band_data, streamed = None, ""
-    # A band program streams one scale (in process, multi-scale TTA streams each scale).
-    single_scale = inference.streams(plan.mode) and plan.scales == (1,)
-    band_plan = plan if single_scale else (
+    band_plan = plan if inference.streams(plan.mode) else (
         tiled_fallback(model, variables, plan, channels=channels, tile_batch=values.tile_batch,
                        budget_gb=values.memory_budget_gb, max_tile=values.max_tile)
         if values.mode == "auto" else None)

@@ -28,6 +28,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import jax
@@ -44,6 +45,7 @@ from flaxseg.image_files import (
     readable_sizes,
     write_prediction,
 )
+from flaxseg.normalization import Normalization
 from flaxseg.train import memory
 
 SIDECAR_SUFFIX = ".json"  # as flaxseg.export writes them
@@ -114,8 +116,8 @@ class Artifact:
                 tiled: bool | None = None) -> np.ndarray:
         """Labels `[h, w]` of one uint8 image `[H, W, C]` (any array that slices by rows,
         e.g. a memory map): streamed in bands through the band program (bounded memory,
-        `on_progress(tiles done, tiles)`) when `tiled` (default: `streams`), else one call
-        of the artifact."""
+        `on_progress(tiles done, tiles)`; every scale of a multi-scale TTA) when `tiled`
+        (default: `streams`), else one call of the artifact."""
         tiled = self.streams if tiled is None else tiled
         if tiled and self.bands is None:
             raise ValueError(f"{self.path} has no band program to tile with; export it with "
@@ -125,24 +127,43 @@ class Artifact:
             out = self(np.asarray(image)[None])
             out = out[0] if isinstance(out, tuple) else out
             return out[0] if out.ndim == 3 else np.argmax(out[0], axis=-1)
+        return self._stream(image, on_progress)
+
+    def _stream(self, image: Any, on_progress: Callable[[int, int], None] | None
+                ) -> np.ndarray:
+        """`segment` through the band program: one scale, or every scale of the
+        procedure's multi-scale TTA (`streaming.stream_tta`)."""
+        entry = self.info["bands"]
         # An artifact exported before the entry named its procedure streams its own.
-        procedure = self.info["bands"].get("procedure", self.info["procedure"])
+        procedure = entry.get("procedure", self.info["procedure"])
         tile, step = tuple(procedure["tile"]), tuple(procedure["step"])
         out_tile = tuple(procedure["out_tile"] or tile)
-        height, width = image.shape[:2]
-        if procedure["mode"] == "overlap_tile":
-            layout = tiling.overlap_tile_layout(height, width, tile, out_tile, step)
-        else:
-            layout = tiling.sliding_layout(height, width, tile, step)
-        bands = streaming.make_bands(layout, tile, out_tile, procedure["tile_batch"])
-        carry = tiling.empty_canvas(procedure["mode"] != "overlap_tile", 1, bands.window_out,
-                                    layout.canvas[1], self.info["num_classes"], np)
+        mode, num_classes = procedure["mode"], self.info["num_classes"]
+
+        def bands_for(height: int, width: int) -> streaming.Bands:
+            layout = (tiling.overlap_tile_layout(height, width, tile, out_tile, step)
+                      if mode == "overlap_tile" else
+                      tiling.sliding_layout(height, width, tile, step))
+            return streaming.make_bands(layout, tile, out_tile, procedure["tile_batch"])
+
+        def zero_carry(bands: streaming.Bands) -> Any:
+            return tiling.empty_canvas(mode != "overlap_tile", 1, bands.window_out,
+                                       bands.layout.canvas[1], num_classes, np)
 
         def run(rows: np.ndarray, carry: Any, *scalars: int) -> tuple[Any, Any]:
             return self.bands.call(rows, carry, *(np.int32(s) for s in scalars))
 
-        out = np.empty((height, width), np.uint8)
-        return streaming.stream(run, bands, image, carry, out, lambda rows: rows, on_progress)
+        out = np.empty(image.shape[:2], np.uint8)
+        scales = [Fraction(*pair) for pair in entry.get("scale_fractions", [[1, 1]])]
+        if scales == [1]:  # the band program normalises its uint8 rows itself
+            bands = bands_for(*image.shape[:2])
+            return streaming.stream(run, bands, image, zero_carry(bands), out,
+                                    lambda rows: rows, on_progress)
+        normalization = self.info["normalization"]
+        return streaming.stream_tta(
+            run, bands_for, image, scales, zero_carry,
+            Normalization(normalization["mean"], normalization["std"]), out, tile[0],
+            on_progress)
 
 
 def _fits(rule: dict[str, Any], height: int, width: int) -> bool:

@@ -225,16 +225,21 @@ def test_a_four_band_tiff_streams_from_a_memory_map_to_a_tiled_tiff(tmp_path, mo
 # -- the exported artifact streams the same bands ---------------------------------------------
 
 
-def test_the_artifacts_band_program_streams_the_same_labels(unet, tmp_path):
+@pytest.mark.parametrize("options", [GAUSSIAN, {**GAUSSIAN, "scales": (0.5, 1, 1.5)}])
+def test_the_artifacts_band_program_streams_the_same_labels(unet, tmp_path, options):
+    # One scale: uint8 rows in, labels out. Multi-scale TTA: the same program takes the
+    # rows normalised and resized on the host and returns logits, for every scale.
     from flaxseg import export, exported
     from flaxseg.normalization import UNIT
 
     model, variables = unet
-    plan = inference.make_plan(model, variables, 3, **GAUSSIAN)
+    plan = inference.make_plan(model, variables, 3, **options)
     whole, rule = export.export_procedure(model, variables, plan, normalization=UNIT,
                                           channels=3)
     bands = export.export_bands(model, variables, plan, normalization=UNIT, channels=3)
-    assert str(bands.in_avals[0].shape) == "(1, 12*n + 4, w, 3)"  # any window, any width
+    # Any window, any width.
+    assert str(bands.in_avals[0]) == ("uint8[1,12*n + 4,w,3]" if plan.scales == (1,)
+                                      else "float32[1,12*n + 4,w,3]")
     path = tmp_path / "model.jax"
     data, band_data = whole.serialize(), bands.serialize()
     info = export.sidecar(whole, data, plan=plan, rule=rule, normalization=UNIT,
@@ -245,7 +250,7 @@ def test_the_artifacts_band_program_streams_the_same_labels(unet, tmp_path):
     artifact = exported.load(path)
     image = _image((61, 45, 3))
     np.testing.assert_array_equal(artifact.segment(image),
-                                  inference.predict_labels(model, variables, image, **GAUSSIAN))
+                                  inference.predict_labels(model, variables, image, **options))
     (tmp_path / "model.jax.bands").write_bytes(band_data[:-10])
     with pytest.raises(ValueError, match=r"model.jax.bands is truncated or overwritten"):
         exported.load(path)
