@@ -256,17 +256,11 @@ class ResizedImage:
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         start, stop, _ = rows.indices(self.shape[0])
-        return np.asarray(resize_block(self.image, start, stop - start, *self.shape[:2],
-                                       self.prepare))[0]
-
-
-def resize_block(image: Any, start: int, count: int, height: int, width: int,
-                 prepare: Callable[[np.ndarray], np.ndarray] = lambda rows: rows) -> Any:
-    """Rows `[start, start + count)` of `image` `[H, W, C]` (through `prepare`) resized to
-    `height x width`: `[1, count, width, C]` float32, on the default device."""
-    first, last = tiling.source_rows(image.shape[0], height, start, count)
-    block = prepare(np.asarray(image[first:last]))[None]
-    return _resize_rows(block, first, image.shape[0], start, count, height, width)
+        height, width = self.shape[:2]
+        first, last = tiling.source_rows(self.image.shape[0], height, start, stop - start)
+        block = self.prepare(np.asarray(self.image[first:last]))[None]
+        return np.asarray(_resize_rows(block, first, self.image.shape[0], start,
+                                       stop - start, height, width))[0]
 
 
 _resize_rows = jax.jit(tiling.resize_rows, static_argnums=(2, 4, 5, 6))
@@ -297,13 +291,13 @@ def stream_tta(run_band: BandProgram, bands_for: Callable[[int, int], Bands], im
     sizes = [(tiling.scaled_size(height, s), tiling.scaled_size(width, s)) for s in scales]
     layouts = [bands_for(*size) for size in sizes]
     progress = CombinedProgress([bands.num_tiles for bands in layouts], on_progress)
-    sources: list[Any] = []
+    sources = []
     for index, (scale, size, bands) in enumerate(zip(scales, sizes, layouts, strict=True)):
         source, source_prepare = ((image, prepare) if scale == 1 else
                                   (ResizedImage(image, *size, prepare), _as_is))
         rows = RowBuffer(finished_rows(run_band, bands, source, zero_carry(bands),
                                        source_prepare, progress.of(index)))
-        sources.append(rows if scale == 1 else (rows, *size))
+        sources.append((rows, None if scale == 1 else size[0]))
     return stream_scales(sources, out, chunk)
 
 
@@ -311,23 +305,22 @@ def _as_is(rows: np.ndarray) -> np.ndarray:
     return rows
 
 
-def stream_scales(scales: list[tuple[RowBuffer, int, int] | RowBuffer], out: np.ndarray,
+def stream_scales(scales: Sequence[tuple[RowBuffer, int | None]], out: np.ndarray,
                   chunk: int) -> np.ndarray:
     """Multi-scale TTA's labels, `chunk` rows at a time, into `out` uint8 `[H, W]`.
 
-    `scales`, in the plan's order: the image's own scale as a `RowBuffer` of logits
-    `[H, W, K]` rows, another as `(RowBuffer of its logits rows, height, width)` at its
-    size, resized back to `H x W` one block of rows at a time. Host memory holds the
-    buffered rows of each scale and one chunk of logits per scale."""
+    `scales`, in the plan's order: each scale's logits rows `[n, w, K]` as a `RowBuffer`,
+    and its height (None: the image's own, taken as they are), resized back to `H x W`
+    one block of rows at a time. Host memory holds the buffered rows of each scale and
+    one chunk of logits per scale."""
     height, width = out.shape
     for start in range(0, height, chunk):
         count = min(chunk, height - start)
         logits = []
-        for scale in scales:
-            if isinstance(scale, RowBuffer):
-                logits.append(scale.take(start, start + count)[None])
+        for rows, scaled_height in scales:
+            if scaled_height is None:
+                logits.append(rows.take(start, start + count)[None])
                 continue
-            rows, scaled_height, _ = scale
             first, last = tiling.source_rows(scaled_height, height, start, count)
             logits.append(_resize_rows(rows.take(first, last)[None], first, scaled_height,
                                        start, count, height, width))
