@@ -181,8 +181,10 @@ def finished_rows(run_band: BandProgram, bands: Bands, image: Any, carry: Any,
         top, bottom = max(start - crop_top, 0), min(end - crop_top, height)
         if bottom > top:
             window = np.asarray(output)[0]  # the whole window: slicing on device compiles
+            # A copy of the final rows, so that a consumer that keeps them (`RowBuffer`)
+            # does not keep the whole window alive.
             yield top, window[top + crop_top - start : bottom + crop_top - start,
-                              crop_left : crop_left + width]
+                              crop_left : crop_left + width].copy()
 
 
 def stream(run_band: BandProgram, bands: Bands, image: Any, carry: Any,
