@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
@@ -663,9 +664,14 @@ def _placement(tile_sharding: jax.sharding.Sharding | None, tile_batch: int
     return functools.partial(jax.device_put, device=replicated)
 
 
-def streams(mode: str) -> bool:
+def streams(mode: str, scales: float | Sequence[float] | None = None) -> bool:
     """Whether `predict` streams this mode in bands (the tiled modes, multi-scale TTA
-    included) rather than holding the image's logits."""
+    included) rather than holding the image's logits. `scales` no longer matter (they
+    did before multi-scale TTA streamed); passing them warns."""
+    if scales is not None:
+        warnings.warn("inference.streams(mode, scales): the scales no longer matter, "
+                      "multi-scale TTA streams too; call streams(mode).", DeprecationWarning,
+                      stacklevel=2)
     return mode in TILED_MODES
 
 

@@ -191,6 +191,8 @@ def test_whole_image_modes_are_not_streamed(unet):
         inference.predict_labels(model, variables, _image((16, 16, 3)), mode="pad",
                                  tile_size=16)
     assert inference.streams("gaussian") and not inference.streams("pad")
+    with pytest.warns(DeprecationWarning, match=r"call streams\(mode\)"):
+        assert inference.streams("gaussian", (0.5, 1))  # multi-scale TTA streams too
     assert inference.default_mode(model, tiled=True) == "gaussian"
 
 
