@@ -122,11 +122,11 @@ class Artifact:
         if tiled and self.bands is None:
             raise ValueError(f"{self.path} has no band program to tile with; export it with "
                              "a tiled --mode, or with --mode=auto")
-        self.check(image[None], size_rule=not tiled)  # tiles take any size
         if not tiled:
-            out = self(np.asarray(image)[None])
+            out = self(np.asarray(image)[None])  # checked there
             out = out[0] if isinstance(out, tuple) else out
             return out[0] if out.ndim == 3 else np.argmax(out[0], axis=-1)
+        self.check(image[None], size_rule=False)  # tiles take any size
         return self._stream(image, on_progress)
 
     def _stream(self, image: Any, on_progress: Callable[[int, int], None] | None
