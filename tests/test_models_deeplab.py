@@ -31,7 +31,7 @@ from conftest import (
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flaxseg import inference
-from flaxseg.models import param_count
+from flaxseg.models import model_spec, param_count
 from flaxseg.models.backbones import MobileNetV3, backbone_at_stride
 from flaxseg.models.deeplabv3 import DeepLabV3
 from flaxseg.models.deeplabv3plus import DeepLabV3Plus
@@ -226,6 +226,34 @@ def test_deeplabv3plus_backbones_and_strides():
         DeepLabV3(3, backbone="vgg16").backbone_module()
     with pytest.raises(TypeError, match="Backbone 'resnet50' has no such field: .*width_mult"):
         DeepLabV3(3, width_mult=0.5).backbone_module()
+
+
+def test_zero_init_residual_starts_each_block_as_its_shortcut():
+    # torchvision's zero_init_residual: only each bottleneck's bn3 scale starts at 0, so a
+    # block without a downsample returns its (non-negative, post-ReLU) input exactly.
+    model = DeepLabV3Plus(3, blocks=(2, 1, 1, 1), base_width=4, aspp_features=8,
+                          low_level_features=4, decoder_features=8, zero_init_residual=True)
+    x = uniform_images(0, (2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    scales = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+              for path, leaf in jax.tree_util.tree_flatten_with_path(
+                  variables["params"]["backbone"])[0] if path[-1].key == "scale"}
+    assert {p for p, v in scales.items() if not v.any()} == {
+        p for p in scales if p.endswith("bn3/scale")} and len(scales) > 8
+    assert all((v == 1).all() for p, v in scales.items() if not p.endswith("bn3/scale"))
+    _, captured = model.apply(variables, x, capture_intermediates=True)
+    layer1 = captured["intermediates"]["backbone"]["layer1"]
+    block0, block1 = layer1["0"]["__call__"][0], layer1["1"]["__call__"][0]
+    assert np.asarray(block0).min() >= 0 and np.array_equal(block1, block0)
+    # The default is the torchvision-built network's: every scale starts at 1.
+    default = DeepLabV3Plus(3, **{**model_spec("deeplabv3plus").tiny}).init(
+        jax.random.key(0), x)["params"]["backbone"]
+    assert all((leaf == 1).all() for path, leaf in jax.tree_util.tree_flatten_with_path(
+        default)[0] if path[-1].key == "scale")
+    with pytest.raises(TypeError, match="'mobilenet_v3_large' has no such field: .*"
+                                        "zero_init_residual"):
+        DeepLabV3Plus(3, backbone="mobilenet_v3_large",
+                      zero_init_residual=True).backbone_module()
 
 
 # The global averages: the ASPP's image pooling (ResNet; MobileNetV3 with its squeeze-

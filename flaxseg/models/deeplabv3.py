@@ -40,7 +40,7 @@ from flaxseg.models.registry import register_model
 AUX_MAP = {"resnet50": "layer3", "resnet101": "layer3", "mobilenet_v3_large": "4"}
 OUTPUT_STRIDE = {"resnet50": 8, "resnet101": 8, "mobilenet_v3_large": 16}
 # Backbone fields a model passes on when it has and sets them (cheap test variants).
-BACKBONE_OPTIONS = ("blocks", "base_width", "width_mult", "widths")
+BACKBONE_OPTIONS = ("blocks", "base_width", "width_mult", "widths", "zero_init_residual")
 
 
 def conv_norm_relu(x: jax.Array, features: int, train: bool, *, kernel: int = 1,
@@ -160,6 +160,8 @@ class DeepLabV3(nn.Module):
     0.1 in the auxiliary head) runs only with `train=True` and reads the `'dropout'` rng
     stream; BatchNorm statistics live in `batch_stats`, synchronised over `axis_name`.
     `remat`: each backbone block recomputed in the backward pass (`flaxseg.models.layers`).
+    `zero_init_residual` (ResNet): each bottleneck's last BatchNorm scale starts at 0
+    (torchvision's option), for training from scratch.
     """
 
     num_classes: int
@@ -171,6 +173,7 @@ class DeepLabV3(nn.Module):
     blocks: tuple[int, ...] | None = None
     base_width: int | None = None
     width_mult: float | None = None
+    zero_init_residual: bool | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None

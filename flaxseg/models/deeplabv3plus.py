@@ -81,7 +81,9 @@ class DeepLabV3Plus(nn.Module):
     head widths make cheap variants. Dropout (0.5 after the ASPP) runs only with
     `train=True` and reads the `'dropout'` rng stream; BatchNorm statistics live in
     `batch_stats`, synchronised over `axis_name`. `remat`: each backbone block recomputed
-    in the backward pass (`flaxseg.models.layers`).
+    in the backward pass (`flaxseg.models.layers`). `zero_init_residual` (ResNet): each
+    bottleneck's last BatchNorm scale starts at 0 (torchvision's option), for training
+    from scratch.
     """
 
     num_classes: int
@@ -95,6 +97,7 @@ class DeepLabV3Plus(nn.Module):
     blocks: tuple[int, ...] | None = None
     base_width: int | None = None
     width_mult: float | None = None
+    zero_init_residual: bool | None = None
     widths: tuple[int, ...] | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32

@@ -43,11 +43,15 @@ def _conv(features: int, kernel: int, name: str, stride: int = 1, dilation: int 
 
 
 def batch_norm(name: str, dtype: Dtype, param_dtype: Dtype, axis_name: str | None,
-               epsilon: float = 1e-5, momentum: float = 0.9) -> nn.BatchNorm:
+               epsilon: float = 1e-5, momentum: float = 0.9, zero_scale: bool = False
+               ) -> nn.BatchNorm:
     """torchvision's `BatchNorm2d` (default eps 1e-5, PyTorch momentum 0.1 = Flax
-    `momentum` 0.9) as a Flax BatchNorm; call it with `use_running_average=not train`."""
+    `momentum` 0.9) as a Flax BatchNorm; call it with `use_running_average=not train`.
+    `zero_scale`: its scale starts at 0 instead of 1 (torchvision's `zero_init_residual`)."""
     return nn.BatchNorm(momentum=momentum, epsilon=epsilon, axis_name=axis_name, dtype=dtype,
-                        param_dtype=param_dtype, name=name)
+                        param_dtype=param_dtype, name=name,
+                        scale_init=nn.initializers.zeros if zero_scale else
+                        nn.initializers.ones)
 
 
 class Downsample(nn.Module):
@@ -69,12 +73,14 @@ class Downsample(nn.Module):
 
 class Bottleneck(nn.Module):
     """1x1 (planes) -> 3x3 (planes, `stride`, `dilation`) -> 1x1 (4 x planes), each with
-    BatchNorm; ReLU after the sum with the (downsampled) input."""
+    BatchNorm; ReLU after the sum with the (downsampled) input. `zero_init_residual`: the
+    last BatchNorm's scale starts at 0, so the block starts as its shortcut."""
 
     planes: int
     stride: int = 1
     dilation: int = 1
     downsample: bool = False
+    zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
@@ -82,7 +88,8 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         def norm(name: str, y: jax.Array) -> jax.Array:
-            bn = batch_norm(name, self.dtype, self.param_dtype, self.axis_name)
+            bn = batch_norm(name, self.dtype, self.param_dtype, self.axis_name,
+                            zero_scale=self.zero_init_residual and name == "bn3")
             return bn(conv_output(y), use_running_average=not train)
 
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -105,6 +112,7 @@ class ResLayer(nn.Module):
     dilation: int  # of the blocks after the first
     first_dilation: int
     downsample: bool
+    zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
@@ -112,7 +120,8 @@ class ResLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.axis_name)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.axis_name,
+                  zero_init_residual=self.zero_init_residual)
         block = rematerialized(Bottleneck, self.remat)
         x = block(self.planes, self.stride, self.first_dilation, self.downsample,
                   name="0", **kw)(x, train)
@@ -130,6 +139,9 @@ class ResNet(nn.Module):
     64) override them for cheap test variants. Layers past `max_stride` are not built.
     BatchNorm statistics live in `batch_stats`, synchronised over `axis_name` under pmap.
     `remat`: each bottleneck is one remat unit (see `flaxseg.models.layers`).
+    `zero_init_residual` is torchvision's (Goyal et al. 2017): each block's last BatchNorm
+    scale starts at 0, so every block starts as its shortcut; it speeds up training from
+    scratch and does not change a loaded file.
     """
 
     depth: int = 50
@@ -137,6 +149,7 @@ class ResNet(nn.Module):
     blocks: tuple[int, ...] | None = None
     base_width: int = 64
     max_stride: int = 32
+    zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
@@ -199,7 +212,8 @@ class ResNet(nn.Module):
             planes = self.base_width * 2**i
             x = ResLayer(planes, blocks[i], step, dilation, first,
                          downsample=step != 1 or channels != planes * EXPANSION,
-                         axis_name=self.axis_name, remat=self.remat, name=name, **kw)(x, train)
+                         zero_init_residual=self.zero_init_residual, axis_name=self.axis_name,
+                         remat=self.remat, name=name, **kw)(x, train)
             channels = planes * EXPANSION
             maps[name] = x
         return maps
