@@ -360,7 +360,7 @@ def test_auto_tile_needs_a_budget_where_the_device_reports_none():
     from flaxseg.models import create_model
 
     model = create_model("unet", num_classes=2, features=4, depth=2)
-    variables = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
+    variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
     with pytest.raises(ValueError, match=r"--tile_size=auto needs a memory budget.*"
                                          r"set --memory_budget_gb .*or give --tile_size"):
         evaluate.auto_tile_size(model, variables, 3, tile_batch=2, budget_gb=0.0, max_tile=64)

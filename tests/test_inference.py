@@ -118,7 +118,7 @@ def _images(shape, seed=0):
 
 
 def _apply(model, variables, images):
-    return np.asarray(model.apply(variables, jnp.asarray(images)))
+    return np.asarray(jax.jit(model.apply)(variables, jnp.asarray(images)))
 
 
 def test_whole_mode_is_one_forward_pass():

@@ -85,8 +85,9 @@ def test_valid_unet_is_translation_equivariant():
     size = unet_valid_input_sizes(40, 60, depth=2)[0]
     variables = random_variables(model, (1, size, size, 1))
     big = uniform_images(0, (1, size + 8, size + 8, 1))
-    out_a = model.apply(variables, big[:, :size, :size])
-    out_b = model.apply(variables, big[:, 8 : 8 + size, 4 : 4 + size])
+    apply = jax.jit(model.apply)  # one program for both views, not op by op
+    out_a = apply(variables, big[:, :size, :size])
+    out_b = apply(variables, big[:, 8 : 8 + size, 4 : 4 + size])
     assert out_a.shape[1] == unet_output_size(size, depth=2)
     np.testing.assert_allclose(out_a[:, 8:, 4:], out_b[:, :-8, :-4], rtol=1e-5, atol=1e-5)
 
@@ -106,7 +107,7 @@ def test_encoder_decoder_is_unet_without_skips():
 
 def test_unet_init_is_he_normal_with_zero_bias():
     model = UNet(2, features=8, depth=1)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
     kernel = np.asarray(params["bottleneck"]["conv2"]["kernel"])  # fan_in 3*3*16
     assert kernel.shape == (3, 3, 16, 16) and kernel.dtype == np.float32
     assert abs(kernel.std() / math.sqrt(2 / 144) - 1) < 0.15
@@ -129,10 +130,10 @@ def test_dropout_only_in_training_and_keyed(name):
     assert not np.allclose(first, apply(variables, x, train=True, rngs={"dropout": k2}))
     assert not np.allclose(first, evaluated)
     with pytest.raises(flax.errors.InvalidRngError):
-        model.apply(variables, x, train=True)
-    no_dropout = tiny_model(name, dropout_rate=0.0)
+        apply(variables, x, train=True)
+    no_dropout = jax.jit(tiny_model(name, dropout_rate=0.0).apply, static_argnames="train")
     np.testing.assert_allclose(
-        no_dropout.apply(variables, x, train=True), evaluated, rtol=1e-6, atol=1e-6
+        no_dropout(variables, x, train=True), evaluated, rtol=1e-6, atol=1e-6
     )
 
 
@@ -167,7 +168,7 @@ def test_group_norm_and_bilinear_upsampling():
         assert set(params["encoder_0"]) == {"conv1", "norm1", "conv2", "norm2"}
         assert "bias" not in params["encoder_0"]["conv1"]  # the norm's shift replaces it
         assert params["upconv_0"]["kernel"].shape == (1, 1, 16, 8)
-        logits = model.apply(variables, uniform_images(4, (1, size, size, 1)))
+        logits = jax.jit(model.apply)(variables, uniform_images(4, (1, size, size, 1)))
         assert logits.shape == (1, out, out, 2)
         assert bool(jnp.all(jnp.isfinite(logits)))
 
@@ -237,7 +238,8 @@ def test_fcn_layer_names_and_kernel_shapes(variant):
 
 
 def test_fcn_initialisation_bilinear_and_zero_skips():
-    params = FCN(3, **TINY_FCN).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    params = jax.jit(FCN(3, **TINY_FCN).init)(jax.random.key(0),
+                                              jnp.zeros((1, 32, 32, 3)))["params"]
     for name, k in [("upscore2", 4), ("upscore_pool4", 4), ("upscore8", 16)]:
         assert set(params[name]) == {"kernel"}
         np.testing.assert_array_equal(params[name]["kernel"], bilinear_init(None, (k, k, 3, 3)))
@@ -262,8 +264,9 @@ def test_fcn_shifted_input_gives_shifted_output(variant):
     size = 640
     tall = uniform_images(6, (1, size + 32, 36, 3))
     variables = random_variables(model, tall.shape, seed=1)
-    out = model.apply(variables, tall[:, :size])
-    out_shifted = model.apply(variables, tall[:, 32 : 32 + size])
+    apply = jax.jit(model.apply)
+    out = apply(variables, tall[:, :size])
+    out_shifted = apply(variables, tall[:, 32 : 32 + size])
     assert out.shape == out_shifted.shape == (1, size, 36, 4)
     rows = slice(224, 384)  # interior rows of `out_shifted`, a 32-row multiple
     scale = float(jnp.abs(out).max())
@@ -289,8 +292,9 @@ def test_fcn_crops_are_centred(variant):
     variables = jax.tree_util.tree_map_with_path(
         symmetric, random_variables(model, image.shape, seed=2)
     )
-    out = model.apply(variables, image)
-    flipped = model.apply(variables, image[:, ::-1, ::-1])[:, ::-1, ::-1]
+    apply = jax.jit(model.apply)
+    out = apply(variables, image)
+    flipped = apply(variables, image[:, ::-1, ::-1])[:, ::-1, ::-1]
     scale = float(jnp.abs(out).max())
     assert scale > 1e-3
     np.testing.assert_allclose(flipped, out, rtol=0, atol=1e-5 * scale)

@@ -239,5 +239,5 @@ def test_fcn_resnet_tiny_checkpoint_round_trip_without_aux(torchvision, tmp_path
     image = _image(12, size=37)  # an odd size: the resize is PyTorch's align_corners=False
     with torch.no_grad():
         want = reference(torch.from_numpy(image))["out"]
-    got = model.apply(variables, nhwc(image))
+    got = jax.jit(model.apply)(variables, nhwc(image))
     assert max_rel_error(got, nhwc(want)) < RTOL

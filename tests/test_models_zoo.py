@@ -89,7 +89,7 @@ def test_fcn_resnet_parameter_counts_and_aux_head():
     x = uniform_images(9, (2, 33, 35, 3))
     variables = random_variables(model, x.shape)
     assert set(variables["params"]) == {"backbone", "classifier", "aux_classifier"}
-    out = model.apply(variables, x, train=False)
+    out = jax.jit(model.apply, static_argnames="train")(variables, x, train=False)
     assert set(out) == {"out", "aux"} and out["aux"].shape == out["out"].shape == (2, 33, 35, 3)
     np.testing.assert_array_equal(models.logits_of(out), out["out"])
 

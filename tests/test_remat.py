@@ -57,7 +57,7 @@ def _loss_and_grads(build, remat):
     # 7e-4 of a float32 gradient (measured); in float64 the same leaves agreed to 1.5e-13.
     model = build(remat, dtype=jnp.float64, param_dtype=jnp.float64)
     x = jax.random.normal(jax.random.key(0), (1, 32, 32, 3), jnp.float64)
-    variables = model.init(jax.random.key(1), x)
+    variables = jax.jit(model.init)(jax.random.key(1), x)  # one program, not op by op
 
     def loss(params):
         out, _ = model.apply({**variables, "params": params}, x, train=True,

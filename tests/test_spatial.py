@@ -64,7 +64,8 @@ def test_split_images_train_like_whole_ones(num_devices):
 def test_a_large_image_in_one_pass_equals_the_unsplit_logits():
     model = UNet(num_classes=3, features=4, depth=3, norm="batch")
     image = np.random.default_rng(1).random((512, 768, 3), np.float32)
-    variables = model.init(jax.random.key(0), image[None, :64, :64], train=False)
+    variables = jax.jit(model.init, static_argnames="train")(
+        jax.random.key(0), image[None, :64, :64], train=False)
     whole = inference.predict_logits(model, variables, image)
     par = DataParallel("mesh", spatial_partitions=4)
     split = NamedSharding(par.mesh, PartitionSpec(None, SPACE_AXIS))
