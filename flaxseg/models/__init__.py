@@ -33,7 +33,6 @@ from flaxseg.models.fcn import FCN
 from flaxseg.models.fcn_resnet import FCNResNet
 from flaxseg.models.geometry import Geometry, model_geometry
 from flaxseg.models.lraspp import LRASPP
-from flaxseg.models.nnx_bridge import linen_variables, load_variables, to_nnx
 from flaxseg.models.pretrained import from_torchvision
 from flaxseg.models.registry import (
     ModelSpec,
@@ -47,9 +46,10 @@ from flaxseg.models.registry import (
 from flaxseg.models.unet import UNet, unet_output_size, unet_valid_input_sizes
 from flaxseg.models.weights import WeightsError
 
-# Every module of the package, so that a model file's registration runs with the package.
+# Every module of the package, so that a model file's registration runs with the package
+# (but the NNX bridge, which registers none: see `__getattr__` below).
 for _module in pkgutil.iter_modules(__path__):
-    if not _module.name.startswith("_"):
+    if not _module.name.startswith("_") and _module.name != "nnx_bridge":
         importlib.import_module(f"{__name__}.{_module.name}")
 
 
@@ -106,3 +106,15 @@ __all__ = [
     "unet_output_size",
     "unet_valid_input_sizes",
 ]
+
+
+# The NNX bridge imports flax.nnx (0.2 s): loaded on first use, not by every training run.
+_NNX_BRIDGE = ("linen_variables", "load_variables", "to_nnx")
+
+
+def __getattr__(name: str):
+    if name in _NNX_BRIDGE:
+        from flaxseg.models import nnx_bridge
+
+        return getattr(nnx_bridge, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
