@@ -39,7 +39,8 @@ from flaxseg.models.registry import register_model
 # torchvision's taps: the deepest map feeds the ASPP, this one the auxiliary head.
 AUX_MAP = {"resnet50": "layer3", "resnet101": "layer3", "mobilenet_v3_large": "4"}
 OUTPUT_STRIDE = {"resnet50": 8, "resnet101": 8, "mobilenet_v3_large": 16}
-# Backbone fields a model passes on when it has and sets them (cheap test variants).
+# Backbone fields a model passes on when it has and sets them (cheap variants; the
+# ResNet's zero_init_residual).
 BACKBONE_OPTIONS = ("blocks", "base_width", "width_mult", "widths", "zero_init_residual")
 
 
