@@ -152,13 +152,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
         def next_batch() -> tuple[Any, dict[str, Any]]:
             """The next batch on the devices (augmenting, asynchronously) and the data
-            position after it; the time the host waited for it counts as data wait."""
+            position after it. Data wait is the time the host pipeline takes to hand over
+            the batch (read, decode): placing it and dispatching the augmentation can wait
+            for the step before on a busy device (XLA:CPU runs them in turn), which is the
+            step's time, not the input pipeline's."""
             start = time.perf_counter()
             host_batch = next(train_iter)
-            position = train_iter.get_state()
-            batch = train_augment(par.put_examples(host_batch))
             throughput.waited(time.perf_counter() - start)
-            return batch, position
+            position = train_iter.get_state()
+            return train_augment(par.put_examples(host_batch)), position
 
         def loop_state() -> dict[str, Any]:
             return {"data_iterator": data_position, "input_shape": list(input_shape),
