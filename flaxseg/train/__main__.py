@@ -61,6 +61,10 @@ def default_workdir(config_path: str) -> str:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise cli.unexpected_arguments(argv[1:])
+    # A config file that did not load is an error here, before JAX's imports (0.3 s, not
+    # 2 s): ml_collections defers a missing file's error to the config's first use.
+    config = _CONFIG.value
+    config.get("model")
     from flaxseg.train.reporting import quiet_library_logs
 
     quiet_library_logs()
@@ -74,7 +78,7 @@ def main(argv: list[str]) -> int:
         workdir = default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
         if jax.process_index() == 0:
             print(f"No --workdir given: writing to {os.path.abspath(workdir)}", flush=True)
-    train_and_evaluate(_CONFIG.value, workdir, trust_saved_code=_TRUST.value)
+    train_and_evaluate(config, workdir, trust_saved_code=_TRUST.value)
     return 0
 
 
