@@ -22,17 +22,20 @@ def test_nnx_model_equals_the_linen_model(name, kwargs):
     x = uniform_images(0, (2, 33, 35, 3))
     variables = random_variables(model, x.shape)
     nnx_model = to_nnx(model, x, rngs=nnx.Rngs(params=0, dropout=1), variables=variables)
-    want = model.apply(variables, x, train=False)
-    for got, ref in zip(jax.tree.leaves(nnx_model(x, train=False)), jax.tree.leaves(want),
-                        strict=True):
+    # Both sides compiled (op by op each op compiles on its own): the same operations in
+    # one program each, so the same bits.
+    want = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    logits = nnx.jit(lambda m, x: m(x, train=False))(nnx_model, x)
+    for got, ref in zip(jax.tree.leaves(logits), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(got, ref)
     for got, ref in zip(jax.tree.leaves(linen_variables(nnx_model)),
                         jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(got, ref)
     # Training mode updates the BatchNorm statistics in place, as Linen's mutable apply does.
-    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
-                             rngs={"dropout": jax.random.key(1)})
-    nnx_model(x, train=True, mutable=["batch_stats"])
+    _, updates = jax.jit(lambda v, x: model.apply(
+        v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}))(
+        variables, x)
+    nnx.jit(lambda m, x: m(x, train=True, mutable=["batch_stats"]))(nnx_model, x)
     for got, ref in zip(jax.tree.leaves(linen_variables(nnx_model)["batch_stats"]),
                         jax.tree.leaves(updates["batch_stats"]), strict=True):
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)

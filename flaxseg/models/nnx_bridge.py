@@ -28,11 +28,24 @@ def to_nnx(model: nn.Module, sample: jax.Array, *, rngs: nnx.Rngs,
            variables: Mapping[str, Any] | None = None) -> nnx.Module:
     """`model` (a Linen module of `flaxseg.models`) as an NNX module, initialised on
     `sample` (an NHWC batch; only its shape matters) with `rngs` ('params', and 'dropout'
-    for training), then given `variables` (`{'params': ..., 'batch_stats': ...}`) if any."""
-    nnx_model = bridge.ToNNX(model, rngs=rngs).lazy_init(sample, train=False)
+    for training), then given `variables` (`{'params': ..., 'batch_stats': ...}`) if any.
+
+    The initialisation is one compiled program with the training state's random numbers
+    (`flaxseg.train.state.fast_random`): run op by op it compiled every op on its own
+    (a tiny FCN-ResNet-50: 8.3 s eager, 2.7 s compiled)."""
+    from flaxseg.train.state import fast_random
+
+    nnx_model = bridge.ToNNX(model, rngs=rngs)
+    with fast_random():
+        _lazy_init(nnx_model, sample)
     if variables is not None:
         load_variables(nnx_model, variables)
     return nnx_model
+
+
+@nnx.jit
+def _lazy_init(nnx_model: bridge.ToNNX, sample: jax.Array) -> None:
+    nnx_model.lazy_init(sample, train=False)
 
 
 def load_variables(nnx_model: nnx.Module, variables: Mapping[str, Any]) -> None:
