@@ -55,7 +55,9 @@ FLAGS = [f"--config={REPO / 'flaxseg' / 'configs' / 'default.py'}",
 # float32 tolerance bounds a flip; see test_train_core's
 # test_four_devices_equal_one_device_after_five_steps). In float32 these runs ended 2.9e-5
 # apart on an AMD EPYC, where the bound had been 1e-5.
-# In float64 they differ by ~1e-16; the checkpoints are read back in float32
+# In float64 they differed by ~1e-16 with two 32x32 images per device (with one 16x16 image
+# the AMD EPYC's runs agree exactly, but another CPU may sum in another order); the
+# checkpoints are read back in float32
 # (load_for_inference), which adds at most one float32 rounding, 6e-8 of a value.
 # A real difference (per-process BatchNorm statistics, a missing all-reduce) is >= 1e-3.
 RTOL = 1e-6
