@@ -61,6 +61,12 @@ FLAGS = [f"--config={REPO / 'flaxseg' / 'configs' / 'default.py'}",
 # (load_for_inference), which adds at most one float32 rounding, 6e-8 of a value.
 # A real difference (per-process BatchNorm statistics, a missing all-reduce) is >= 1e-3.
 RTOL = 1e-6
+# Seconds of sleep per batch in the jobs a test stops between checkpoints 4 and 8: the
+# signal must land while batches 6-8 are read, after checkpoint 4 is finished (orbax's
+# commit comes after step 4 has run). At 0.3 s with one 16x16 image per device, a job on
+# jax 0.12.1 ran to step 8 first once; at 0.6 s (the old steps' 0.3 s of sleep and ~0.3 s
+# of compute) three runs there stopped at step 6.
+BATCH_DELAY_S = 0.6
 # The loss is summed in float32 (losses.py) in each topology's order: ~1e-7 apart.
 METRICS_RTOL = 1e-5
 
@@ -167,7 +173,7 @@ def test_two_processes_train_as_one_with_four_devices(one_by_four, two_by_two):
 
 
 def test_sigterm_stops_both_at_one_step_and_they_resume_bitwise(two_by_two, tmp_path):
-    job = Job(tmp_path, 2, 2, delay=0.3)
+    job = Job(tmp_path, 2, 2, delay=BATCH_DELAY_S)
     job.wait_for_checkpoint(4)
     for proc in job.procs:  # what a TPU maintenance event or a SLURM preemption does
         proc.send_signal(signal.SIGTERM)
@@ -188,7 +194,7 @@ def test_sigterm_stops_both_at_one_step_and_they_resume_bitwise(two_by_two, tmp_
 
 def test_a_killed_process_stops_the_other_and_the_checkpoint_resumes_on_one_device(
         two_by_two, tmp_path):
-    job = Job(tmp_path, 2, 2, delay=0.3)
+    job = Job(tmp_path, 2, 2, delay=BATCH_DELAY_S)
     job.wait_for_checkpoint(4)
     killed = time.monotonic()
     job.procs[1].send_signal(signal.SIGKILL)
