@@ -184,7 +184,7 @@ def trained_run(tmp_path_factory):
     from flaxseg.configs import get_config
     from flaxseg.train.loop import train_and_evaluate
 
-    config = get_config("test")  # 32 px synthetic scenes, U-Net of width 4, depth 2
+    config = get_config("test")  # 32 px synthetic scenes, U-Net of width 4, depth 1
     config.parallel = "jit"
     config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
     workdir = tmp_path_factory.mktemp("run")

@@ -37,12 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 20  # flaxseg's own watch: half of it
 # The default config (U-Net with BatchNorm on the synthetic shapes), made small: one 16x16
 # image per device, since XLA:CPU runs the tests' unoptimised float64 convolutions at ~30
-# images/s (batches of 8 at 32x32: the module took 93 s and 130 CPU-s alone, cold; now 76 s
-# and 105 CPU-s).
+# images/s (batches of 8 at 32x32: the module took 93 s and 130 CPU-s alone, cold; then 76 s
+# and 105 CPU-s), and one U-Net stage, since jax 0.12.1 compiles every program in every
+# process here (MULTIPROCESS_CACHE): depth 2 -> 1 took the module alone, cold, on jax 0.12.1
+# from 104 s and 165 CPU-s to 85 s and 125 CPU-s. BatchNorm still syncs over processes.
 FLAGS = [f"--config={REPO / 'flaxseg' / 'configs' / 'default.py'}",
          f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=4",
          "--config.eval_every_steps=4", "--config.log_every_steps=2",
-         "--config.batch_size=4", "--config.model.features=4", "--config.model.depth=2",
+         "--config.batch_size=4", "--config.model.features=4", "--config.model.depth=1",
          "--config.dataset.image_size=(16, 16)", "--config.dataset.num_val=16",
          "--config.optimizer.warmup_steps=2", "--config.optimizer.name=sgd",
          "--config.optimizer.learning_rate=0.05",
@@ -233,7 +235,7 @@ def test_benchmark_scaling_runs_unchanged_in_two_processes(tmp_path):
     out_dir = tmp_path / "bench"
     port = free_port()
     args = ["--models=unet", "--image_sizes=32", "--batch_sizes=1", "--modes=train",
-            "--features=4", "--depth=2", "--steps=3", "--warmup=0", "--pipeline_batches=2",
+            "--features=4", "--depth=1", "--steps=3", "--warmup=0", "--pipeline_batches=2",
             "--num_devices=2", "--scaling", f"--out_dir={out_dir}",
             f"--coordinator_address=localhost:{port}", "--num_processes=2"]
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.throughput", *args,

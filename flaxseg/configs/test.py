@@ -1,4 +1,4 @@
-"""A tiny config for tests and smoke runs: 32 px synthetic scenes, a 2-stage U-Net of
+"""A tiny config for tests and smoke runs: 32 px synthetic scenes, a 1-stage U-Net of
 width 4, a handful of steps. Seconds on a CPU; it learns little."""
 
 import ml_collections
@@ -9,10 +9,11 @@ from flaxseg.run_config import base_config, optimizer_config
 
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
-    # No BatchNorm or dropout: the smallest program to compile, for the many short runs
-    # of the loop and resume tests (tests/test_train_core.py covers both).
+    # No BatchNorm or dropout and one stage: the smallest program to trace and compile, for
+    # the many short runs of the loop and resume tests (tests/test_train_core.py covers
+    # both; a 1-stage U-Net still pools, upsamples and concatenates its skip).
     config.model = ml_collections.ConfigDict(
-        dict(name="unet", features=4, depth=2, norm=None, dropout_rate=0.0)
+        dict(name="unet", features=4, depth=1, norm=None, dropout_rate=0.0)
     )
     config.dataset = dataset_config(
         "synthetic", image_size=(32, 32), num_train=64, num_val=8, num_test=8
