@@ -40,7 +40,7 @@ class _InvertedResiduals(nn.Module):
 # on their own to keep the compiles cheap. Each builder takes (remat, **dtypes).
 CASES = [
     ("unet", lambda remat, **dt: models.create_model("unet", num_classes=3, features=4,
-                                                     depth=2, norm="batch", remat=remat, **dt),
+                                                     depth=1, norm="batch", remat=remat, **dt),
      ("block", "save_convs")),
     ("vgg16", lambda remat, **dt: create_backbone("vgg16", widths=(4, 4, 8, 8, 8), fc=False,
                                                   remat=remat, **dt), ("block",)),
@@ -51,13 +51,16 @@ CASES = [
 ]
 
 
-def _loss_and_grads(build, remat):
+def _loss_and_grads(build, remat, variables=None):
+    """(loss, grads, variables) of the `remat` model at `variables` (default: initialised;
+    remat changes no variable, so the policies share the plain model's)."""
     # In float64: train-mode BatchNorm over MobileNetV3's 2x2 last maps (the whole
     # backbone on 32x32) amplified the rounding of a differently fused recomputation to
     # 7e-4 of a float32 gradient (measured); in float64 the same leaves agreed to 1.5e-13.
     model = build(remat, dtype=jnp.float64, param_dtype=jnp.float64)
     x = jax.random.normal(jax.random.key(0), (1, 32, 32, 3), jnp.float64)
-    variables = jax.jit(model.init)(jax.random.key(1), x)  # one program, not op by op
+    if variables is None:
+        variables = jax.jit(model.init)(jax.random.key(1), x)  # one program, not op by op
 
     def loss(params):
         out, _ = model.apply({**variables, "params": params}, x, train=True,
@@ -65,20 +68,20 @@ def _loss_and_grads(build, remat):
         maps = out.values() if isinstance(out, dict) else [logits_of(out)]
         return sum(jnp.mean(m**2) for m in maps)
 
-    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+    return *jax.jit(jax.value_and_grad(loss))(variables["params"]), variables
 
 
 @pytest.mark.parametrize("name, build, policies", CASES, ids=[c[0] for c in CASES])
 def test_remat_policies_give_the_same_loss_and_gradients(name, build, policies):
     with jax.enable_x64(True):
-        loss, grads = _loss_and_grads(build, "none")
+        loss, grads, variables = _loss_and_grads(build, "none")
         # The recomputed forward is the same program; XLA may fuse it differently, so
         # float64 rounding (amplified as above, ~1e-13) is all that may differ. Leaves
         # whose true gradient is zero (a bias before BatchNorm) hold only that rounding,
         # so the bound is of the largest gradient.
         scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
         for remat in policies:
-            loss_r, grads_r = _loss_and_grads(build, remat)
+            loss_r, grads_r, _ = _loss_and_grads(build, remat, variables)
             assert float(loss_r) == pytest.approx(float(loss), rel=1e-12)
             for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
                 np.testing.assert_allclose(np.asarray(g_r), np.asarray(g), rtol=0,
