@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from flaxseg import inference
 from flaxseg.models import param_count
 from flaxseg.models.backbones import MobileNetV3, ResNet, backbone_at_stride
+from flaxseg.models.backbones.mobilenet_v3 import STAGE_BLOCKS, TINY_BLOCKS
 from flaxseg.models.deeplabv3 import DeepLabV3
 from flaxseg.models.deeplabv3plus import DeepLabV3Plus
 from flaxseg.models.lraspp import LRASPP
@@ -226,6 +227,29 @@ def test_deeplabv3plus_backbones_and_strides():
         DeepLabV3(3, backbone="vgg16").backbone_module()
     with pytest.raises(TypeError, match="Backbone 'resnet50' has no such field: .*width_mult"):
         DeepLabV3(3, width_mult=0.5).backbone_module()
+
+
+def test_mobilenet_v3_blocks_keep_the_first_blocks_of_each_stage():
+    # The cheap variant's layers are the whole network's, by torchvision's numbers.
+    full, tiny = (MobileNetV3(dilated=True, width_mult=0.25, blocks=blocks)
+                  for blocks in (None, TINY_BLOCKS))
+    assert full.coords() == MobileNetV3(dilated=True, blocks=STAGE_BLOCKS).coords()
+    assert len(full.coords()) == 17
+    assert {name: c.stride for name, c in tiny.coords().items()} == {
+        "0": 2, "1": 2, "2": 4, "4": 8, "7": 16, "13": 16, "14": 16, "16": 16}
+    assert MobileNetV3(blocks=TINY_BLOCKS).coords()["14"].stride == 32  # undilated
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    # Each kept layer has the whole network's parameters and output widths (a block after
+    # a dropped one reads fewer channels).
+    widths = [jax.tree.map(lambda a: a.shape[-1],
+                           jax.eval_shape(net.init, jax.random.key(0), x)["params"])
+              for net in (full, tiny)]
+    for name in tiny.coords():
+        assert widths[1][name] == widths[0][name], name
+    for blocks in ((1, 3, 1, 1, 1), (1, 1, 1, 1), (1, 0, 1, 1, 1)):
+        with pytest.raises(ValueError, match=r"MobileNetV3.blocks must keep 1 to "
+                                             r"\(1, 2, 3, 6, 3\) blocks per stage"):
+            MobileNetV3(blocks=blocks).coords()
 
 
 def test_zero_init_residual_starts_each_block_as_its_shortcut():

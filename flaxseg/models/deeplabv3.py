@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.models.backbones import backbone_at_stride
+from flaxseg.models.backbones.mobilenet_v3 import TINY_BLOCKS
 from flaxseg.models.backbones.resnet import batch_norm
 from flaxseg.models.fcn_resnet import FCNHead
 from flaxseg.models.geometry import Geometry
@@ -156,11 +157,12 @@ class DeepLabV3(nn.Module):
     `{'out': ..., 'aux': ...}` with `aux_loss=True`.
 
     `backbone`: 'resnet50', 'resnet101' (output stride 8) or 'mobilenet_v3_large' (16).
-    `blocks`, `base_width` (ResNet) and `width_mult` (MobileNetV3) make cheap variants;
-    `aspp_features` is the ASPP's and the head's width (256). Dropout (0.5 after the ASPP,
-    0.1 in the auxiliary head) runs only with `train=True` and reads the `'dropout'` rng
-    stream; BatchNorm statistics live in `batch_stats`, synchronised over `axis_name`.
-    `remat`: each backbone block recomputed in the backward pass (`flaxseg.models.layers`).
+    `blocks` (per stage), `base_width` (ResNet) and `width_mult` (MobileNetV3) make cheap
+    variants; `aspp_features` is the ASPP's and the head's width (256). Dropout (0.5 after
+    the ASPP, 0.1 in the auxiliary head) runs only with `train=True` and reads the
+    `'dropout'` rng stream; BatchNorm statistics live in `batch_stats`, synchronised over
+    `axis_name`. `remat`: each backbone block recomputed in the backward pass
+    (`flaxseg.models.layers`).
     `zero_init_residual` (ResNet): each bottleneck's last BatchNorm scale starts at 0
     (torchvision's option), for training from scratch.
     """
@@ -224,4 +226,4 @@ register_model("deeplabv3_mobilenet_v3_large",
                functools.partial(DeepLabV3, backbone="mobilenet_v3_large"),
                paper="Chen et al. 2017 on MobileNetV3-Large, torchvision's "
                      "deeplabv3_mobilenet_v3_large",
-               tiny={"width_mult": 0.25, "aspp_features": 8})
+               tiny={"width_mult": 0.25, "blocks": TINY_BLOCKS, "aspp_features": 8})

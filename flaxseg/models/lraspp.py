@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.models.backbones import backbone_at_stride
+from flaxseg.models.backbones.mobilenet_v3 import TINY_BLOCKS
 from flaxseg.models.backbones.resnet import batch_norm
 from flaxseg.models.geometry import Geometry
 from flaxseg.models.layers import Dtype, check_image_batch, resize_bilinear
@@ -86,14 +87,16 @@ class _Scale(nn.Module):
 class LRASPP(nn.Module):
     """LR-ASPP MobileNetV3-Large: `[B, H, W, C]` -> float32 logits `[B, H, W, num_classes]`.
 
-    `width_mult` scales the backbone (0.25: a cheap variant), `inter_features` the head
-    (128). No dropout; BatchNorm statistics live in `batch_stats`, synchronised over
-    `axis_name`. `remat`: each inverted residual recomputed in the backward pass.
+    `width_mult` scales the backbone and `blocks` thins its stages (0.25 and
+    `TINY_BLOCKS`: a cheap variant), `inter_features` the head (128). No dropout;
+    BatchNorm statistics live in `batch_stats`, synchronised over `axis_name`. `remat`:
+    each inverted residual recomputed in the backward pass.
     """
 
     num_classes: int
     inter_features: int = 128
     width_mult: float = 1.0
+    blocks: tuple[int, ...] | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
@@ -105,8 +108,9 @@ class LRASPP(nn.Module):
     def backbone_module(self, name: str | None = None) -> nn.Module:
         """The dilated MobileNetV3-Large of this model."""
         return backbone_at_stride("mobilenet_v3_large", 16, width_mult=self.width_mult,
-                                  dtype=self.dtype, param_dtype=self.param_dtype,
-                                  axis_name=self.axis_name, remat=self.remat, name=name)
+                                  blocks=self.blocks, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, axis_name=self.axis_name,
+                                  remat=self.remat, name=name)
 
     @nn.nowrap
     def geometry(self) -> Geometry:
@@ -125,4 +129,4 @@ class LRASPP(nn.Module):
 
 register_model("lraspp_mobilenet_v3_large", LRASPP,
                paper="Howard et al. 2019 (LR-ASPP), torchvision's lraspp_mobilenet_v3_large",
-               tiny={"width_mult": 0.25, "inter_features": 8})
+               tiny={"width_mult": 0.25, "blocks": TINY_BLOCKS, "inter_features": 8})

@@ -11,7 +11,10 @@ convolutions (`fc1`, `fc2`) have biases and end in a hard sigmoid.
 `dilated=True` is torchvision's `mobilenet_v3_large(dilated=True)`, the segmentation
 models' backbone: the last stage ('13' ... '15') keeps stride 16 and dilates its
 depthwise convolutions by 2. `width_mult` scales every width as torchvision does
-(rounded to multiples of 8): 0.25 is a cheap test variant.
+(rounded to multiples of 8): 0.25 is a cheap test variant. `blocks` keeps the first
+few inverted residuals of each stride's stage (`STAGE_BLOCKS` = (1, 2, 3, 6, 3) at
+strides 2 ... 32 is the whole network), as ResNet's `blocks` does; the kept layers keep
+torchvision's numbers, so the taps ('4', the last layer '16') stay where they are.
 
 Names are torchvision's (`'3'/block/0/0` is `features.3.block.0.0`), so the ImageNet
 state dict and a segmentation model's `backbone.*` keys map onto them key for key.
@@ -56,6 +59,11 @@ LARGE = (
 )
 STEM_WIDTH = 16
 DILATED_FROM = 12  # index in LARGE of the last stage's first block
+# LARGE's inverted residuals per stride (2, 4, 8, 16, 32): a stage starts at a stride of 2.
+STAGE_BLOCKS = (1, 2, 3, 6, 3)
+# The registry's cheap variants (`tiny`): 6 of the 15 blocks, each kind still there (ReLU
+# and hard-swish, with and without squeeze-excitation, a residual sum, a dilated one).
+TINY_BLOCKS = (1, 1, 1, 1, 2)
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -172,28 +180,43 @@ class MobileNetV3(nn.Module):
     every layer of torchvision's `features` by its index (see `coords()`; the ImageNet
     classifier is not part of it). BatchNorm statistics live in `batch_stats`,
     synchronised over `axis_name` under pmap. `remat`: each inverted residual is one remat
-    unit (see `flaxseg.models.layers`).
+    unit (see `flaxseg.models.layers`). `blocks`: the inverted residuals kept per stride's
+    stage (default all, `STAGE_BLOCKS`); a cheap variant, not torchvision's network.
     """
 
     dilated: bool = False
     width_mult: float = 1.0
+    blocks: tuple[int, ...] | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
     remat: str = "none"
 
     @nn.nowrap
-    def _plan(self) -> list[tuple[Bneck, int, int, int]]:
-        """(config, depthwise stride, dilation, output stride) of each inverted residual."""
+    def _kept(self) -> list[int]:
+        """The indices in LARGE of the inverted residuals `blocks` keeps."""
+        blocks = STAGE_BLOCKS if self.blocks is None else tuple(self.blocks)
+        if len(blocks) != len(STAGE_BLOCKS) or not all(
+                1 <= n <= full for n, full in zip(blocks, STAGE_BLOCKS, strict=True)):
+            raise ValueError(f"MobileNetV3.blocks must keep 1 to {STAGE_BLOCKS} blocks per "
+                             f"stage (strides 2 ... 32); got {self.blocks!r}.")
+        starts = [sum(STAGE_BLOCKS[:k]) for k in range(len(STAGE_BLOCKS))]
+        return [start + j for start, n in zip(starts, blocks, strict=True) for j in range(n)]
+
+    @nn.nowrap
+    def _plan(self) -> list[tuple[int, Bneck, int, int, int]]:
+        """(index in LARGE, config, depthwise stride, dilation, output stride) of each
+        kept inverted residual."""
         if not self.width_mult > 0:
             raise ValueError(f"MobileNetV3.width_mult must be positive; got {self.width_mult!r}.")
         plan, stride = [], 2
-        for i, b in enumerate(LARGE):
+        for i in self._kept():
+            b = LARGE[i]
             stride *= b.stride
             dilated = self.dilated and i >= DILATED_FROM
             if dilated and b.stride == 2:
                 stride //= 2
-            plan.append((b, 1 if dilated else b.stride, 2 if dilated else 1, stride))
+            plan.append((i, b, 1 if dilated else b.stride, 2 if dilated else 1, stride))
         return plan
 
     @nn.nowrap
@@ -201,8 +224,8 @@ class MobileNetV3(nn.Module):
         """Every map is centred on input pixel `stride * j` (symmetric padding)."""
         plan = self._plan()
         out = {"0": Coords(2)}
-        out.update({str(i + 1): Coords(stride) for i, (*_, stride) in enumerate(plan)})
-        out[str(len(plan) + 1)] = Coords(plan[-1][-1])
+        out.update({str(i + 1): Coords(stride) for i, *_, stride in plan})
+        out[str(len(LARGE) + 1)] = Coords(plan[-1][-1])
         return out
 
     @nn.nowrap
@@ -222,14 +245,13 @@ class MobileNetV3(nn.Module):
                                name="0", **kw)(x.astype(self.dtype), train)
         maps = {"0": x}
         block = rematerialized(InvertedResidual, self.remat)
-        plan = self._plan()
-        for i, (b, stride, dilation, _) in enumerate(plan):
+        for i, b, stride, dilation, _ in self._plan():
             residual = b.stride == 1 and x.shape[-1] == self.width(b.out)
             x = block(self.width(b.expanded), self.width(b.out), b.kernel, stride, dilation,
                       b.se, "hard_swish" if b.hard_swish else "relu", residual=residual,
                       name=str(i + 1), **kw)(x, train)
             maps[str(i + 1)] = x
-        last = str(len(plan) + 1)
+        last = str(len(LARGE) + 1)
         maps[last] = ConvNormActivation(6 * self.width(LARGE[-1].out), activation="hard_swish",
                                         name=last, **kw)(x, train)
         return maps
