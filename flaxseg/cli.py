@@ -16,6 +16,7 @@ Programming errors (TypeError, AttributeError, ...) keep their traceback.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sys
@@ -166,8 +167,27 @@ def report(error: BaseException) -> int:
     return status
 
 
+# Python's first garbage-collection generation runs every 700 net allocations of container
+# objects; tracing and lowering a JAX program allocates millions of short-lived ones, so the
+# collector took ~6% of a command's CPU (perf, a tiny DeepLabV3's training command) and
+# re-walked the imported modules' objects at each older collection. At 20,000, with those
+# objects frozen out of the collector's view, a cold tiny DeepLabV3 run took 9.3-9.6 CPU-s
+# instead of 9.8-10.0, and tracing-heavy tests ~8% less CPU (jax 0.10.2, Python 3.11).
+# Cycles are still collected; they wait a few training steps longer.
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
+def collect_garbage_less() -> None:
+    """Freezes the objects made so far (imported modules) out of the garbage collector's
+    view and raises its thresholds to `GC_THRESHOLDS`: for a process that traces and
+    compiles JAX programs (every command line, the tests' worker processes)."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run(main: Callable[[], Any]) -> int:
     """`main()`'s exit status (None counts as 0), or the status of a user error."""
+    collect_garbage_less()
     try:
         return int(main() or 0)
     except Exception as error:  # report() re-raises what is not a user error
@@ -198,6 +218,7 @@ def run_absl(main: Callable[[list[str]], Any]) -> None:
     such as a config file that does not load -- reported as one line."""
     from absl import app
 
+    collect_garbage_less()
     try:
         app.run(main, flags_parser=_parse_flags)
     except Exception as error:  # report() re-raises what is not a user error

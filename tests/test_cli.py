@@ -81,3 +81,19 @@ def test_a_workdir_that_is_a_file_is_named_as_such(tmp_path, capsys):
         assert cli.report(error.value) == 2
         assert _one_error_line(capsys.readouterr().err) == expected
     assert workdir.read_text() == "mine"
+
+
+def test_entry_points_collect_garbage_less():
+    import gc
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)  # Python's defaults
+    gc.unfreeze()
+    try:
+        seen = []
+        assert cli.run(lambda: seen.append((gc.get_threshold(), gc.get_freeze_count()))) == 0
+        (thresholds, frozen), = seen
+        # The imported modules' objects are out of the collector's view.
+        assert thresholds == cli.GC_THRESHOLDS and frozen > 10_000
+    finally:
+        gc.set_threshold(*before)

@@ -34,9 +34,10 @@ OVERRIDES = {"num_train_steps": STEPS, "checkpoint_every_steps": 4, "eval_every_
 CHILD = r"""
 import json, os, signal, sys, time
 import jax
-from flaxseg import configs
+from flaxseg import cli, configs
 from flaxseg.data import pipeline
 from flaxseg.train import checkpoint, loop
+cli.collect_garbage_less()  # as the command line does
 
 args = json.loads(sys.argv[1])
 config = configs.get_config("test")
