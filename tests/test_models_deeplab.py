@@ -316,7 +316,9 @@ def test_a_split_image_gives_the_unsplit_forward(num_devices, name):
                                        atol=1e-9 * float(np.abs(want).max()))
 
 
-# The command lines' config: the test config's 32 px scenes with `name` at its tiny width.
+# The command lines' config: the test config's 32 px scenes with `name` at its tiny width;
+# DeepLabV3 with its auxiliary head, as torchvision's references train it (the train step
+# adds half the head's loss).
 CLI_CONFIG = """
 import ml_collections
 
@@ -326,19 +328,20 @@ from flaxseg.models import model_spec
 
 def get_config(name):
     config = configs.get_config("test")
-    config.model = ml_collections.ConfigDict({"name": name, **model_spec(name).tiny})
+    aux = {"aux_loss": True} if name.startswith("deeplabv3_") else {}
+    config.model = ml_collections.ConfigDict({"name": name, **model_spec(name).tiny, **aux})
     config.batch_size = 4
     config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
     return config
 """
 
 
-# DeepLabV3 on ResNet (the ASPP, the aux head), LR-ASPP (MobileNetV3) and DeepLabV3+; the
-# MobileNetV3 DeepLabV3 is those parts combined, and its run would add 46 s to the suite.
-# Their export for any image size is test_export's (every registered model), and
-# `python -m flaxseg.export` of a trained workdir is test_evaluate_predict's.
-@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "lraspp_mobilenet_v3_large",
-                                  "deeplabv3plus"])
+# Each of torchvision's four models (the ASPP and the auxiliary head on ResNet and on
+# MobileNetV3, LR-ASPP) and DeepLabV3+. Their export for any image size is test_export's
+# (every registered model), and `python -m flaxseg.export` of a trained workdir is
+# test_evaluate_predict's.
+@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large",
+                                  "lraspp_mobilenet_v3_large", "deeplabv3plus"])
 def test_each_model_trains_from_the_command_line(tmp_path, name):
     from flaxseg.train.checkpoint import load_for_inference
 
@@ -353,6 +356,9 @@ def test_each_model_trains_from_the_command_line(tmp_path, name):
     assert summary["steps"] == 2 and np.isfinite(summary["loss"])
     model, variables, _ = load_for_inference(workdir)
     assert type(model).__name__ == type(tiny_model(name)).__name__
+    aux = name.startswith("deeplabv3_")
+    assert getattr(model, "aux_loss", False) == aux
+    assert ("aux_classifier" in variables["params"]) == aux
     # The checkpoint holds the trained network: its logits at an odd size, finite.
     logits = inference.predict_logits(model, variables, uniform_images(1, (1, 37, 45, 3)),
                                       mode="pad")
