@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -388,3 +389,53 @@ def test_put_state_replicates_and_keeps_typed_keys(sgd_state, num_devices):
         image = DataParallel(mode).put_batch(_batch(0))["image"]
         assert image.shape == (8, SIZE, SIZE, 1) and len(image.sharding.device_set) == DEVICES
         assert {s.data.shape for s in image.addressable_shards} == {(2, SIZE, SIZE, 1)}
+
+
+class _TwoHeads(nn.Module):
+    """A model with an auxiliary head: `{'out', 'aux'}` logits, as DeepLabV3 and FCN-ResNet
+    return with `aux_loss=True`."""
+
+    num_classes: int = NUM_CLASSES
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return {"out": nn.Conv(self.num_classes, (3, 3), name="out")(x),
+                "aux": nn.Conv(self.num_classes, (1, 1), name="aux")(x)}
+
+
+def test_an_auxiliary_head_adds_half_its_loss_to_the_gradient():
+    # torchvision's references: loss = loss(out) + 0.5 * loss(aux), both means over the
+    # labelled pixels. One SGD step of rate 1 moves the params by minus that gradient.
+    model = _TwoHeads()
+    state = create_train_state(model, optax.sgd(1.0), jax.random.key(0), (2, 8, 8, 1))
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, NUM_CLASSES, (2, 8, 8)).astype(np.int32)
+    labels[0, :2] = 255  # ignored pixels count in neither mean
+    batch = {"image": rng.standard_normal((2, 8, 8, 1)).astype(np.float32), "label": labels}
+    new_state, metrics = jax.jit(train_step_fn(model, losses.cross_entropy_sum,
+                                               NUM_CLASSES))(state, batch)
+    keep = labels != 255
+
+    def mean_ce(logits):  # optax's cross-entropy over the labelled pixels
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, np.where(keep, labels, 0))
+        return jnp.sum(ce * keep) / keep.sum()
+
+    def reference(params):
+        outputs = model.apply({"params": params}, batch["image"])
+        return mean_ce(outputs["out"]) + 0.5 * mean_ce(outputs["aux"])
+
+    grads = jax.jit(jax.grad(reference))(state.params)
+    for head in ("out", "aux"):
+        for name in ("kernel", "bias"):
+            step = state.params[head][name] - new_state.params[head][name]
+            want = grads[head][name]
+            # Float32 sums of 116 pixels' terms in two orders, and the subtraction p - g:
+            # each a few ulp of the largest magnitude (2e-8 of 0.9 measured). A wrong aux
+            # weight moves the aux head's gradient by all of itself.
+            scale = float(np.abs(want).max()) + float(np.abs(state.params[head][name]).max())
+            print(f"{head}/{name}: max difference {float(np.abs(step - want).max()):.1e} "
+                  f"of {scale:.1e}")
+            np.testing.assert_allclose(step, want, rtol=0, atol=1e-5 * scale)
+    # The reported loss is the one minimised, as torchvision's references log it.
+    assert float(metrics["loss_sum"] / metrics["weight_sum"]) == pytest.approx(
+        float(reference(state.params)), rel=1e-5)
