@@ -40,7 +40,7 @@ PUBLIC: dict[str, tuple[str, ...]] = {
     ),
     "flaxseg.losses": ("LOSS_NAMES", "cross_entropy", "dice_loss", "focal_loss", "get_loss_fn"),
     "flaxseg.metrics": (
-        "MetricSums", "confusion_matrix", "format_scores_table", "isbi_errors",
+        "MetricSums", "boundary_band", "confusion_matrix", "format_scores_table", "isbi_errors",
         "segmentation_scores", "sum_batches",
     ),
     "flaxseg.optim": ("create_learning_rate_schedule", "create_optimizer"),

@@ -321,3 +321,59 @@ def test_isbi_errors_on_the_real_slices_match_scikit_image(isbi_dir):
         assert errors["rand_error"] == pytest.approx(_skimage_rand(truth, pred)[1], rel=1e-12)
         assert errors["pixel_error"] == pytest.approx(_pixel_error_oracle(truth, pred), rel=1e-12)
         assert 0.0 < errors["rand_error"] < 1.0 and 0.0 < errors["pixel_error"] < 1.0
+
+
+def _oracle_band(labels, width):
+    """Boundary pixels by shifted comparisons (the border replicated, so it is no
+    boundary), dilated with scipy by a (2w-1)-square, image by image."""
+    out = np.zeros(labels.shape, bool)
+    for index in np.ndindex(labels.shape[:-2]):
+        lab = np.pad(labels[index], 1, mode="edge")
+        centre = lab[1:-1, 1:-1]
+        edge = ((lab[:-2, 1:-1] != centre) | (lab[2:, 1:-1] != centre)
+                | (lab[1:-1, :-2] != centre) | (lab[1:-1, 2:] != centre))
+        out[index] = ndimage.binary_dilation(edge, np.ones((2 * width - 1,) * 2, bool))
+    return out
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_boundary_band_is_the_dilated_label_boundary(width):
+    rng = np.random.default_rng(width)
+    # Blocky labels (few boundaries, wide bands fit) with void pixels, two batch axes.
+    labels = np.kron(rng.integers(0, 3, (2, 3, 5, 6)), np.ones((4, 3), np.int64))
+    labels[rng.random(labels.shape) < 0.02] = IGNORE
+    band = jax.jit(metrics.boundary_band, static_argnums=1)(jnp.asarray(labels), width)
+    assert band.dtype == jnp.bool_ and band.shape == labels.shape
+    np.testing.assert_array_equal(np.asarray(band), _oracle_band(labels, width))
+    assert 0 < band.mean() < 1
+
+
+def test_boundary_band_of_a_square_and_its_trimap_score():
+    labels = np.zeros((1, 12, 12), np.int32)
+    labels[0, 4:8, 4:8] = 1
+    band = np.asarray(metrics.boundary_band(labels, 1))[0]
+    # The square's outline inside and out (no corners outside: 4-neighbours).
+    assert band.sum() == 12 + 16 and band[4:8, 4:8].sum() == 12 and not band[5:7, 5:7].any()
+    wide = np.asarray(metrics.boundary_band(labels, 2))[0]
+    # Within 1 of the outline: the 8x8 block less its 4 far corners.
+    assert wide[2:10, 2:10].sum() == wide.sum() == 60 and not wide[2, 2]
+    assert not metrics.boundary_band(np.zeros((5, 5), np.int32), 3).any()
+    # A prediction one pixel too wide (4-neighbours) is wrong only inside the band.
+    preds = labels.copy()
+    preds[0][band & (labels[0] == 0)] = 1
+    inside, outside = (metrics.segmentation_scores(metrics.confusion_matrix(
+        jnp.where(mask, labels, IGNORE), jnp.asarray(preds), 2))["mean_iou"]
+        for mask in (band, ~band))
+    assert outside == 1.0
+    assert inside == pytest.approx((0 / 16 + 12 / 28) / 2)  # background, square
+
+
+@pytest.mark.parametrize("labels, width, message", [
+    (np.zeros((4, 4), np.int32), 0, "positive Python int"),
+    (np.zeros((4, 4), np.int32), 1.5, "positive Python int"),
+    (np.zeros((4, 4), np.float32), 1, "integer"),
+    (np.zeros((4,), np.int32), 1, "integer \\[..., H, W\\]"),
+])
+def test_boundary_band_refuses_bad_inputs(labels, width, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.boundary_band(labels, width)
