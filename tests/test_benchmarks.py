@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import child_env
+from conftest import child_env, save_tiny_run
 
 from benchmarks import output_stride, peaks, pipeline, throughput
 from benchmarks.plot import line_plot
@@ -237,3 +237,24 @@ def test_the_output_stride_bound_is_exact_at_stride_1_and_fits_above_pooling():
     (p, _), (f, per_class) = (output_stride.scores(z, masks, 4) for z in (pooled, fitted))
     assert pooled.shape == fitted.shape == (16, 8, 8, 4) and len(per_class) == 4
     assert 0.5 < p < f < 1.0, (p, f)
+
+
+def test_a_runs_errors_split_by_band_add_up_to_its_evaluation(tmp_path):
+    from flaxseg import evaluate
+    from flaxseg.data import create_source
+    from flaxseg.train.checkpoint import load_for_inference
+
+    save_tiny_run(tmp_path)  # the untrained test model: errors everywhere
+    result = output_stride.run_errors(str(tmp_path), widths=(1, 3))
+    model, variables, config = load_for_inference(tmp_path)
+    expected = evaluate.evaluate(model, variables, create_source(config.dataset, "val"),
+                                 preprocess=evaluate.eval_preprocess(config, "native"),
+                                 mode="pad", batch_size=4)
+    assert result["mean_iou"] == pytest.approx(expected["mean_iou"], abs=1e-12)
+    assert result["error_rate"] == pytest.approx(1 - expected["pixel_accuracy"], abs=1e-12)
+    narrow, wide = result["bands"][1], result["bands"][3]
+    # A wider band holds more of the pixels and of the errors.
+    assert 0 < narrow["pixel_share"] < wide["pixel_share"] < 1
+    assert 0 <= narrow["error_share"] <= wide["error_share"] <= 1
+    for band in (narrow, wide):
+        assert 0 <= band["mean_iou"] <= 1 and 0 <= band["mean_iou_outside"] <= 1
