@@ -41,7 +41,7 @@ PUBLIC: dict[str, tuple[str, ...]] = {
     "flaxseg.losses": ("LOSS_NAMES", "cross_entropy", "dice_loss", "focal_loss", "get_loss_fn"),
     "flaxseg.metrics": (
         "MetricSums", "boundary_band", "confusion_matrix", "format_scores_table", "isbi_errors",
-        "segmentation_scores", "sum_batches",
+        "segmentation_scores", "sum_batches", "trimap_confusions", "trimap_scores",
     ),
     "flaxseg.optim": ("create_learning_rate_schedule", "create_optimizer"),
     "flaxseg.inference": ("MODES", "TILED_MODES", "default_mode", "parse_scales", "predict",

@@ -2,10 +2,13 @@
 
 For a dataset of binary membrane maps (`dataset.membrane_class` set: ISBI 2012) it also
 reports the ISBI 2012 challenge's pixel error and Rand error (`metrics.isbi_errors`).
+`--trimap=1,2,4` adds the DeepLab papers' trimap: the scores of the pixels within 1, 2
+and 4 px of a label boundary, and of the rest (`metrics.trimap_scores`).
 
     python -m flaxseg.evaluate --workdir=runs/default                      # val split
     python -m flaxseg.evaluate --workdir=runs/default --split=test --mode=pad --flip
     python -m flaxseg.evaluate --workdir=runs/isbi --mode=overlap_tile     # native 512 px
+    python -m flaxseg.evaluate --workdir=runs/default --trimap=1,2,4       # edges apart
 
 The run's model, weights and config come from its latest checkpoint
 (`--step` for another); the split is read from the dataset in that config. With
@@ -36,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -83,6 +86,7 @@ def evaluate(
     limit: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     membrane_class: int | None = None,
+    trimap: Sequence[int] = (),
     **predict_kwargs: Any,
 ) -> dict[str, Any]:
     """FCN-paper scores of `model` on a data source (`flaxseg.data.create_source`).
@@ -103,6 +107,9 @@ def evaluate(
         0); set, the scores also hold the ISBI 2012 challenge's `pixel_error` and
         `rand_error` (`metrics.isbi_errors`; the Rand error's segments are those of each
         whole predicted image, so use a mode that predicts the whole image).
+      trimap: band widths in pixels, e.g. `(1, 2, 4)`; given, the scores also hold
+        `trimap`: `metrics.trimap_scores` of the pixels within each width of a label
+        boundary and of the rest (the DeepLab papers' trimap).
 
     Under several processes each takes every `process_count()`-th example and the
     confusion matrices (and Rand pair counts) are summed over all of them (every process
@@ -125,10 +132,13 @@ def evaluate(
         def preprocess(example: Example) -> Example:
             return {"image": unit(example["image"]), "label": example["label"]}
 
+    trimap = metrics.check_trimap_widths(trimap) if trimap else ()
     confusion_fn = jax.jit(metrics.confusion_matrix, static_argnums=(2, 3))
+    trimap_fn = jax.jit(metrics.trimap_confusions, static_argnums=(2, 3, 4))
     share = range(jax.process_index(), total, jax.process_count())
     batch_sizes: list[int] = []
     rand_counts = np.zeros(4, np.int64)
+    band_counts = np.zeros((len(trimap), info.num_classes, info.num_classes), np.int64)
 
     def batch_confusions() -> Iterable[dict[str, Any]]:
         for batch in _batches((preprocess(source[i]) for i in share), batch_size):
@@ -147,6 +157,9 @@ def evaluate(
                 for label, pred in zip(labels, preds, strict=True):
                     rand_counts[:] += metrics.rand_pair_counts(label, pred, membrane_class,
                                                                info.ignore_index)
+            if trimap:
+                band_counts[:] += np.asarray(trimap_fn(labels, preds, info.num_classes,
+                                                       trimap, info.ignore_index))
             batch_sizes.append(len(labels))
             yield {"confusion": confusion_fn(labels, preds, info.num_classes,
                                              info.ignore_index)}
@@ -162,6 +175,9 @@ def evaluate(
     if membrane_class is not None:
         scores.update(metrics.isbi_errors(confusion, sum_over_processes(rand_counts),
                                           membrane_class))
+    if trimap:
+        scores["trimap"] = metrics.trimap_scores(confusion, sum_over_processes(band_counts),
+                                                 trimap, info.class_names)
     scores["num_images"] = total
     return scores
 
@@ -497,13 +513,23 @@ def membrane_class_of(dataset: ml_collections.ConfigDict) -> int | None:
     return dataset_config(dataset.name).get("membrane_class")
 
 
+def _trimap_flag(value: list[str] | None) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        return metrics.check_trimap_widths(int(v) for v in value)
+    except ValueError:
+        raise ValueError(f"--trimap takes distinct positive band widths in pixels, e.g. "
+                         f"--trimap=1,2,4; got {','.join(value)}") from None
+
+
 def _like_the_loop(options: dict[str, Any], input_size: str, limit: int | None,
-                   membrane_class: int | None) -> bool:
+                   membrane_class: int | None, trimap: tuple[int, ...]) -> bool:
     """Whether the flags ask for exactly the training loop's evaluation (which has no ISBI
-    errors, no test-time augmentation and no other option)."""
+    errors, no trimap, no test-time augmentation and no other option)."""
     return (options["mode"] == "whole" and input_size == "config" and not options["flip"]
             and options.get("scales") in (None, (1.0,)) and limit is None
-            and membrane_class is None)
+            and membrane_class is None and not trimap)
 
 
 def _loop_evaluation(model: Any, variables: Any, config: ml_collections.ConfigDict,
@@ -528,17 +554,19 @@ def main(argv: list[str]) -> int:
     from flaxseg.train.reporting import json_safe
 
     values = flags.FLAGS
+    trimap = _trimap_flag(values.trimap)
     model, variables, config, options = load_run(argv)
     input_size = values.input_size
     if input_size == "auto":
         input_size = "config" if options["mode"] == "whole" else "native"
     source = create_source(config.dataset, values.split)
     membrane_class = membrane_class_of(config.dataset)
-    like_the_loop = _like_the_loop(options, input_size, values.limit, membrane_class)
+    like_the_loop = _like_the_loop(options, input_size, values.limit, membrane_class, trimap)
     distributed.say(
         f"Evaluating {values.workdir} on {config.dataset.name}/{values.split} "
         f"({len(source)} images, {options_text(options, values.mode)}, input_size="
         f"{input_size}" + (f", limit={values.limit}" if values.limit is not None else "")
+        + (f", trimap={trimap}" if trimap else "")
         + ("; the training loop's evaluation" if like_the_loop else "") + ")"
     )
     if like_the_loop:
@@ -553,6 +581,7 @@ def main(argv: list[str]) -> int:
             limit=values.limit,
             on_progress=_progress if jax.process_index() == 0 else None,
             membrane_class=membrane_class,
+            trimap=trimap,
             **local_options,
         )
     distributed.say(metrics.format_scores_table(scores))
@@ -576,4 +605,7 @@ if __name__ == "__main__":
     )
     flags.DEFINE_integer("limit", None, "Evaluate only the first N examples.")
     flags.DEFINE_string("output_json", None, "Also write the scores to this JSON file.")
+    flags.DEFINE_list("trimap", None, "Band widths in pixels, e.g. 1,2,4: also score the "
+                      "pixels within each width of a label boundary, and the rest (the DeepLab "
+                      "papers' trimap).")
     cli.run_absl(main)

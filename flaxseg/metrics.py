@@ -8,8 +8,8 @@ batches: the one evaluation routine of the training loop and `python -m flaxseg.
 `segmentation_scores` turns the summed counts into the four numbers of Long et al.,
 "Fully Convolutional Networks for Semantic Segmentation" (section 5), computed exactly
 as the paper's reference `score.py` does, plus per-class IoU, accuracy and Dice.
-`boundary_band` picks the pixels near the label boundaries, for the DeepLab papers'
-"trimap" scores (the confusion of that band alone).
+`boundary_band` picks the pixels near the label boundaries; `trimap_confusions` and
+`trimap_scores` score those bands alone, the DeepLab papers' "trimap".
 
 For binary membrane maps (ISBI 2012: membrane vs cell interior), `rand_pair_counts` (per
 slice, on the host, additive over slices) and `isbi_errors` give the ISBI 2012 EM
@@ -98,6 +98,42 @@ def boundary_band(labels: jax.Array, width: int) -> jax.Array:
     band = jax.lax.reduce_window(edge.astype(jnp.int8), jnp.int8(0), jax.lax.max, window,
                                  (1,) * labels.ndim, "SAME")
     return band.astype(bool)
+
+
+def check_trimap_widths(widths: Any) -> tuple[int, ...]:
+    """`widths` as a tuple of distinct positive ints (band widths in pixels), or ValueError."""
+    widths = tuple(widths)
+    if not widths or any(not isinstance(w, int) or isinstance(w, bool) or w < 1
+                         for w in widths) or len(set(widths)) != len(widths):
+        raise ValueError(f"trimap widths must be distinct positive ints (pixels), e.g. "
+                         f"(1, 2, 4); got {widths!r}.")
+    return widths
+
+
+def trimap_confusions(labels: jax.Array, preds: jax.Array, num_classes: int,
+                      widths: tuple[int, ...], ignore_index: int = 255) -> jax.Array:
+    """`confusion_matrix` of each band of `widths` pixels around the label boundaries
+    (`boundary_band`): int32 `[len(widths), C, C]`. Jit-safe with `num_classes`, `widths`
+    and `ignore_index` static."""
+    return jnp.stack([
+        confusion_matrix(jnp.where(boundary_band(labels, w), labels, ignore_index), preds,
+                         num_classes, ignore_index)
+        for w in check_trimap_widths(widths)])
+
+
+def trimap_scores(confusion: Any, band_confusions: Any, widths: tuple[int, ...],
+                  class_names: Sequence[str] | None = None) -> dict[int, dict[str, Any]]:
+    """The DeepLab papers' trimap: `{width: {'band': scores, 'outside': scores}}`, the
+    `segmentation_scores` of the pixels within `width` of a label boundary and of the
+    rest, from the whole confusion `[C, C]` and `trimap_confusions` summed alike."""
+    total = _as_int64_confusion(confusion)
+    bands = np.asarray(band_confusions, np.int64)
+    if bands.shape != (len(widths), *total.shape):
+        raise ValueError(f"band confusions {bands.shape} do not match {len(widths)} widths "
+                         f"of a {total.shape} confusion.")
+    return {w: {"band": segmentation_scores(band, class_names),
+                "outside": segmentation_scores(total - band, class_names)}
+            for w, band in zip(widths, bands, strict=True)}
 
 
 def _as_int64_confusion(confusion: Any) -> np.ndarray:
@@ -372,4 +408,13 @@ def format_scores_table(scores: dict[str, Any]) -> str:
     if all(key in scores for key in ISBI_KEYS):
         errors = "  ".join(f"{scores[key]:11.6f}" for key in ISBI_KEYS)
         lines += ["", "pixel error   Rand error  (ISBI 2012 challenge)", errors]
+    if scores.get("trimap"):
+        lines += ["", "trimap: pixels within w px of a label boundary, and the rest",
+                  "    w  pixels  pixel acc  mean IU   outside: pixel acc  mean IU"]
+        for w, parts in scores["trimap"].items():
+            band, outside = parts["band"], parts["outside"]
+            share = band["num_pixels"] / max(band["num_pixels"] + outside["num_pixels"], 1)
+            lines.append(f"{w:5d}  {100 * share:5.1f}%     {pct(band['pixel_accuracy'])}   "
+                         f"{pct(band['mean_iou'])}            {pct(outside['pixel_accuracy'])}"
+                         f"   {pct(outside['mean_iou'])}")
     return "\n".join(lines)

@@ -239,22 +239,37 @@ def test_the_output_stride_bound_is_exact_at_stride_1_and_fits_above_pooling():
     assert 0.5 < p < f < 1.0, (p, f)
 
 
-def test_a_runs_errors_split_by_band_add_up_to_its_evaluation(tmp_path):
-    from flaxseg import evaluate
+def test_a_runs_errors_by_band_match_its_predictions_counted_by_hand(tmp_path):
+    """run_errors (flaxseg.evaluate's trimap) against the run's predictions, the bands and
+    the IoUs counted in NumPy."""
+    from flaxseg import evaluate, inference
     from flaxseg.data import create_source
+    from flaxseg.metrics import boundary_band
     from flaxseg.train.checkpoint import load_for_inference
 
     save_tiny_run(tmp_path)  # the untrained test model: errors everywhere
     result = output_stride.run_errors(str(tmp_path), widths=(1, 3))
     model, variables, config = load_for_inference(tmp_path)
-    expected = evaluate.evaluate(model, variables, create_source(config.dataset, "val"),
-                                 preprocess=evaluate.eval_preprocess(config, "native"),
-                                 mode="pad", batch_size=4)
-    assert result["mean_iou"] == pytest.approx(expected["mean_iou"], abs=1e-12)
-    assert result["error_rate"] == pytest.approx(1 - expected["pixel_accuracy"], abs=1e-12)
-    narrow, wide = result["bands"][1], result["bands"][3]
-    # A wider band holds more of the pixels and of the errors.
-    assert 0 < narrow["pixel_share"] < wide["pixel_share"] < 1
-    assert 0 <= narrow["error_share"] <= wide["error_share"] <= 1
-    for band in (narrow, wide):
-        assert 0 <= band["mean_iou"] <= 1 and 0 <= band["mean_iou_outside"] <= 1
+    preprocess = evaluate.eval_preprocess(config, "native")
+    examples = [preprocess(e) for e in create_source(config.dataset, "val")]
+    labels = np.stack([e["label"] for e in examples]).astype(np.int64)
+    preds = inference.predict_logits(model, variables, np.stack([e["image"] for e in examples]),
+                                     mode="pad").argmax(-1)
+
+    def miou(mask):
+        ious = [((labels == c) & (preds == c) & mask).sum()
+                / ((labels == c) & mask | (preds == c) & mask).sum() for c in range(4)
+                if ((labels == c) & mask | (preds == c) & mask).any()]
+        return np.mean(ious)
+
+    wrong = preds != labels
+    assert result["mean_iou"] == pytest.approx(miou(np.ones_like(wrong)), abs=1e-12)
+    assert result["error_rate"] == pytest.approx(wrong.mean(), abs=1e-12)
+    for width in (1, 3):
+        band = np.asarray(boundary_band(labels.astype(np.int32), width))
+        got = result["bands"][width]
+        assert got["pixel_share"] == pytest.approx(band.mean(), abs=1e-12)
+        assert got["error_share"] == pytest.approx((wrong & band).sum() / wrong.sum(), abs=1e-9)
+        assert got["mean_iou"] == pytest.approx(miou(band), abs=1e-12)
+        assert got["mean_iou_outside"] == pytest.approx(miou(~band), abs=1e-12)
+    assert 0 < result["bands"][1]["pixel_share"] < result["bands"][3]["pixel_share"] < 1

@@ -237,11 +237,13 @@ def test_every_evaluate_option_is_applied_or_refused_and_named(trained_run, tmp_
     before = file_mtimes(workdir)
     scores_path = tmp_path / "scores.json"
     result = _cli("flaxseg.evaluate", f"--workdir={workdir}", "--split=test",
-                  "--scales=0.75,1,1.25", f"--output_json={scores_path}")
+                  "--scales=0.75,1,1.25", f"--output_json={scores_path}", "--trimap=1,2")
     assert result.returncode == 0, result.stderr
     # One default mode for evaluate, predict and export: auto (pad for this U-Net).
     assert "mode=pad (auto: from the model's geometry), flip=False, batch_size=4, " \
-           "scales=(0.75, 1.0, 1.25), input_size=native)" in result.stdout.splitlines()[0]
+           "scales=(0.75, 1.0, 1.25), input_size=native, trimap=(1, 2))" \
+           in result.stdout.splitlines()[0]
+    assert "trimap: pixels within w px of a label boundary" in result.stdout
     model, variables, config = load_for_inference(workdir)
     source = create_source(config.dataset, "test")
     preprocess = evaluate.eval_preprocess(config, "native")
@@ -249,7 +251,19 @@ def test_every_evaluate_option_is_applied_or_refused_and_named(trained_run, tmp_
                                        preprocess=preprocess)["mean_iou"]
                      for scales in ((0.75, 1.0, 1.25), None))
     assert scaled != plain  # the scales change the scores, so the check below means something
-    assert json.loads(scores_path.read_text())["mean_iou"] == pytest.approx(scaled, abs=1e-9)
+    saved = json.loads(scores_path.read_text())
+    assert saved["mean_iou"] == pytest.approx(scaled, abs=1e-9)
+    # The trimap splits the scored pixels in two, for each width.
+    for width in ("1", "2"):
+        band, outside = saved["trimap"][width]["band"], saved["trimap"][width]["outside"]
+        assert band["num_pixels"] + outside["num_pixels"] == saved["num_pixels"]
+        assert 0 < band["num_pixels"] < saved["num_pixels"]
+    assert saved["trimap"]["1"]["band"]["num_pixels"] < saved["trimap"]["2"]["band"]["num_pixels"]
+
+    result = _cli("flaxseg.evaluate", f"--workdir={workdir}", "--trimap=0,x")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "Error: --trimap takes distinct positive band widths in pixels, e.g. --trimap=1,2,4; "
+        "got 0,x")
 
     result = _cli("flaxseg.evaluate", f"--workdir={workdir}", "--mode=pad", "--tile_size=16")
     assert result.returncode == 2 and result.stderr.strip() == (

@@ -377,3 +377,38 @@ def test_boundary_band_of_a_square_and_its_trimap_score():
 def test_boundary_band_refuses_bad_inputs(labels, width, message):
     with pytest.raises(ValueError, match=message):
         metrics.boundary_band(labels, width)
+
+
+def test_trimap_confusions_and_scores_count_each_band_and_the_rest():
+    rng = np.random.default_rng(7)
+    labels = np.kron(rng.integers(0, C, (3, 6, 6)), np.ones((3, 3), np.int64))
+    labels[rng.random(labels.shape) < 0.05] = IGNORE
+    preds = np.where(rng.random(labels.shape) < 0.8, labels, rng.integers(0, C, labels.shape))
+    preds[preds == IGNORE] = 0
+    widths = (1, 2)
+    bands = jax.jit(metrics.trimap_confusions, static_argnums=(2, 3, 4))(
+        jnp.asarray(labels), jnp.asarray(preds), C, widths, IGNORE)
+    assert bands.shape == (2, C, C) and bands.dtype == jnp.int32
+    total = metrics.confusion_matrix(jnp.asarray(labels), jnp.asarray(preds), C, IGNORE)
+    scores = metrics.trimap_scores(total, bands, widths)
+    for i, width in enumerate(widths):
+        band = _oracle_band(labels, width)
+        np.testing.assert_array_equal(np.asarray(bands[i]),
+                                      _oracle_hist(labels[band], preds[band], C))
+        outside = _oracle_scores(_oracle_hist(labels[~band], preds[~band], C))
+        assert scores[width]["outside"]["mean_iou"] == pytest.approx(outside["mean_iou"],
+                                                                  abs=1e-12)
+        assert (scores[width]["band"]["num_pixels"] + scores[width]["outside"]["num_pixels"]
+                == int(np.asarray(total).sum()))
+    table = metrics.format_scores_table({**metrics.segmentation_scores(total), "trimap": scores})
+    assert "trimap: pixels within w px of a label boundary" in table
+    assert len(table.splitlines()) == len(metrics.format_scores_table(
+        metrics.segmentation_scores(total)).splitlines()) + 5
+    with pytest.raises(ValueError, match="band confusions"):
+        metrics.trimap_scores(total, bands[:1], widths)
+
+
+@pytest.mark.parametrize("widths", [(), (0,), (1, 1), (2.0,), (True,)])
+def test_trimap_refuses_widths_that_are_not_distinct_positive_ints(widths):
+    with pytest.raises(ValueError, match="distinct positive ints"):
+        metrics.check_trimap_widths(widths)
