@@ -124,21 +124,16 @@ def evaluate(
         raise ValueError(
             f"nothing to evaluate: the source has {len(source)} examples, limit={limit}"
         )
-    if membrane_class is not None:
-        membrane_class = metrics.check_membrane_class(membrane_class, info.num_classes)
+    extra = _ExtraCounts(info, membrane_class, trimap)
     if preprocess is None:
         unit = inference.normalizer()
 
         def preprocess(example: Example) -> Example:
             return {"image": unit(example["image"]), "label": example["label"]}
 
-    trimap = metrics.check_trimap_widths(trimap) if trimap else ()
     confusion_fn = jax.jit(metrics.confusion_matrix, static_argnums=(2, 3))
-    trimap_fn = jax.jit(metrics.trimap_confusions, static_argnums=(2, 3, 4))
     share = range(jax.process_index(), total, jax.process_count())
     batch_sizes: list[int] = []
-    rand_counts = np.zeros(4, np.int64)
-    band_counts = np.zeros((len(trimap), info.num_classes, info.num_classes), np.int64)
 
     def batch_confusions() -> Iterable[dict[str, Any]]:
         for batch in _batches((preprocess(source[i]) for i in share), batch_size):
@@ -153,13 +148,7 @@ def evaluate(
                 )
             labels = _center_crop(batch["label"].astype(np.int32), *logits.shape[1:3])
             preds = np.argmax(logits, axis=-1).astype(np.int32)
-            if membrane_class is not None:
-                for label, pred in zip(labels, preds, strict=True):
-                    rand_counts[:] += metrics.rand_pair_counts(label, pred, membrane_class,
-                                                               info.ignore_index)
-            if trimap:
-                band_counts[:] += np.asarray(trimap_fn(labels, preds, info.num_classes,
-                                                       trimap, info.ignore_index))
+            extra.add(labels, preds)
             batch_sizes.append(len(labels))
             yield {"confusion": confusion_fn(labels, preds, info.num_classes,
                                              info.ignore_index)}
@@ -167,19 +156,52 @@ def evaluate(
     def progress(batches_read: int) -> None:
         on_progress(sum(batch_sizes[:batches_read]), len(share))
 
-
     sums = metrics.sum_batches(batch_confusions(), info.num_classes,
                                on_batch=on_progress and progress)
     confusion = sum_over_processes(sums.confusion)
     scores = metrics.segmentation_scores(confusion, info.class_names)
-    if membrane_class is not None:
-        scores.update(metrics.isbi_errors(confusion, sum_over_processes(rand_counts),
-                                          membrane_class))
-    if trimap:
-        scores["trimap"] = metrics.trimap_scores(confusion, sum_over_processes(band_counts),
-                                                 trimap, info.class_names)
+    scores.update(extra.scores(confusion))
     scores["num_images"] = total
     return scores
+
+
+class _ExtraCounts:
+    """What `evaluate` counts beside the confusion matrix, per batch on the host: the ISBI
+    2012 Rand pair counts (`membrane_class` set) and the trimap's band confusions
+    (`trimap` widths given); `scores` sums them over processes and scores them."""
+
+    def __init__(self, info: Any, membrane_class: int | None, trimap: Sequence[int]):
+        self.info = info
+        self.membrane_class = (None if membrane_class is None else
+                               metrics.check_membrane_class(membrane_class, info.num_classes))
+        self.trimap = metrics.check_trimap_widths(trimap) if trimap else ()
+        self.rand = np.zeros(4, np.int64)
+        self.bands = np.zeros((len(self.trimap), info.num_classes, info.num_classes),
+                              np.int64)
+        self._bands_fn = jax.jit(metrics.trimap_confusions, static_argnums=(2, 3, 4))
+
+    def add(self, labels: np.ndarray, preds: np.ndarray) -> None:
+        """One batch: int32 `[B, H, W]` labels and predictions."""
+        if self.membrane_class is not None:
+            for label, pred in zip(labels, preds, strict=True):
+                self.rand += metrics.rand_pair_counts(label, pred, self.membrane_class,
+                                                      self.info.ignore_index)
+        if self.trimap:
+            self.bands += np.asarray(self._bands_fn(labels, preds, self.info.num_classes,
+                                                    self.trimap, self.info.ignore_index))
+
+    def scores(self, confusion: np.ndarray) -> dict[str, Any]:
+        """The ISBI errors and `trimap` of the summed `confusion` (every process calls)."""
+        from flaxseg.train.parallel import sum_over_processes
+
+        out: dict[str, Any] = {}
+        if self.membrane_class is not None:
+            out.update(metrics.isbi_errors(confusion, sum_over_processes(self.rand),
+                                           self.membrane_class))
+        if self.trimap:
+            out["trimap"] = metrics.trimap_scores(confusion, sum_over_processes(self.bands),
+                                                  self.trimap, self.info.class_names)
+        return out
 
 
 def eval_preprocess(
