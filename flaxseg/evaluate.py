@@ -179,6 +179,14 @@ class _ExtraCounts:
         self.bands = np.zeros((len(self.trimap), info.num_classes, info.num_classes),
                               np.int64)
         self._bands_fn = jax.jit(metrics.trimap_confusions, static_argnums=(2, 3, 4))
+        self._pending: jax.Array | None = None  # the last batch's bands, still computing
+
+    def _take_pending(self) -> None:
+        # One batch behind, as metrics.sum_batches reads: the host never waits on the
+        # batch just dispatched; int64 on the host, as int32 counts overflow.
+        if self._pending is not None:
+            self.bands += np.asarray(self._pending)
+            self._pending = None
 
     def add(self, labels: np.ndarray, preds: np.ndarray) -> None:
         """One batch: int32 `[B, H, W]` labels and predictions."""
@@ -187,8 +195,9 @@ class _ExtraCounts:
                 self.rand += metrics.rand_pair_counts(label, pred, self.membrane_class,
                                                       self.info.ignore_index)
         if self.trimap:
-            self.bands += np.asarray(self._bands_fn(labels, preds, self.info.num_classes,
-                                                    self.trimap, self.info.ignore_index))
+            self._take_pending()
+            self._pending = self._bands_fn(labels, preds, self.info.num_classes,
+                                           self.trimap, self.info.ignore_index)
 
     def scores(self, confusion: np.ndarray) -> dict[str, Any]:
         """The ISBI errors and `trimap` of the summed `confusion` (every process calls)."""
@@ -199,6 +208,7 @@ class _ExtraCounts:
             out.update(metrics.isbi_errors(confusion, sum_over_processes(self.rand),
                                            self.membrane_class))
         if self.trimap:
+            self._take_pending()
             out["trimap"] = metrics.trimap_scores(confusion, sum_over_processes(self.bands),
                                                   self.trimap, self.info.class_names)
         return out
