@@ -30,7 +30,6 @@ from conftest import (
 )
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flaxseg import inference
 from flaxseg.models import param_count
 from flaxseg.models.backbones import MobileNetV3, ResNet, backbone_at_stride
 from flaxseg.models.backbones.mobilenet_v3 import STAGE_BLOCKS, TINY_BLOCKS
@@ -286,7 +285,8 @@ def test_zero_init_residual_starts_each_block_as_its_shortcut():
 
 
 # The global averages: the ASPP's image pooling (ResNet; MobileNetV3 with its squeeze-
-# excitation gates) and LR-ASPP's gate branch.
+# excitation gates) and LR-ASPP's gate branch; DeepLabV3 with its auxiliary head, as the
+# command line trains it.
 @pytest.mark.parametrize("name", ["deeplabv3plus", "deeplabv3_mobilenet_v3_large",
                                   "lraspp_mobilenet_v3_large"])
 def test_a_split_image_gives_the_unsplit_forward(num_devices, name):
@@ -296,7 +296,8 @@ def test_a_split_image_gives_the_unsplit_forward(num_devices, name):
     # 3.2e-5 of the largest on jax 0.12 (1e-5 held on jax 0.10); float64 leaves ~1e-14,
     # and a per-device statistic would be off by ~1e-1.
     with jax.enable_x64(True):
-        model = tiny_model(name, dtype=jnp.float64, param_dtype=jnp.float64)
+        aux = {"aux_loss": True} if name.startswith("deeplabv3_") else {}
+        model = tiny_model(name, dtype=jnp.float64, param_dtype=jnp.float64, **aux)
         x = uniform_images(3, (2, 64, 48, 3)).astype(jnp.float64)
         variables = jax.tree.map(lambda v: v.astype(jnp.float64),
                                  random_variables(model, x.shape))
@@ -336,12 +337,16 @@ def get_config(name):
 """
 
 
-# Each of torchvision's four models (the ASPP and the auxiliary head on ResNet and on
-# MobileNetV3, LR-ASPP) and DeepLabV3+. Their export for any image size is test_export's
-# (every registered model), and `python -m flaxseg.export` of a trained workdir is
+# Two command-line trainings, so the suite pays for two child processes, not four (each
+# compiles its own initialiser and train step: 14-19 CPU-s on jax 0.12): DeepLabV3 with
+# the auxiliary head (the train step adds half its loss) on ResNet, and DeepLabV3+. The
+# command line builds every registered model the same way (`model_spec(name).tiny` into
+# the registry's constructor; test_models_zoo); the MobileNetV3 models' training-mode
+# forward, the auxiliary head on MobileNetV3 included, is test_a_split_image_gives_the_
+# unsplit_forward's, their gradients test_remat's. Every model's export for any image
+# size is test_export's, and `python -m flaxseg.export` of a trained workdir is
 # test_evaluate_predict's.
-@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large",
-                                  "lraspp_mobilenet_v3_large", "deeplabv3plus"])
+@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "deeplabv3plus"])
 def test_each_model_trains_from_the_command_line(tmp_path, name):
     from flaxseg.train.checkpoint import load_for_inference
 
@@ -355,11 +360,13 @@ def test_each_model_trains_from_the_command_line(tmp_path, name):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == 2 and np.isfinite(summary["loss"])
     model, variables, _ = load_for_inference(workdir)
-    assert type(model).__name__ == type(tiny_model(name)).__name__
     aux = name.startswith("deeplabv3_")
+    assert type(model).__name__ == type(tiny_model(name)).__name__
     assert getattr(model, "aux_loss", False) == aux
     assert ("aux_classifier" in variables["params"]) == aux
-    # The checkpoint holds the trained network: its logits at an odd size, finite.
-    logits = inference.predict_logits(model, variables, uniform_images(1, (1, 37, 45, 3)),
-                                      mode="pad")
-    assert logits.shape == (1, 37, 45, 4) and np.isfinite(logits).all()
+    # The checkpoint holds the whole trained network: every variable of the model, finite.
+    abstract = jax.eval_shape(model.init, jax.random.key(0),
+                              jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    assert (jax.tree.map(lambda a: (a.shape, a.dtype), abstract)
+            == jax.tree.map(lambda a: (a.shape, a.dtype), variables))
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
