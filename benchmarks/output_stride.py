@@ -35,7 +35,8 @@ shapes' interiors right; DeepLabV3+ errs on twice as many boundary pixels (19.6%
 1-px band against 9.8%), where its stride-4 output must place each edge inside a 4x4
 cell: its 0.938 is near the pooled bound above (0.9435), not the fitted one. At test
 time, the images upscaled 2x (`python -m flaxseg.evaluate --scales=2`, the output grid
-then 2 px) give 0.982, and the U-Net 0.995.
+then 2 px) give 0.982, and the U-Net 0.995. Trained on 13x the images (batch 32, 2000
+steps: val mIoU 0.9705) it learns the edges: band mIoU 0.821 / 0.915 / 0.954.
 """
 
 from __future__ import annotations
